@@ -1,0 +1,157 @@
+"""Settings: the environment (and `.env`) read once into a typed, validated object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+#: Formats accepted by default, as Pillow names them.
+DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF")
+#: Formats this service knows how to sniff and serve; the allow-list picks from these.
+KNOWN_FORMATS = DEFAULT_FORMATS
+
+
+class ConfigError(RuntimeError):
+    """A configuration value is missing, malformed or conflicting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    name: str = "image-api"
+    data_dir: Path = Path("data")
+    # Blob storage: S3 when a bucket is named, else the data directory.
+    s3_bucket_name: str | None = None
+    s3_endpoint_url: str | None = None
+    aws_region: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    # Metadata: MongoDB when a URL is given, else SQLite in the data directory.
+    mongodb_url: str | None = None
+    mongodb_write_concern: str = "majority"
+    # Limits.
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    accepted_formats: tuple[str, ...] = DEFAULT_FORMATS
+    # Network timeouts towards the backends, in seconds.
+    backend_connect_timeout: float = 3.0
+    backend_read_timeout: float = 10.0
+    # How many reverse proxies in front of us may set X-Forwarded-* headers.
+    proxy_hops: int = 0
+
+    @property
+    def blob_backend(self) -> str:
+        return "s3" if self.s3_bucket_name else "filesystem"
+
+    @property
+    def metadata_backend(self) -> str:
+        return "mongodb" if self.mongodb_url else "sqlite"
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from environment-style strings; raise ConfigError naming the variable."""
+        reader = _Reader(env)
+        settings = cls(
+            name=reader.text("NAME") or cls.name,
+            data_dir=Path(reader.text("DATA_DIR") or cls.data_dir),
+            s3_bucket_name=reader.text("S3_BUCKET_NAME"),
+            s3_endpoint_url=reader.url("S3_ENDPOINT_URL", schemes=("http", "https")),
+            aws_region=reader.text("AWS_REGION"),
+            aws_access_key_id=reader.text("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=reader.text("AWS_SECRET_ACCESS_KEY"),
+            mongodb_url=reader.url("MONGODB_URL", schemes=("mongodb", "mongodb+srv")),
+            mongodb_write_concern=reader.text("MONGODB_WRITE_CONCERN") or cls.mongodb_write_concern,
+            max_upload_bytes=reader.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            accepted_formats=reader.formats("ACCEPTED_FORMATS", cls.accepted_formats),
+            backend_connect_timeout=reader.seconds(
+                "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
+            ),
+            backend_read_timeout=reader.seconds("BACKEND_READ_TIMEOUT", cls.backend_read_timeout),
+            proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
+        )
+        if settings.s3_bucket_name and not settings.aws_region:
+            raise ConfigError("AWS_REGION must be set when S3_BUCKET_NAME is set")
+        if bool(settings.aws_access_key_id) != bool(settings.aws_secret_access_key):
+            raise ConfigError(
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither, "
+                "to use the default AWS credential chain)"
+            )
+        if settings.s3_endpoint_url and not settings.s3_bucket_name:
+            raise ConfigError("S3_ENDPOINT_URL is set but S3_BUCKET_NAME is not")
+        return settings
+
+    @classmethod
+    def from_environment(cls, env_file: str | os.PathLike | None = ".env") -> Settings:
+        """Read `.env` (if present) under the real environment, which wins."""
+        values = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
+        merged = {k: v for k, v in values.items() if v is not None}
+        merged.update(os.environ)
+        return cls.from_mapping(merged)
+
+
+class _Reader:
+    """Small typed getters; an empty value counts as unset."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None:
+            return None
+        value = str(value).strip()
+        return value or None
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not 0 < value <= 300:
+            raise ConfigError(f"{name} must be between 0 and 300 seconds, got {raw}")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(f"{name} must be a {' or '.join(schemes)} URL, got {raw!r}")
+        return raw
+
+    def formats(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        wanted = tuple(dict.fromkeys(f.strip().upper() for f in raw.split(",") if f.strip()))
+        wanted = tuple("JPEG" if f == "JPG" else f for f in wanted)
+        unknown = [f for f in wanted if f not in KNOWN_FORMATS]
+        if unknown or not wanted:
+            raise ConfigError(
+                f"{name} must be a comma-separated subset of {', '.join(KNOWN_FORMATS)}, "
+                f"got {raw!r}"
+            )
+        return wanted

@@ -1,0 +1,125 @@
+"""Service exceptions and the one place that turns any error into a JSON response."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error a client can see: a status, a stable code and a message."""
+
+    status = 500
+    code = "internal_error"
+    message = "Internal server error"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+
+
+class NotFound(ApiError):
+    status, code, message = 404, "not_found", "Image not found"
+
+
+class MissingFile(ApiError):
+    status, code, message = 400, "missing_file", "No file in multipart field 'image'"
+
+
+class EmptyFile(ApiError):
+    status, code, message = 400, "empty_file", "The uploaded file is empty"
+
+
+class BadRequest(ApiError):
+    status, code, message = 400, "bad_request", "Bad request"
+
+
+class FileTooLarge(ApiError):
+    status, code, message = 413, "file_too_large", "The file is too large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+    message = "Not an accepted image type"
+
+
+class InvalidImage(ApiError):
+    status, code, message = 422, "invalid_image", "The image is corrupt or cannot be decoded"
+
+
+class TooManyPixels(ApiError):
+    status, code, message = 422, "image_too_large", "The image has too many pixels"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+    message = "The image was changed by another request; retry"
+
+
+class BackendUnavailable(ApiError):
+    status, code = 503, "backend_unavailable"
+    message = "A storage backend is unavailable; retry later"
+    retry_after = 5
+
+
+# Codes for errors Werkzeug raises before a view runs (routing, multipart parsing).
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "file_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str):
+    response = jsonify(message=message, code=code)
+    response.status_code = status
+    return response
+
+
+def handle_api_error(error: ApiError):
+    if isinstance(error, BackendUnavailable):
+        log.warning("backend unavailable: %s", error.__cause__ or error)
+    response = error_response(error.status, error.code, error.message)
+    if isinstance(error, BackendUnavailable):
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def handle_validation_error(error: ValidationError):
+    fields = "; ".join(
+        f"{name}: {' '.join(problems) if isinstance(problems, list) else problems}"
+        for name, problems in error.normalized_messages().items()
+    )
+    return error_response(400, "bad_request", f"Invalid parameters: {fields}")
+
+
+def handle_http_exception(error: HTTPException):
+    status = error.code or 500
+    code = _HTTP_CODES.get(status, "http_error")
+    message = "Resource not found" if status == 404 else error.description or error.name
+    response = error_response(status, code, message)
+    # Keep what Werkzeug adds beside its HTML body, such as `Allow` on a 405.
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def handle_unexpected(error: Exception):
+    log.exception("unhandled error", exc_info=error)
+    return error_response(500, "internal_error", "Internal server error")
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers: every error leaves as `{"message", "code"}` JSON."""
+    app.register_error_handler(ApiError, handle_api_error)
+    app.register_error_handler(ValidationError, handle_validation_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

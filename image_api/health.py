@@ -1,0 +1,21 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from .images import images
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def liveness():
+    """The process answers; no backend is called."""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readiness():
+    """Both backends answer; 503 naming the one that does not."""
+    return {"status": "ready", "backends": images().ping()}

@@ -1,0 +1,113 @@
+"""The `images` blueprint: HTTP in, one service call, a schema out."""
+
+from __future__ import annotations
+
+import unicodedata
+from urllib.parse import quote
+
+from flask import Blueprint, Response, current_app, request, url_for
+from werkzeug.wsgi import wrap_file
+
+from .errors import MissingFile
+from .repository import ImageRecord
+from .schemas import image_schema, images_schema, list_query_schema
+from .service import ImageService
+
+bp = Blueprint("images", __name__, url_prefix="/api/images")
+
+_DOWNLOAD_CHUNK = 64 * 1024
+
+
+def images() -> ImageService:
+    """The image service the app factory built for this app."""
+    return current_app.extensions["image_api"]
+
+
+def uploaded_file():
+    """The file in multipart field `image`, or `MissingFile`."""
+    file = request.files.get("image")
+    if file is None:
+        others = ", ".join(f"'{name}'" for name in request.files)
+        hint = f" (got {others})" if others else ""
+        raise MissingFile(f"No file in multipart field 'image'{hint}")
+    return file
+
+
+@bp.post("/upload")
+def create_image():
+    """Upload a new image."""
+    file = uploaded_file()
+    record = images().create(file.stream, file.filename)
+    location = url_for(".get_image", image_id=record.id, _external=True)
+    body = {"message": "Image uploaded successfully", "image": image_schema.dump(record)}
+    return body, 201, {"Location": location}
+
+
+@bp.get("")
+def list_images():
+    """List images, newest first, a page at a time."""
+    query = list_query_schema.load(request.args)
+    page = images().list(query["limit"], query["cursor"])
+    return {
+        "message": "Images fetched successfully",
+        "total": page.total,
+        "images": images_schema.dump(page.images),
+        "nextCursor": page.next_cursor,
+    }
+
+
+@bp.get("/<image_id>")
+def get_image(image_id: str):
+    """One image's metadata."""
+    return image_schema.dump(images().get(image_id))
+
+
+@bp.put("/<image_id>")
+def replace_image(image_id: str):
+    """Replace an image's file."""
+    service = images()
+    service.get(image_id)  # a missing image is a 404 before any upload error
+    file = uploaded_file()
+    record = service.replace(image_id, file.stream, file.filename)
+    return {"message": "Image updated successfully", "image": image_schema.dump(record)}
+
+
+@bp.delete("/<image_id>")
+def delete_image(image_id: str):
+    """Delete an image and its file."""
+    images().delete(image_id)
+    return {"message": "Image deleted successfully"}
+
+
+@bp.get("/<image_id>/download")
+def download_image(image_id: str):
+    """The image's bytes, as an attachment."""
+    record, stream = images().open(image_id)
+    return blob_response(record, stream)
+
+
+def blob_response(record: ImageRecord, stream) -> Response:
+    """Stream a stored blob with the headers a browser, a CDN and curl -J need."""
+    # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams are read in chunks.
+    body = wrap_file(request.environ, stream, buffer_size=_DOWNLOAD_CHUNK)
+    response = Response(body, mimetype=record.content_type, direct_passthrough=True)
+    response.content_length = record.size
+    response.headers.set("Content-Disposition", "attachment", **_filename_options(record.filename))
+    response.set_etag(record.sha256)
+    response.last_modified = record.updated_at
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response.make_conditional(request, accept_ranges=True, complete_length=record.size)
+
+
+def _filename_options(filename: str) -> dict[str, str]:
+    """`filename` (ASCII fallback) and, for other names, RFC 6266's `filename*`."""
+    try:
+        filename.encode("ascii")
+    except UnicodeEncodeError:
+        fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
+        return {
+            "filename": fallback or "image",
+            "filename*": "UTF-8''" + quote(filename, safe="!#$&+-.^_`|~"),
+        }
+    return {"filename": filename}

@@ -1,0 +1,292 @@
+"""Blob storage: one small interface, two backends (a local directory and S3).
+
+Every backend translates its driver's errors at this boundary: a missing blob becomes
+`NotFound`, anything that means "the store cannot answer now" becomes `BackendUnavailable`.
+Keys are made by the service (`new_key`), never from client input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .errors import BackendUnavailable, NotFound
+
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_key() -> str:
+    """A fresh, unguessable blob key."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as listed by `BlobStorage.list` (for repair and for checks)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+class BlobStorage(Protocol):
+    """Where image bytes live.
+
+    - `put(key, stream, content_type)` stores the whole stream under `key`, atomically: a
+      reader sees all of the bytes or no blob.
+    - `open(key)` returns a readable binary file object; `NotFound` if there is no blob.
+    - `delete(key)` removes the blob; deleting a missing blob is success.
+    - `list()` yields every stored blob.
+    - `ping()` raises `BackendUnavailable` unless the store can be written.
+    """
+
+    name: str
+
+    def put(self, key: str, stream: BinaryIO, content_type: str) -> None: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self) -> Iterator[StoredBlob]: ...
+
+    def ping(self) -> None: ...
+
+
+def _checked(key: str) -> str:
+    # Defence in depth: keys come from `new_key`, but a path must never be built from
+    # anything else.
+    if not _KEY.match(key):
+        raise ValueError(f"not a blob key: {key!r}")
+    return key
+
+
+class FilesystemStorage:
+    """Blobs as files under `root`, sharded by the first two characters of the key."""
+
+    name = "filesystem"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def create(self) -> None:
+        """Create the root directory (idempotent)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BackendUnavailable(f"Cannot create blob directory {self.root}") from error
+
+    def path(self, key: str) -> Path:
+        key = _checked(key)
+        return self.root / key[:2] / key
+
+    def put(self, key: str, stream: BinaryIO, content_type: str) -> None:
+        target = self.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Write a temporary file beside the target, fsync it, rename it into place and
+            # fsync the directory: after a crash the blob is either whole or absent.
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := stream.read(1024 * 1024):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(target.parent)
+        except OSError as error:
+            raise BackendUnavailable("Cannot write to the blob directory") from error
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self.path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound("The image's file is missing") from None
+        except OSError as error:
+            raise BackendUnavailable("Cannot read from the blob directory") from error
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as error:
+            raise BackendUnavailable("Cannot delete from the blob directory") from error
+
+    def list(self) -> Iterator[StoredBlob]:
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.iterdir()):
+            if not shard.is_dir():
+                continue
+            for path in sorted(shard.iterdir()):
+                if not _KEY.match(path.name):
+                    continue  # temporary files of writes in progress
+                with contextlib.suppress(FileNotFoundError):
+                    stat = path.stat()
+                    yield StoredBlob(
+                        path.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC)
+                    )
+
+    def ping(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root) as probe:
+                probe.write(b"ok")
+        except OSError as error:
+            raise BackendUnavailable(f"Cannot write to the blob directory {self.root}") from error
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3Storage:
+    """Blobs as objects under `prefix` in one bucket, through a ready-made boto3 client."""
+
+    name = "s3"
+
+    def __init__(self, client, bucket: str, prefix: str = "images/"):
+        from boto3.s3.transfer import TransferConfig
+
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        # Multipart above 8 MiB with at most two parts in flight and in memory: boto3's
+        # defaults (10 threads, 10 buffered chunks) grow a worker by >100 MiB on big files.
+        self.transfer = TransferConfig(multipart_threshold=8 * 1024 * 1024, max_concurrency=2)
+        # Not a constructor argument of boto3's TransferConfig, but an attribute s3transfer
+        # reads (its default is 10 buffered 8 MiB parts).
+        self.transfer.max_in_memory_upload_chunks = 2
+
+    def _object(self, key: str) -> str:
+        return self.prefix + _checked(key)
+
+    def create(self) -> None:
+        """Create the bucket if it does not exist (idempotent)."""
+        with _s3_errors():
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except self._client_error as error:
+                if _status(error) != 404:
+                    raise
+            region = self.client.meta.region_name
+            options = {}
+            if region and region != "us-east-1":
+                options["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            try:
+                self.client.create_bucket(Bucket=self.bucket, **options)
+            except self._client_error as error:
+                if _code(error) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def put(self, key: str, stream: BinaryIO, content_type: str) -> None:
+        with _s3_errors():
+            self.client.upload_fileobj(
+                stream,
+                self.bucket,
+                self._object(key),
+                ExtraArgs={"ContentType": content_type},
+                Config=self.transfer,
+            )
+
+    def open(self, key: str) -> BinaryIO:
+        with _s3_errors():
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+            except self._client_error as error:
+                if _status(error) == 404:
+                    raise NotFound("The image's file is missing") from None
+                raise
+        return response["Body"]
+
+    def delete(self, key: str) -> None:
+        with _s3_errors():
+            # S3 answers 204 for a missing key too: deleting what is gone is success.
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
+    def list(self) -> Iterator[StoredBlob]:
+        with _s3_errors():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", ()):
+                    key = item["Key"][len(self.prefix) :]
+                    if _KEY.match(key):
+                        yield StoredBlob(key, item["Size"], item["LastModified"])
+
+    def ping(self) -> None:
+        with _s3_errors():
+            self.client.head_bucket(Bucket=self.bucket)
+
+    @property
+    def _client_error(self):
+        return self.client.exceptions.ClientError
+
+
+def _status(error) -> int | None:
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _code(error) -> str | None:
+    return error.response.get("Error", {}).get("Code")
+
+
+@contextlib.contextmanager
+def _s3_errors():
+    """Translate botocore's errors: anything left unhandled means S3 cannot serve us now."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        raise BackendUnavailable() from error
+    except OSError as error:
+        # urllib3/socket errors that escape botocore's wrappers.
+        raise BackendUnavailable() from error
+
+
+def make_s3_client(settings):
+    """A boto3 S3 client with explicit timeouts and bounded retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=settings.backend_connect_timeout,
+        read_timeout=settings.backend_read_timeout,
+        retries={"mode": "standard", "max_attempts": 3},
+        # S3-compatible servers (MinIO, moto, Ceph) usually want path-style addressing.
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        region_name=settings.aws_region,
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        config=config,
+    )
+
+
+def storage_from_settings(settings) -> BlobStorage:
+    """The blob backend the settings choose."""
+    if settings.s3_bucket_name:
+        return S3Storage(make_s3_client(settings), settings.s3_bucket_name)
+    return FilesystemStorage(settings.data_dir / "blobs")
