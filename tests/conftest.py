@@ -1,0 +1,90 @@
+"""Shared fixtures: apps on both backend pairs, moto (in-process and over HTTP), images."""
+
+from __future__ import annotations
+
+import os
+
+import mongomock
+import pytest
+from flask.testing import FlaskClient
+from moto import mock_aws
+
+from image_api import create_app
+from tests.helpers import FAKE_AWS, MONGO_URL
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_aws(monkeypatch):
+    """Keep the developer's AWS profile and endpoints away from every test."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real moto S3 server on a free loopback port: boto3 talks to it over a socket."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def embedded_env(tmp_path):
+    return {"DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.fixture
+def cloud_env(tmp_path):
+    """S3 + MongoDB settings; the fixture that uses them supplies moto and mongomock."""
+    return {
+        "DATA_DIR": str(tmp_path / "data"),
+        "S3_BUCKET_NAME": "images",
+        "MONGODB_URL": MONGO_URL,
+        **FAKE_AWS,
+    }
+
+
+class ClosingClient(FlaskClient):
+    """A test client that, like a WSGI server, closes every response (and its open file)."""
+
+    def open(self, *args, **kwargs):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+def build_app(env):
+    """create_app on `env`, then `init` (bucket, tables, indexes) as an operator would."""
+    app = create_app(env)
+    app.config["TESTING"] = True
+    app.test_client_class = ClosingClient
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["init"])
+    assert result.exit_code == 0, result.output
+    return app
+
+
+@pytest.fixture(params=["embedded", "cloud"])
+def app(request, embedded_env, cloud_env):
+    """The app on each backend pair: directory + SQLite, and S3 (moto) + MongoDB (mongomock)."""
+    if request.param == "embedded":
+        yield build_app(embedded_env)
+        return
+    with mock_aws(), mongomock.patch(servers=(("mongo.test", 27017),)):
+        yield build_app(cloud_env)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def service(app):
+    return app.extensions["image_api"]

@@ -1,0 +1,161 @@
+"""Sniffing, limits and decoding of untrusted image bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tracemalloc
+
+import pytest
+from PIL import Image
+
+from image_api import media
+from image_api.config import DEFAULT_FORMATS
+from image_api.errors import (
+    ApiError,
+    EmptyFile,
+    FileTooLarge,
+    InvalidImage,
+    TooManyPixels,
+    UnsupportedMediaType,
+)
+from tests.helpers import make_image, samples
+
+LIMITS = dict(accepted_formats=DEFAULT_FORMATS, max_bytes=25 * 1024 * 1024, max_pixels=50_000_000)
+
+
+def inspect(data: bytes, **limits) -> media.ImageInfo:
+    return media.inspect(io.BytesIO(data), **{**LIMITS, **limits})
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "AVIF"])
+def test_accepted_formats_are_described_from_their_bytes(fmt):
+    data = make_image(fmt, (40, 30))
+    info = inspect(data)
+    assert info.format == fmt
+    assert info.content_type == media.CONTENT_TYPES[fmt]
+    assert (info.width, info.height, info.size) == (40, 30, len(data))
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("path", samples("valid"), ids=lambda p: p.name)
+def test_valid_samples_are_accepted_or_refused_as_unsupported(path):
+    data = path.read_bytes()
+    with Image.open(path) as image:
+        expected_format, expected_size = image.format, image.size
+    if expected_format in DEFAULT_FORMATS:
+        info = inspect(data)
+        assert (info.format, (info.width, info.height)) == (expected_format, expected_size)
+    else:
+        with pytest.raises(UnsupportedMediaType):
+            inspect(data)
+
+
+@pytest.mark.parametrize("path", samples("hostile"), ids=lambda p: p.name)
+def test_hostile_samples_are_refused_with_bounded_memory(path):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as caught:
+            inspect(path.read_bytes())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 400 <= caught.value.status < 500
+    assert peak < 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("path", samples("tricky"), ids=lambda p: p.name)
+def test_tricky_samples_are_accepted_or_refused_with_a_4xx(path):
+    try:
+        info = inspect(path.read_bytes())
+    except ApiError as error:
+        assert 400 <= error.status < 500
+    else:
+        assert info.width > 0 and info.height > 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>',
+        b"<!doctype html><html><body>hi</body></html>",
+        b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
+        b"plain text, not an image",
+    ],
+    ids=["svg", "html", "pdf", "text"],
+)
+def test_non_images_are_unsupported(data):
+    with pytest.raises(UnsupportedMediaType):
+        inspect(data)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP"])
+def test_real_images_outside_the_allow_list_are_unsupported(fmt):
+    with pytest.raises(UnsupportedMediaType):
+        inspect(make_image(fmt))
+
+
+def test_the_allow_list_is_configurable():
+    with pytest.raises(UnsupportedMediaType):
+        inspect(make_image("GIF"), accepted_formats=("JPEG", "PNG"))
+    assert inspect(make_image("PNG"), accepted_formats=("PNG",)).format == "PNG"
+
+
+def test_truncated_image_is_invalid():
+    data = make_image("PNG", (300, 300), color=None)
+    noisy = io.BytesIO()
+    Image.effect_noise((300, 300), 50).save(noisy, "PNG")
+    for broken in (data[: len(data) // 2], noisy.getvalue()[:2000]):
+        with pytest.raises(InvalidImage):
+            inspect(broken)
+
+
+def test_a_header_alone_is_invalid():
+    with pytest.raises(InvalidImage):
+        inspect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    with pytest.raises(TooManyPixels) as caught:
+        inspect(make_image("PNG", (100, 100)), max_pixels=9_999)
+    assert "100x100" in caught.value.message
+    assert inspect(make_image("PNG", (100, 100)), max_pixels=10_000).width == 100
+
+
+def test_empty_and_oversized_files_are_refused():
+    with pytest.raises(EmptyFile):
+        inspect(b"")
+    data = make_image("PNG")
+    with pytest.raises(FileTooLarge):
+        inspect(data, max_bytes=len(data) - 1)
+    assert inspect(data, max_bytes=len(data)).size == len(data)
+
+
+def test_inspect_leaves_the_stream_at_the_start():
+    stream = io.BytesIO(make_image("JPEG"))
+    media.inspect(stream, **LIMITS)
+    assert stream.tell() == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("cat.png", "cat.png"),
+        ("C:\\Users\\me\\cat.png", "cat.png"),
+        ("../../etc/passwd", "passwd"),
+        ("chat\u00e9.jpg", "chat\u00e9.jpg"),
+        ("cafe\u0301.jpg", "caf\u00e9.jpg"),  # NFC
+        ("evil\r\nX-Header: 1.png", "evilX-Header: 1.png"),
+        ("a\u202egnp.exe", "agnp.exe"),  # bidi override dropped
+        ("...", "image.png"),
+        ("", "image.png"),
+        (None, "image.png"),
+    ],
+)
+def test_sanitize_filename(raw, expected):
+    assert media.sanitize_filename(raw, "PNG") == expected
+
+
+def test_sanitize_filename_limits_length_and_keeps_the_extension():
+    name = media.sanitize_filename("x" * 500 + ".jpeg", "JPEG")
+    assert len(name) <= 200 and name.endswith(".jpeg")
