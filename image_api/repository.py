@@ -60,7 +60,7 @@ class Repository(Protocol):
       still `expected_version`: `Conflict` if it changed, `NotFound` if it is gone.
     - `delete(image_id)` removes the record and returns it; `NotFound` if absent.
     - `all()` yields every record (for repair); `ping()` checks the database answers.
-    - `create()` makes tables and indexes; it is idempotent.
+    - `create()` makes tables and indexes; it is idempotent. `close()` releases connections.
     """
 
     name: str
@@ -82,6 +82,8 @@ class Repository(Protocol):
     def all(self) -> Iterator[ImageRecord]: ...
 
     def ping(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 _FIELDS = [field.name for field in dataclasses.fields(ImageRecord)]
@@ -152,6 +154,8 @@ class SqliteRepository:
         # sqlite3 connections belong to one thread and must not cross a fork: one per
         # thread, remade if the process id changes.
         self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
 
     def _connection(self) -> sqlite3.Connection:
         pid = os.getpid()
@@ -164,6 +168,8 @@ class SqliteRepository:
             # are few and small, so the extra fsync is cheap.
             connection.execute("PRAGMA synchronous=FULL")
             self._local.connection, self._local.pid = connection, pid
+            with self._lock:
+                self._opened.append(connection)
         return self._local.connection
 
     def create(self) -> None:
@@ -240,6 +246,15 @@ class SqliteRepository:
     def ping(self) -> None:
         with _sqlite_errors():
             self._connection().execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for connection in opened:
+            # Closing from another thread is refused by sqlite3; those die with their thread.
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                connection.close()
+        self._local = threading.local()
 
 
 # --- MongoDB --------------------------------------------------------------------------------
@@ -354,6 +369,9 @@ class MongoRepository:
     def ping(self) -> None:
         with _mongo_errors():
             self.database.command("ping")
+
+    def close(self) -> None:
+        self.database.client.close()
 
 
 def make_mongo_database(settings):

@@ -168,6 +168,11 @@ class ImageService:
         record = self.repository.get(image_id)
         return record, self.storage.open(record.key)
 
+    def close(self) -> None:
+        """Release the backends' connections."""
+        self.repository.close()
+        self.storage.close()
+
     def ping(self) -> dict[str, str]:
         """Check both backends; raise `BackendUnavailable` naming the first that fails."""
         for backend in (self.repository, self.storage):

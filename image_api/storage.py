@@ -46,6 +46,7 @@ class BlobStorage(Protocol):
     - `delete(key)` removes the blob; deleting a missing blob is success.
     - `list()` yields every stored blob.
     - `ping()` raises `BackendUnavailable` unless the store can be written.
+    - `close()` releases connections.
     """
 
     name: str
@@ -59,6 +60,8 @@ class BlobStorage(Protocol):
     def list(self) -> Iterator[StoredBlob]: ...
 
     def ping(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _checked(key: str) -> str:
@@ -146,6 +149,9 @@ class FilesystemStorage:
                 probe.write(b"ok")
         except OSError as error:
             raise BackendUnavailable(f"Cannot write to the blob directory {self.root}") from error
+
+    def close(self) -> None:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -235,6 +241,9 @@ class S3Storage:
     def ping(self) -> None:
         with _s3_errors():
             self.client.head_bucket(Bucket=self.bucket)
+
+    def close(self) -> None:
+        self.client.close()
 
     @property
     def _client_error(self):

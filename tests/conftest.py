@@ -70,14 +70,33 @@ def build_app(env):
     return app
 
 
+@pytest.fixture
+def make_app():
+    """Build apps from explicit settings (no `init`), closing their backends afterwards."""
+    apps = []
+
+    def make(env):
+        app = create_app(env)
+        app.test_client_class = ClosingClient
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["image_api"].close()
+
+
 @pytest.fixture(params=["embedded", "cloud"])
 def app(request, embedded_env, cloud_env):
     """The app on each backend pair: directory + SQLite, and S3 (moto) + MongoDB (mongomock)."""
     if request.param == "embedded":
-        yield build_app(embedded_env)
-        return
-    with mock_aws(), mongomock.patch(servers=(("mongo.test", 27017),)):
-        yield build_app(cloud_env)
+        app = build_app(embedded_env)
+        yield app
+    else:
+        with mock_aws(), mongomock.patch(servers=(("mongo.test", 27017),)):
+            app = build_app(cloud_env)
+            yield app
+    app.extensions["image_api"].close()
 
 
 @pytest.fixture

@@ -121,12 +121,10 @@ def test_upload_of_an_empty_file_is_400(client):
     assert_error(upload(client, b"", filename=""), 400, "empty_file")
 
 
-def test_upload_over_the_byte_limit_is_413(tmp_path):
-    from image_api import create_app
-
+def test_upload_over_the_byte_limit_is_413(make_app, tmp_path):
     data = make_image("PNG", (64, 64))
-    client = create_app({"DATA_DIR": str(tmp_path), "MAX_UPLOAD_BYTES": str(len(data) - 1)})
-    client = client.test_client()
+    app = make_app({"DATA_DIR": str(tmp_path), "MAX_UPLOAD_BYTES": str(len(data) - 1)})
+    client = app.test_client()
     assert_error(upload(client, data), 413, "file_too_large")
     # A request far bigger than the limit is refused from its Content-Length alone.
     assert_error(upload(client, data * 200), 413, "file_too_large")
@@ -147,10 +145,8 @@ def test_upload_of_a_corrupt_image_is_422(client, service):
     assert stored_state(service) == ([], [])
 
 
-def test_upload_over_the_pixel_limit_is_422(tmp_path):
-    from image_api import create_app
-
-    client = create_app({"DATA_DIR": str(tmp_path), "MAX_IMAGE_PIXELS": "100"}).test_client()
+def test_upload_over_the_pixel_limit_is_422(make_app, tmp_path):
+    client = make_app({"DATA_DIR": str(tmp_path), "MAX_IMAGE_PIXELS": "100"}).test_client()
     assert_error(upload(client, make_image("PNG", (11, 10))), 422, "image_too_large")
 
 

@@ -43,7 +43,13 @@ def storage(request, tmp_path):
         endpoint = os.environ.get("TEST_S3_ENDPOINT_URL")
         if not endpoint:
             pytest.skip("TEST_S3_ENDPOINT_URL is not set")
-        client = boto3.session.Session().client("s3", endpoint_url=endpoint)
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=os.environ.get("TEST_S3_REGION", "us-east-1"),
+            aws_access_key_id=os.environ.get("TEST_S3_ACCESS_KEY_ID"),
+            aws_secret_access_key=os.environ.get("TEST_S3_SECRET_ACCESS_KEY"),
+        )
         store = S3Storage(client, bucket)
     store.create()
     store.create()  # idempotent
