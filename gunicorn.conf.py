@@ -18,4 +18,7 @@ graceful_timeout = 30
 # clients are never shared across processes.
 preload_app = False
 accesslog = "-"
+# gunicorn 27's control socket has one default path per user: several instances on a machine
+# (tests, benchmarks, make run) would fight over it, and nothing here uses it.
+control_socket_disable = True
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")

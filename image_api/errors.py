@@ -62,9 +62,19 @@ class Conflict(ApiError):
 
 
 class BackendUnavailable(ApiError):
+    """A backend failed or timed out.
+
+    `in_doubt` says whether a write may have been applied anyway (its acknowledgement lost);
+    backends clear it when they know the request never took effect.
+    """
+
     status, code = 503, "backend_unavailable"
     message = "A storage backend is unavailable; retry later"
     retry_after = 5
+
+    def __init__(self, message: str | None = None, *, in_doubt: bool = True):
+        super().__init__(message)
+        self.in_doubt = in_doubt
 
 
 # Codes for errors Werkzeug raises before a view runs (routing, multipart parsing).

@@ -140,7 +140,8 @@ def _sqlite_errors():
         raise Conflict() from error
     except sqlite3.Error as error:
         # "database is locked" past the busy timeout, disk I/O errors, a vanished file...
-        raise BackendUnavailable() from error
+        # SQLite commits locally and atomically: a failed statement did not take effect.
+        raise BackendUnavailable(in_doubt=False) from error
 
 
 class SqliteRepository:
@@ -277,12 +278,15 @@ def _from_document(document: dict) -> ImageRecord:
 
 @contextlib.contextmanager
 def _mongo_errors():
-    from pymongo.errors import DuplicateKeyError, PyMongoError
+    from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
 
     try:
         yield
     except DuplicateKeyError as error:
         raise Conflict() from error
+    except ServerSelectionTimeoutError as error:
+        # No server was reachable, so the operation was never sent.
+        raise BackendUnavailable(in_doubt=False) from error
     except PyMongoError as error:
         # AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError, write concern errors...
         raise BackendUnavailable() from error

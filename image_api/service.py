@@ -17,13 +17,14 @@ import base64
 import binascii
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
 
 from . import media
 from .config import Settings
-from .errors import ApiError, BackendUnavailable, BadRequest
+from .errors import ApiError, BackendUnavailable, BadRequest, NotFound
 from .repository import Cursor, ImageRecord, Repository, new_id
 from .storage import BlobStorage, new_key
 
@@ -96,6 +97,39 @@ class ImageService:
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
+    def _commit(self, write: Callable[[], object], image_id: str, key: str) -> None:
+        """Run the metadata write that makes blob `key` live for `image_id`.
+
+        If it surely failed, the blob is removed. A write whose acknowledgement was lost
+        (timeout, dropped connection) may still have landed: then the record is read back,
+        and if it points at `key` the write succeeded; if that cannot be told, the blob is
+        kept (an orphan `repair` collects) so that no record ever points at a deleted blob.
+        """
+        try:
+            write()
+        except BackendUnavailable as error:
+            landed = self._points_at(image_id, key) if error.in_doubt else False
+            if landed:
+                log.warning("metadata write for %s landed despite an error; kept", image_id)
+                return
+            if landed is None:
+                log.warning("metadata write for %s is in doubt; kept blob %s", image_id, key)
+            else:
+                self._discard(key)
+            raise
+        except BaseException:
+            self._discard(key)
+            raise
+
+    def _points_at(self, image_id: str, key: str) -> bool | None:
+        """Whether the stored record uses blob `key`; None if the repository cannot say."""
+        try:
+            return self.repository.get(image_id).key == key
+        except NotFound:
+            return False
+        except BackendUnavailable:
+            return None
+
     def create(self, stream: BinaryIO, filename: str | None) -> ImageRecord:
         """Validate and store a new image."""
         info = self._inspect(stream)
@@ -114,11 +148,7 @@ class ImageService:
             uploaded_at=moment,
             updated_at=moment,
         )
-        try:
-            self.repository.insert(record)
-        except BaseException:
-            self._discard(key)
-            raise
+        self._commit(lambda: self.repository.insert(record), record.id, key)
         return record
 
     def get(self, image_id: str) -> ImageRecord:
@@ -150,11 +180,11 @@ class ImageService:
             version=current.version + 1,
             updated_at=max(now(), current.updated_at),
         )
-        try:
-            self.repository.update(updated, expected_version=current.version)
-        except BaseException:
-            self._discard(key)
-            raise
+        self._commit(
+            lambda: self.repository.update(updated, expected_version=current.version),
+            image_id,
+            key,
+        )
         self._discard(current.key)
         return updated
 
