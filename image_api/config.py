@@ -42,6 +42,10 @@ class Settings:
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
     backend_read_timeout: float = 10.0
+    # How long a retried request with the same Idempotency-Key gets the first response.
+    idempotency_ttl: int = 24 * 3600
+    # How long a retry waits for the first request with its key to finish.
+    idempotency_wait: float = 10.0
     # How many reverse proxies in front of us may set X-Forwarded-* headers.
     proxy_hops: int = 0
 
@@ -74,6 +78,7 @@ class Settings:
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
             ),
             backend_read_timeout=reader.seconds("BACKEND_READ_TIMEOUT", cls.backend_read_timeout),
+            idempotency_ttl=reader.integer("IDEMPOTENCY_TTL", cls.idempotency_ttl),
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
         )
         if settings.s3_bucket_name and not settings.aws_region:

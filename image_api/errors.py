@@ -61,6 +61,21 @@ class Conflict(ApiError):
     message = "The image was changed by another request; retry"
 
 
+class PreconditionFailed(ApiError):
+    status, code = 412, "precondition_failed"
+    message = "The image's ETag does not match If-Match; nothing was changed"
+
+
+class IdempotencyKeyReused(ApiError):
+    status, code = 422, "idempotency_key_reused"
+    message = "This Idempotency-Key was used for a different request"
+
+
+class IdempotencyInProgress(ApiError):
+    status, code = 409, "idempotency_in_progress"
+    message = "A request with this Idempotency-Key is still running; retry later"
+
+
 class BackendUnavailable(ApiError):
     """A backend failed or timed out.
 
@@ -82,6 +97,7 @@ _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    412: "precondition_failed",
     413: "file_too_large",
     415: "unsupported_media_type",
 }

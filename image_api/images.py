@@ -6,10 +6,11 @@ import unicodedata
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, request, url_for
+from werkzeug.http import quote_etag
 from werkzeug.wsgi import wrap_file
 
-from .errors import MissingFile
-from .repository import ImageRecord
+from .errors import BadRequest, MissingFile
+from .repository import Filters, ImageRecord
 from .schemas import image_schema, images_schema, list_query_schema
 from .service import ImageService
 
@@ -33,33 +34,57 @@ def uploaded_file():
     return file
 
 
+def if_match():
+    """The `If-Match` header's entity tags (`*` matches any), or None without the header."""
+    return request.if_match if "If-Match" in request.headers else None
+
+
+def idempotency_key() -> str | None:
+    """The `Idempotency-Key` header, checked to be a short printable token."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
+
+
 @bp.post("/upload")
 def create_image():
     """Upload a new image."""
     file = uploaded_file()
-    record = images().create(file.stream, file.filename)
+    record = images().create(file.stream, file.filename, idempotency_key())
     location = url_for(".get_image", image_id=record.id, _external=True)
     body = {"message": "Image uploaded successfully", "image": image_schema.dump(record)}
-    return body, 201, {"Location": location}
+    return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
 
 
 @bp.get("")
 def list_images():
     """List images, newest first, a page at a time."""
     query = list_query_schema.load(request.args)
-    page = images().list(query["limit"], query["cursor"])
-    return {
+    filters = Filters(query["content_type"], query["uploaded_after"], query["uploaded_before"])
+    page = images().list(query["limit"], query["cursor"], filters)
+    body = {
         "message": "Images fetched successfully",
         "total": page.total,
         "images": images_schema.dump(page.images),
         "nextCursor": page.next_cursor,
     }
+    headers = {}
+    if page.next_cursor:
+        next_url = url_for(
+            ".list_images", **{**request.args, "cursor": page.next_cursor}, _external=True
+        )
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return body, 200, headers
 
 
 @bp.get("/<image_id>")
 def get_image(image_id: str):
     """One image's metadata."""
-    return image_schema.dump(images().get(image_id))
+    record = images().get(image_id)
+    return image_schema.dump(record), 200, {"ETag": quote_etag(record.sha256)}
 
 
 @bp.put("/<image_id>")
@@ -68,14 +93,15 @@ def replace_image(image_id: str):
     service = images()
     service.get(image_id)  # a missing image is a 404 before any upload error
     file = uploaded_file()
-    record = service.replace(image_id, file.stream, file.filename)
-    return {"message": "Image updated successfully", "image": image_schema.dump(record)}
+    record = service.replace(image_id, file.stream, file.filename, if_match(), idempotency_key())
+    body = {"message": "Image updated successfully", "image": image_schema.dump(record)}
+    return body, 200, {"ETag": quote_etag(record.sha256)}
 
 
 @bp.delete("/<image_id>")
 def delete_image(image_id: str):
     """Delete an image and its file."""
-    images().delete(image_id)
+    images().delete(image_id, if_match())
     return {"message": "Image deleted successfully"}
 
 

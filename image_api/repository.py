@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import threading
@@ -43,24 +44,57 @@ class ImageRecord:
     version: int
     uploaded_at: datetime
     updated_at: datetime
+    # "pending" from the insert until the blob is written, then "active". Clients see only
+    # active records; a pending one left by a crash is swept by `repair`.
+    status: str = "active"
 
 
 #: A position in the newest-first order: (uploaded_at, id) of the last item seen.
 Cursor = tuple[datetime, str]
 
 
+@dataclass(frozen=True)
+class Filters:
+    """Which active records a list or count covers."""
+
+    content_type: str | None = None
+    uploaded_after: datetime | None = None  # inclusive
+    uploaded_before: datetime | None = None  # exclusive
+
+
+NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An idempotency key as stored: who used it for what, and the response once known."""
+
+    key: str
+    fingerprint: str
+    response: dict | None  # None while the first request is still running
+    expires_at: datetime
+
+
 class Repository(Protocol):
     """Where image metadata lives.
 
-    - `insert(record)` stores a new record.
-    - `get(image_id)` returns it; `NotFound` if absent or if the id is malformed.
-    - `list_page(limit, after)` returns up to `limit` records newest first (by `uploaded_at`,
-      then id), strictly after the cursor `after` when given; `count()` counts them all.
-    - `update(record, expected_version)` replaces the stored record only if its version is
+    - `insert(record)` stores a new record (pending or active).
+    - `get(image_id)` returns the active record; `NotFound` if absent, pending or malformed.
+    - `activate(image_id, moment)` makes a pending record active, stamped `moment`;
+      `NotFound` if there is no such pending record.
+    - `list_page(limit, after, filters)` returns up to `limit` active records newest first
+      (by `uploaded_at`, then id), strictly after the cursor `after` when given;
+      `count(filters)` counts them.
+    - `update(record, expected_version)` replaces the active record only if its version is
       still `expected_version`: `Conflict` if it changed, `NotFound` if it is gone.
-    - `delete(image_id)` removes the record and returns it; `NotFound` if absent.
-    - `all()` yields every record (for repair); `ping()` checks the database answers.
-    - `create()` makes tables and indexes; it is idempotent. `close()` releases connections.
+    - `delete(image_id, expected_version=None, status="active")` removes a record in that
+      status (and at that version, when given) and returns it; `NotFound` / `Conflict`.
+    - `all()` yields every record, pending ones included (for repair).
+    - Idempotency keys: `claim(key, fingerprint, expires_at)` stores a new key and returns
+      None, or returns the live `Claim` already stored; `finish(key, response)` records the
+      response; `release(key)` forgets the key (the request failed, a retry may run).
+    - `ping()` checks the database answers; `create()` makes tables and indexes
+      (idempotent); `close()` releases connections.
     """
 
     name: str
@@ -71,15 +105,27 @@ class Repository(Protocol):
 
     def get(self, image_id: str) -> ImageRecord: ...
 
-    def list_page(self, limit: int, after: Cursor | None = None) -> list[ImageRecord]: ...
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord: ...
 
-    def count(self) -> int: ...
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]: ...
+
+    def count(self, filters: Filters = NO_FILTERS) -> int: ...
 
     def update(self, record: ImageRecord, expected_version: int) -> ImageRecord: ...
 
-    def delete(self, image_id: str) -> ImageRecord: ...
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: str = "active"
+    ) -> ImageRecord: ...
 
     def all(self) -> Iterator[ImageRecord]: ...
+
+    def claim(self, key: str, fingerprint: str, expires_at: datetime) -> Claim | None: ...
+
+    def finish(self, key: str, response: dict) -> None: ...
+
+    def release(self, key: str) -> None: ...
 
     def ping(self) -> None: ...
 
@@ -103,9 +149,18 @@ CREATE TABLE IF NOT EXISTS images (
     sha256 TEXT NOT NULL,
     version INTEGER NOT NULL,
     uploaded_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    status TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS images_newest_first ON images (uploaded_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS images_newest_first ON images (status, uploaded_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS images_by_type
+    ON images (status, content_type, uploaded_at DESC, id DESC);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    response TEXT,
+    expires_at TEXT NOT NULL
+);
 """
 
 
@@ -130,6 +185,20 @@ def _to_row(record: ImageRecord) -> dict:
 
 def _valid_id(image_id: str) -> bool:
     return isinstance(image_id, str) and len(image_id) == 24 and ObjectId.is_valid(image_id)
+
+
+def _sql_filters(filters: Filters) -> tuple[list[str], list]:
+    clauses, params = ["status = 'active'"], []
+    if filters.content_type:
+        clauses.append("content_type = ?")
+        params.append(filters.content_type)
+    if filters.uploaded_after:
+        clauses.append("uploaded_at >= ?")
+        params.append(_to_text(filters.uploaded_after))
+    if filters.uploaded_before:
+        clauses.append("uploaded_at < ?")
+        params.append(_to_text(filters.uploaded_before))
+    return clauses, params
 
 
 @contextlib.contextmanager
@@ -173,6 +242,10 @@ class SqliteRepository:
                 self._opened.append(connection)
         return self._local.connection
 
+    def _execute(self, query: str, params=()) -> sqlite3.Cursor:
+        with _sqlite_errors():
+            return self._connection().execute(query, params)
+
     def create(self) -> None:
         with _sqlite_errors():
             self._connection().executescript(_SCHEMA)
@@ -180,73 +253,116 @@ class SqliteRepository:
     def insert(self, record: ImageRecord) -> None:
         columns = ", ".join(_FIELDS)
         marks = ", ".join(f":{name}" for name in _FIELDS)
-        with _sqlite_errors():
-            self._connection().execute(
-                f"INSERT INTO images ({columns}) VALUES ({marks})", _to_row(record)
-            )
+        self._execute(f"INSERT INTO images ({columns}) VALUES ({marks})", _to_row(record))
 
-    def get(self, image_id: str) -> ImageRecord:
+    def _find(self, image_id: str, status: str) -> ImageRecord:
         if not _valid_id(image_id):
             raise NotFound()
-        with _sqlite_errors():
-            row = (
-                self._connection()
-                .execute("SELECT * FROM images WHERE id = ?", (image_id,))
-                .fetchone()
-            )
+        row = self._execute(
+            "SELECT * FROM images WHERE id = ? AND status = ?", (image_id, status)
+        ).fetchone()
         if row is None:
             raise NotFound()
         return _from_row(row)
 
-    def list_page(self, limit: int, after: Cursor | None = None) -> list[ImageRecord]:
-        query, params = "SELECT * FROM images", []
+    def get(self, image_id: str) -> ImageRecord:
+        return self._find(image_id, "active")
+
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord:
+        stamp = _to_text(moment)
+        row = self._execute(
+            "UPDATE images SET status = 'active', uploaded_at = ?, updated_at = ?"
+            " WHERE id = ? AND status = 'pending' RETURNING *",
+            (stamp, stamp, image_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound()
+        return _from_row(row)
+
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]:
+        clauses, params = _sql_filters(filters)
         if after is not None:
-            # Row-value comparison walks the (uploaded_at DESC, id DESC) index.
-            query += " WHERE (uploaded_at, id) < (?, ?)"
+            # Row-value comparison walks the (status, uploaded_at DESC, id DESC) index.
+            clauses.append("(uploaded_at, id) < (?, ?)")
             params += [_to_text(after[0]), after[1]]
-        query += " ORDER BY uploaded_at DESC, id DESC LIMIT ?"
-        params.append(limit)
-        with _sqlite_errors():
-            rows = self._connection().execute(query, params).fetchall()
+        query = (
+            f"SELECT * FROM images WHERE {' AND '.join(clauses)}"
+            " ORDER BY uploaded_at DESC, id DESC LIMIT ?"
+        )
+        rows = self._execute(query, [*params, limit]).fetchall()
         return [_from_row(row) for row in rows]
 
-    def count(self) -> int:
-        with _sqlite_errors():
-            return self._connection().execute("SELECT count(*) FROM images").fetchone()[0]
+    def count(self, filters: Filters = NO_FILTERS) -> int:
+        clauses, params = _sql_filters(filters)
+        return self._execute(
+            f"SELECT count(*) FROM images WHERE {' AND '.join(clauses)}", params
+        ).fetchone()[0]
 
     def update(self, record: ImageRecord, expected_version: int) -> ImageRecord:
         assignments = ", ".join(f"{name} = :{name}" for name in _FIELDS if name != "id")
-        with _sqlite_errors():
-            cursor = self._connection().execute(
-                f"UPDATE images SET {assignments} WHERE id = :id AND version = :expected",
-                {**_to_row(record), "expected": expected_version},
-            )
+        cursor = self._execute(
+            f"UPDATE images SET {assignments}"
+            " WHERE id = :id AND version = :expected AND status = 'active'",
+            {**_to_row(record), "expected": expected_version},
+        )
         if cursor.rowcount == 1:
             return record
         self.get(record.id)  # raises NotFound if it is gone
         raise Conflict()
 
-    def delete(self, image_id: str) -> ImageRecord:
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: str = "active"
+    ) -> ImageRecord:
         if not _valid_id(image_id):
             raise NotFound()
-        with _sqlite_errors():
-            row = (
-                self._connection()
-                .execute("DELETE FROM images WHERE id = ? RETURNING *", (image_id,))
-                .fetchone()
-            )
-        if row is None:
-            raise NotFound()
-        return _from_row(row)
+        query, params = "DELETE FROM images WHERE id = ? AND status = ?", [image_id, status]
+        if expected_version is not None:
+            query += " AND version = ?"
+            params.append(expected_version)
+        row = self._execute(query + " RETURNING *", params).fetchone()
+        if row is not None:
+            return _from_row(row)
+        self._find(image_id, status)  # raises NotFound if it is gone
+        raise Conflict()
 
     def all(self) -> Iterator[ImageRecord]:
-        with _sqlite_errors():
-            rows = self._connection().execute("SELECT * FROM images ORDER BY id").fetchall()
+        rows = self._execute("SELECT * FROM images ORDER BY id").fetchall()
         return iter([_from_row(row) for row in rows])
 
+    def claim(self, key: str, fingerprint: str, expires_at: datetime) -> Claim | None:
+        now = _to_text(datetime.now(UTC))
+        # One statement: an expired key is taken over, a live one is left as it is.
+        cursor = self._execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, response, expires_at)"
+            " VALUES (?, ?, NULL, ?) ON CONFLICT (key) DO UPDATE SET"
+            " fingerprint = excluded.fingerprint, response = NULL,"
+            " expires_at = excluded.expires_at WHERE idempotency_keys.expires_at <= ?",
+            (key, fingerprint, _to_text(expires_at), now),
+        )
+        if cursor.rowcount == 1:
+            return None
+        row = self._execute("SELECT * FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+        if row is None:  # released between the two statements: try again
+            return self.claim(key, fingerprint, expires_at)
+        return Claim(
+            key=row["key"],
+            fingerprint=row["fingerprint"],
+            response=json.loads(row["response"]) if row["response"] else None,
+            expires_at=datetime.fromisoformat(row["expires_at"]),
+        )
+
+    def finish(self, key: str, response: dict) -> None:
+        self._execute(
+            "UPDATE idempotency_keys SET response = ? WHERE key = ?", (json.dumps(response), key)
+        )
+
+    def release(self, key: str) -> None:
+        self._execute("DELETE FROM idempotency_keys WHERE key = ? AND response IS NULL", (key,))
+
     def ping(self) -> None:
-        with _sqlite_errors():
-            self._connection().execute("SELECT 1").fetchone()
+        self._execute("SELECT 1").fetchone()
 
     def close(self) -> None:
         with self._lock:
@@ -267,13 +383,30 @@ def _to_document(record: ImageRecord) -> dict:
     return document
 
 
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _from_document(document: dict) -> ImageRecord:
     values = {name: document[name] for name in _FIELDS if name != "id"}
     values["id"] = str(document["_id"])
-    for name in ("uploaded_at", "updated_at"):
-        moment = values[name]
-        values[name] = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    values["uploaded_at"] = _aware(values["uploaded_at"])
+    values["updated_at"] = _aware(values["updated_at"])
     return ImageRecord(**values)
+
+
+def _mongo_filters(filters: Filters) -> dict:
+    query: dict = {"status": "active"}
+    if filters.content_type:
+        query["content_type"] = filters.content_type
+    moment = {}
+    if filters.uploaded_after:
+        moment["$gte"] = filters.uploaded_after
+    if filters.uploaded_before:
+        moment["$lt"] = filters.uploaded_before
+    if moment:
+        query["uploaded_at"] = moment
+    return query
 
 
 @contextlib.contextmanager
@@ -288,7 +421,7 @@ def _mongo_errors():
         # No server was reachable, so the operation was never sent.
         raise BackendUnavailable(in_doubt=False) from error
     except PyMongoError as error:
-        # AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError, write concern errors...
+        # AutoReconnect, NetworkTimeout, write concern errors...: the write may have landed.
         raise BackendUnavailable() from error
 
 
@@ -296,7 +429,7 @@ _NEWEST_FIRST = [("uploaded_at", -1), ("_id", -1)]
 
 
 class MongoRepository:
-    """Metadata in one MongoDB collection, through a ready-made database handle.
+    """Metadata in MongoDB collections, through a ready-made database handle.
 
     MongoDB keeps datetimes to the millisecond; the service makes its timestamps at that
     precision so every backend returns what it was given.
@@ -308,67 +441,132 @@ class MongoRepository:
         from pymongo import WriteConcern
 
         self.database = database
-        self.images = database.get_collection("images", write_concern=WriteConcern(w=write_concern))
+        concern = WriteConcern(w=write_concern)
+        self.images = database.get_collection("images", write_concern=concern)
+        self.keys = database.get_collection("idempotency_keys", write_concern=concern)
 
     def create(self) -> None:
         with _mongo_errors():
-            self.images.create_index(_NEWEST_FIRST, name="images_newest_first")
+            self.images.create_index([("status", 1), *_NEWEST_FIRST], name="images_newest_first")
+            self.images.create_index(
+                [("status", 1), ("content_type", 1), *_NEWEST_FIRST], name="images_by_type"
+            )
+            # MongoDB deletes expired keys itself (within about a minute); `claim` also
+            # treats an expired key as free, so the exact moment does not matter.
+            self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
 
     def insert(self, record: ImageRecord) -> None:
         with _mongo_errors():
             self.images.insert_one(_to_document(record))
 
-    def get(self, image_id: str) -> ImageRecord:
+    def _find(self, image_id: str, status: str) -> ImageRecord:
         if not _valid_id(image_id):
             raise NotFound()
         with _mongo_errors():
-            document = self.images.find_one({"_id": ObjectId(image_id)})
+            document = self.images.find_one({"_id": ObjectId(image_id), "status": status})
         if document is None:
             raise NotFound()
         return _from_document(document)
 
-    def list_page(self, limit: int, after: Cursor | None = None) -> list[ImageRecord]:
-        query = {}
+    def get(self, image_id: str) -> ImageRecord:
+        return self._find(image_id, "active")
+
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord:
+        from pymongo import ReturnDocument
+
+        with _mongo_errors():
+            document = self.images.find_one_and_update(
+                {"_id": ObjectId(image_id), "status": "pending"},
+                {"$set": {"status": "active", "uploaded_at": moment, "updated_at": moment}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if document is None:
+            raise NotFound()
+        return _from_document(document)
+
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]:
+        query = _mongo_filters(filters)
         if after is not None:
             moment, last_id = after[0], ObjectId(after[1])
-            query = {
-                "$or": [
-                    {"uploaded_at": {"$lt": moment}},
-                    {"uploaded_at": moment, "_id": {"$lt": last_id}},
-                ]
-            }
+            query["$or"] = [
+                {"uploaded_at": {"$lt": moment}},
+                {"uploaded_at": moment, "_id": {"$lt": last_id}},
+            ]
         with _mongo_errors():
             documents = list(self.images.find(query).sort(_NEWEST_FIRST).limit(limit))
         return [_from_document(document) for document in documents]
 
-    def count(self) -> int:
+    def count(self, filters: Filters = NO_FILTERS) -> int:
         with _mongo_errors():
-            return self.images.count_documents({})
+            return self.images.count_documents(_mongo_filters(filters))
 
     def update(self, record: ImageRecord, expected_version: int) -> ImageRecord:
         document = _to_document(record)
         with _mongo_errors():
             result = self.images.replace_one(
-                {"_id": document["_id"], "version": expected_version}, document
+                {"_id": document["_id"], "version": expected_version, "status": "active"},
+                document,
             )
         if result.matched_count == 1:
             return record
         self.get(record.id)  # raises NotFound if it is gone
         raise Conflict()
 
-    def delete(self, image_id: str) -> ImageRecord:
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: str = "active"
+    ) -> ImageRecord:
         if not _valid_id(image_id):
             raise NotFound()
+        query = {"_id": ObjectId(image_id), "status": status}
+        if expected_version is not None:
+            query["version"] = expected_version
         with _mongo_errors():
-            document = self.images.find_one_and_delete({"_id": ObjectId(image_id)})
-        if document is None:
-            raise NotFound()
-        return _from_document(document)
+            document = self.images.find_one_and_delete(query)
+        if document is not None:
+            return _from_document(document)
+        self._find(image_id, status)  # raises NotFound if it is gone
+        raise Conflict()
 
     def all(self) -> Iterator[ImageRecord]:
         with _mongo_errors():
             documents = list(self.images.find({}).sort("_id", 1))
         return iter([_from_document(document) for document in documents])
+
+    def claim(self, key: str, fingerprint: str, expires_at: datetime) -> Claim | None:
+        from pymongo.errors import DuplicateKeyError
+
+        fresh = {"fingerprint": fingerprint, "response": None, "expires_at": expires_at}
+        with _mongo_errors():
+            try:
+                # Matches an expired key (taken over) or none (inserted by the upsert); a
+                # live key makes the upsert collide on _id instead.
+                self.keys.update_one(
+                    {"_id": key, "expires_at": {"$lte": datetime.now(UTC)}},
+                    {"$set": fresh},
+                    upsert=True,
+                )
+                return None
+            except DuplicateKeyError:
+                pass
+            document = self.keys.find_one({"_id": key})
+        if document is None:  # released in between: try again
+            return self.claim(key, fingerprint, expires_at)
+        return Claim(
+            key=key,
+            fingerprint=document["fingerprint"],
+            response=document["response"],
+            expires_at=_aware(document["expires_at"]),
+        )
+
+    def finish(self, key: str, response: dict) -> None:
+        with _mongo_errors():
+            self.keys.update_one({"_id": key}, {"$set": {"response": response}})
+
+    def release(self, key: str) -> None:
+        with _mongo_errors():
+            self.keys.delete_one({"_id": key, "response": None})
 
     def ping(self) -> None:
         with _mongo_errors():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from flask import url_for
 from marshmallow import EXCLUDE, Schema, fields, validate
+
+from .media import CONTENT_TYPES
 
 
 def _download_url(record) -> str:
@@ -35,6 +39,16 @@ class ListQuerySchema(Schema):
 
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=1000))
     cursor = fields.String(load_default=None, validate=validate.Length(max=200))
+    content_type = fields.String(
+        data_key="contentType", load_default=None, validate=validate.OneOf(CONTENT_TYPES.values())
+    )
+    # A bare date-time is taken as UTC.
+    uploaded_after = fields.AwareDateTime(
+        data_key="uploadedAfter", load_default=None, default_timezone=UTC
+    )
+    uploaded_before = fields.AwareDateTime(
+        data_key="uploadedBefore", load_default=None, default_timezone=UTC
+    )
 
 
 image_schema = ImageSchema()

@@ -2,8 +2,9 @@
 
 S3 and MongoDB share no transaction, so the order of writes is the contract:
 
-- create: blob under a fresh key, then the record; if the record cannot be written, the blob
-  is removed.
+- create: a pending record (invisible to clients), then the blob under a fresh key, then the
+  record is made active; if a step fails, what was written is removed, and what a crash
+  leaves behind is a pending record or an orphan blob that `repair` sweeps.
 - replace: new blob under a new key, then the record only if its version is still the one
   read, then the old blob; if the update fails or loses a race, the new blob is removed and
   the old image is untouched.
@@ -17,15 +18,25 @@ import base64
 import binascii
 import dataclasses
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Container
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 from . import media
 from .config import Settings
-from .errors import ApiError, BackendUnavailable, BadRequest, NotFound
-from .repository import Cursor, ImageRecord, Repository, new_id
+from .errors import (
+    ApiError,
+    BackendUnavailable,
+    BadRequest,
+    Conflict,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    NotFound,
+    PreconditionFailed,
+)
+from .repository import NO_FILTERS, Cursor, Filters, ImageRecord, Repository, new_id
 from .storage import BlobStorage, new_key
 
 log = logging.getLogger(__name__)
@@ -72,125 +83,57 @@ class ImageService:
         self.repository = repository
         self.settings = settings
 
-    def _inspect(self, stream: BinaryIO) -> media.ImageInfo:
-        return media.inspect(
-            stream,
-            accepted_formats=self.settings.accepted_formats,
-            max_bytes=self.settings.max_upload_bytes,
-            max_pixels=self.settings.max_image_pixels,
-        )
+    # --- use-cases ------------------------------------------------------------------------
 
-    def _store(self, stream: BinaryIO, info: media.ImageInfo) -> str:
-        key = new_key()
-        try:
-            self.storage.put(key, stream, info.content_type)
-        except BaseException:
-            # A failed or interrupted put may have left part of an object (S3 multipart).
-            self._discard(key)
-            raise
-        return key
-
-    def _discard(self, key: str) -> None:
-        """Remove a blob no record points to; if that fails too, `repair` will find it."""
-        try:
-            self.storage.delete(key)
-        except ApiError:
-            log.warning("could not remove orphan blob %s; repair will collect it", key)
-
-    def _commit(self, write: Callable[[], object], image_id: str, key: str) -> None:
-        """Run the metadata write that makes blob `key` live for `image_id`.
-
-        If it surely failed, the blob is removed. A write whose acknowledgement was lost
-        (timeout, dropped connection) may still have landed: then the record is read back,
-        and if it points at `key` the write succeeded; if that cannot be told, the blob is
-        kept (an orphan `repair` collects) so that no record ever points at a deleted blob.
-        """
-        try:
-            write()
-        except BackendUnavailable as error:
-            landed = self._points_at(image_id, key) if error.in_doubt else False
-            if landed:
-                log.warning("metadata write for %s landed despite an error; kept", image_id)
-                return
-            if landed is None:
-                log.warning("metadata write for %s is in doubt; kept blob %s", image_id, key)
-            else:
-                self._discard(key)
-            raise
-        except BaseException:
-            self._discard(key)
-            raise
-
-    def _points_at(self, image_id: str, key: str) -> bool | None:
-        """Whether the stored record uses blob `key`; None if the repository cannot say."""
-        try:
-            return self.repository.get(image_id).key == key
-        except NotFound:
-            return False
-        except BackendUnavailable:
-            return None
-
-    def create(self, stream: BinaryIO, filename: str | None) -> ImageRecord:
+    def create(
+        self, stream: BinaryIO, filename: str | None, idempotency_key: str | None = None
+    ) -> ImageRecord:
         """Validate and store a new image."""
         info = self._inspect(stream)
-        key = self._store(stream, info)
-        moment = now()
-        record = ImageRecord(
-            id=new_id(),
-            key=key,
-            filename=media.sanitize_filename(filename, info.format),
-            content_type=info.content_type,
-            size=info.size,
-            width=info.width,
-            height=info.height,
-            sha256=info.sha256,
-            version=1,
-            uploaded_at=moment,
-            updated_at=moment,
+        return self._once(
+            idempotency_key,
+            f"create {info.sha256}",
+            lambda: self._create(stream, filename, info),
         )
-        self._commit(lambda: self.repository.insert(record), record.id, key)
-        return record
 
     def get(self, image_id: str) -> ImageRecord:
         return self.repository.get(image_id)
 
-    def list(self, limit: int, cursor: str | None = None) -> Page:
+    def list(self, limit: int, cursor: str | None = None, filters: Filters = NO_FILTERS) -> Page:
         """A page of images, newest first, after the position `cursor` names."""
         after = decode_cursor(cursor) if cursor else None
         # One extra row tells whether another page follows without a second query.
-        rows = self.repository.list_page(limit + 1, after)
+        rows = self.repository.list_page(limit + 1, after, filters)
         images = rows[:limit]
         next_cursor = encode_cursor(images[-1]) if len(rows) > limit else None
-        return Page(images=images, total=self.repository.count(), next_cursor=next_cursor)
+        return Page(images=images, total=self.repository.count(filters), next_cursor=next_cursor)
 
-    def replace(self, image_id: str, stream: BinaryIO, filename: str | None) -> ImageRecord:
+    def replace(
+        self,
+        image_id: str,
+        stream: BinaryIO,
+        filename: str | None,
+        if_match: Container[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> ImageRecord:
         """Replace an image's bytes; the old image stays intact unless this succeeds."""
-        current = self.repository.get(image_id)
+        current = self._current(image_id, if_match)
         info = self._inspect(stream)
-        key = self._store(stream, info)
-        updated = dataclasses.replace(
-            current,
-            key=key,
-            filename=media.sanitize_filename(filename, info.format),
-            content_type=info.content_type,
-            size=info.size,
-            width=info.width,
-            height=info.height,
-            sha256=info.sha256,
-            version=current.version + 1,
-            updated_at=max(now(), current.updated_at),
+        return self._once(
+            idempotency_key,
+            f"replace {image_id} {info.sha256}",
+            lambda: self._replace(current, stream, filename, info, if_match is not None),
         )
-        self._commit(
-            lambda: self.repository.update(updated, expected_version=current.version),
-            image_id,
-            key,
-        )
-        self._discard(current.key)
-        return updated
 
-    def delete(self, image_id: str) -> None:
+    def delete(self, image_id: str, if_match: Container[str] | None = None) -> None:
         """Delete the record, then its blob."""
-        record = self.repository.delete(image_id)
+        current = self._current(image_id, if_match)
+        try:
+            record = self.repository.delete(image_id, expected_version=current.version)
+        except Conflict:
+            if if_match is not None:
+                raise PreconditionFailed() from None
+            raise
         self._discard(record.key)
 
     def open(self, image_id: str) -> tuple[ImageRecord, BinaryIO]:
@@ -211,3 +154,177 @@ class ImageService:
             except BackendUnavailable as error:
                 raise BackendUnavailable(f"The {backend.name} backend is unavailable") from error
         return {"repository": self.repository.name, "storage": self.storage.name}
+
+    # --- the order of writes --------------------------------------------------------------
+
+    def _create(self, stream: BinaryIO, filename: str | None, info: media.ImageInfo):
+        # A pending record first, invisible to clients: a crash at any later point leaves a
+        # pending record (and perhaps a blob) for `repair`, never a visible record without
+        # its blob.
+        moment = now()
+        pending = ImageRecord(
+            id=new_id(),
+            key=new_key(),
+            filename=media.sanitize_filename(filename, info.format),
+            content_type=info.content_type,
+            size=info.size,
+            width=info.width,
+            height=info.height,
+            sha256=info.sha256,
+            version=1,
+            uploaded_at=moment,
+            updated_at=moment,
+            status="pending",
+        )
+        self.repository.insert(pending)
+        try:
+            self.storage.put(pending.key, stream, info.content_type)
+        except BaseException:
+            self._abandon(pending)
+            raise
+        try:
+            return self.repository.activate(pending.id, now())
+        except BackendUnavailable as error:
+            landed = self._read_back(pending.id, pending.key) if error.in_doubt else False
+            if landed:
+                return landed
+            self._abandon(pending)
+            raise
+        except BaseException:
+            self._abandon(pending)
+            raise
+
+    def _replace(self, current, stream, filename, info, conditional: bool) -> ImageRecord:
+        # The new bytes go under a new key, so the old image stays readable until the
+        # record switches over, and a lost race or a failure never touches it.
+        updated = dataclasses.replace(
+            current,
+            key=new_key(),
+            filename=media.sanitize_filename(filename, info.format),
+            content_type=info.content_type,
+            size=info.size,
+            width=info.width,
+            height=info.height,
+            sha256=info.sha256,
+            version=current.version + 1,
+            updated_at=max(now(), current.updated_at),
+        )
+        try:
+            self.storage.put(updated.key, stream, info.content_type)
+        except BaseException:
+            # A failed or interrupted put may have left part of an object (S3 multipart).
+            self._discard(updated.key)
+            raise
+        try:
+            self.repository.update(updated, expected_version=current.version)
+        except BackendUnavailable as error:
+            landed = self._read_back(updated.id, updated.key) if error.in_doubt else False
+            if not landed:
+                if landed is False:
+                    self._discard(updated.key)
+                raise
+        except Conflict:
+            self._discard(updated.key)
+            if conditional:
+                raise PreconditionFailed() from None
+            raise
+        except BaseException:
+            self._discard(updated.key)
+            raise
+        self._discard(current.key)
+        return updated
+
+    def _read_back(self, image_id: str, key: str) -> ImageRecord | bool | None:
+        """After a write in doubt: the active record if it now uses `key`, False if it
+        surely does not, None if the repository cannot say (then keep the blob: `repair`
+        decides later)."""
+        try:
+            record = self.repository.get(image_id)
+        except NotFound:
+            return False
+        except BackendUnavailable:
+            log.warning("write for %s is in doubt; kept blob %s for repair", image_id, key)
+            return None
+        return record if record.key == key else False
+
+    def _abandon(self, pending: ImageRecord) -> None:
+        """Undo a create that did not complete: the pending record, then its blob."""
+        try:
+            self.repository.delete(pending.id, status="pending")
+        except (NotFound, Conflict):
+            return  # no longer pending (activated after all): its blob must stay
+        except BackendUnavailable:
+            log.warning("could not remove pending image %s; repair will", pending.id)
+            return
+        self._discard(pending.key)
+
+    def _discard(self, key: str) -> None:
+        """Remove a blob no record points to; if that fails too, `repair` will find it."""
+        try:
+            self.storage.delete(key)
+        except ApiError:
+            log.warning("could not remove orphan blob %s; repair will collect it", key)
+
+    def _current(self, image_id: str, if_match: Container[str] | None) -> ImageRecord:
+        current = self.repository.get(image_id)
+        if if_match is not None and current.sha256 not in if_match:
+            raise PreconditionFailed()
+        return current
+
+    def _inspect(self, stream: BinaryIO) -> media.ImageInfo:
+        return media.inspect(
+            stream,
+            accepted_formats=self.settings.accepted_formats,
+            max_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+        )
+
+    # --- idempotency keys -----------------------------------------------------------------
+
+    def _once(
+        self, key: str | None, fingerprint: str, action: Callable[[], ImageRecord]
+    ) -> ImageRecord:
+        """Run `action` once per idempotency key; a retry with the same request gets the
+        first result, a different request with the same key gets `IdempotencyKeyReused`."""
+        if not key:
+            return action()
+        ttl = timedelta(seconds=self.settings.idempotency_ttl)
+        deadline = time.monotonic() + self.settings.idempotency_wait
+        while (claim := self.repository.claim(key, fingerprint, now() + ttl)) is not None:
+            if claim.fingerprint != fingerprint:
+                raise IdempotencyKeyReused()
+            if claim.response is not None:
+                return record_from_json(claim.response)
+            if time.monotonic() > deadline:
+                raise IdempotencyInProgress()
+            time.sleep(0.05)  # the first request is still running
+        try:
+            record = action()
+        except BaseException:
+            self._forget_key(key)
+            raise
+        self.repository.finish(key, record_to_json(record))
+        return record
+
+    def _forget_key(self, key: str) -> None:
+        try:
+            self.repository.release(key)
+        except BackendUnavailable:
+            log.warning("could not release idempotency key %r; it expires by itself", key)
+
+
+def record_to_json(record: ImageRecord) -> dict:
+    values = dataclasses.asdict(record)
+    values["uploaded_at"] = record.uploaded_at.isoformat()
+    values["updated_at"] = record.updated_at.isoformat()
+    return values
+
+
+def record_from_json(values: dict) -> ImageRecord:
+    return ImageRecord(
+        **{
+            **values,
+            "uploaded_at": datetime.fromisoformat(values["uploaded_at"]),
+            "updated_at": datetime.fromisoformat(values["updated_at"]),
+        }
+    )

@@ -42,9 +42,14 @@ def replace(client, image_id, data):
 
 
 def state(service):
-    records = {r.id: r.key for r in service.repository.all()}
+    """({id: key} of the records clients can see, sorted blob keys)."""
+    records = {r.id: r.key for r in service.repository.all() if r.status == "active"}
     blobs = sorted(b.key for b in service.storage.list())
     return records, blobs
+
+
+def pending(service):
+    return [r.id for r in service.repository.all() if r.status == "pending"]
 
 
 def assert_unavailable(response):
@@ -91,13 +96,21 @@ def test_metadata_update_failure_on_replace_keeps_the_old_image(client, service)
     assert client.get(f"/api/images/{image_id}/download").data == data
 
 
-def test_insert_that_landed_despite_an_error_is_a_success(client, service):
+def test_pending_insert_in_doubt_leaves_nothing_visible(client, service):
     service.repository = Faulty(service.repository, "insert", after=True)
+    assert_unavailable(upload(client, make_image()))
+    assert state(service) == ({}, [])
+    assert client.get("/api/images").get_json()["total"] == 0
+
+
+def test_activation_that_landed_despite_an_error_is_a_success(client, service):
+    service.repository = Faulty(service.repository, "activate", after=True)
     response = upload(client, make_image())
     assert response.status_code == 201
     records, blobs = state(service)
     assert list(records) == [response.get_json()["image"]["_id"]]
     assert list(records.values()) == blobs
+    assert pending(service) == []
 
 
 def test_update_that_landed_despite_an_error_is_a_success(client, service):
@@ -135,14 +148,14 @@ class DownAfter:
         return call
 
 
-@pytest.mark.parametrize("operation", ["insert", "update"])
+@pytest.mark.parametrize("operation", ["activate", "update"])
 def test_a_write_in_doubt_keeps_the_new_blob_rather_than_risk_a_dangling_record(
     client, service, operation
 ):
     image_id = upload(client, make_image(color="red")).get_json()["image"]["_id"]
     real = service.repository
     service.repository = DownAfter(real, operation)
-    if operation == "insert":
+    if operation == "activate":
         response = upload(client, make_image(color="blue"))
     else:
         response = replace(client, image_id, make_image(color="blue"))

@@ -11,6 +11,7 @@ import pytest
 
 from image_api.errors import Conflict, NotFound
 from image_api.repository import (
+    Filters,
     ImageRecord,
     MongoRepository,
     SqliteRepository,
@@ -133,3 +134,85 @@ def test_all_yields_every_record(repository):
 
 def test_ping_answers(repository):
     repository.ping()
+
+
+# --- pending records ---------------------------------------------------------------------
+
+
+def test_pending_records_are_invisible_until_activated(repository):
+    record = make_record(status="pending")
+    repository.insert(record)
+    with pytest.raises(NotFound):
+        repository.get(record.id)
+    assert repository.list_page(10) == [] and repository.count() == 0
+    with pytest.raises(NotFound):
+        repository.update(dataclasses.replace(record, version=2), expected_version=1)
+    with pytest.raises(NotFound):
+        repository.delete(record.id)
+    assert [r.id for r in repository.all()] == [record.id]
+
+    later = T0 + timedelta(minutes=5)
+    active = repository.activate(record.id, later)
+    assert active == dataclasses.replace(
+        record, status="active", uploaded_at=later, updated_at=later
+    )
+    assert repository.get(record.id) == active
+    with pytest.raises(NotFound):
+        repository.activate(record.id, later)  # only a pending record can be activated
+
+
+def test_delete_by_status_and_version(repository):
+    pending = make_record(status="pending")
+    active = make_record(version=3)
+    repository.insert(pending)
+    repository.insert(active)
+    assert repository.delete(pending.id, status="pending") == pending
+    with pytest.raises(NotFound):
+        repository.delete(active.id, status="pending")
+    with pytest.raises(Conflict):
+        repository.delete(active.id, expected_version=2)
+    assert repository.delete(active.id, expected_version=3) == active
+
+
+# --- filters -------------------------------------------------------------------------------
+
+
+def test_filters_narrow_lists_and_counts(repository):
+    png = make_record(T0, content_type="image/png")
+    jpeg = make_record(T0 + timedelta(hours=1), content_type="image/jpeg")
+    late_png = make_record(T0 + timedelta(hours=2), content_type="image/png")
+    for record in (png, jpeg, late_png):
+        repository.insert(record)
+    pngs = Filters(content_type="image/png")
+    assert repository.list_page(10, filters=pngs) == [late_png, png]
+    assert repository.count(pngs) == 2
+    window = Filters(uploaded_after=jpeg.uploaded_at, uploaded_before=late_png.uploaded_at)
+    assert repository.list_page(10, filters=window) == [jpeg]  # after inclusive, before not
+    assert repository.count(window) == 1
+    after_cursor = (late_png.uploaded_at, late_png.id)
+    assert repository.list_page(10, after_cursor, pngs) == [png]
+
+
+# --- idempotency keys ----------------------------------------------------------------------
+
+
+def test_claim_finish_and_replay(repository):
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    assert repository.claim("k1", "fp-a", expires) is None
+    in_flight = repository.claim("k1", "fp-a", expires)
+    assert (in_flight.fingerprint, in_flight.response) == ("fp-a", None)
+    repository.finish("k1", {"id": "abc", "n": 1})
+    done = repository.claim("k1", "fp-b", expires)
+    assert (done.fingerprint, done.response) == ("fp-a", {"id": "abc", "n": 1})
+    repository.release("k1")  # a finished key is kept
+    assert repository.claim("k1", "fp-a", expires).response == {"id": "abc", "n": 1}
+
+
+def test_release_frees_a_key_and_expired_keys_are_free(repository):
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    assert repository.claim("k2", "fp", expires) is None
+    repository.release("k2")
+    assert repository.claim("k2", "fp-new", expires) is None
+    assert repository.claim("k3", "old", datetime.now(UTC) - timedelta(seconds=1)) is None
+    assert repository.claim("k3", "new", expires) is None  # the expired claim is taken over
+    assert repository.claim("k3", "other", expires).fingerprint == "new"
