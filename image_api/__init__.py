@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import errors, health, images
 from .config import Settings
+from .repair import repair_command
 from .repository import repository_from_settings
 from .service import ImageService
 from .storage import storage_from_settings
@@ -48,6 +49,7 @@ def create_app(overrides: Mapping[str, str] | None = None) -> Flask:
     app.register_blueprint(images.bp)
     app.register_blueprint(health.bp)
     app.cli.add_command(init_command)
+    app.cli.add_command(repair_command)
     return app
 
 

@@ -1,0 +1,203 @@
+"""`flask repair`: drift between blobs and records is found, named, and fixed on request."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import pytest
+
+from image_api.repair import MISSING_BLOB, ORPHAN_BLOB, STALE_PENDING, repair
+from image_api.repository import new_id
+from image_api.service import now
+from image_api.storage import new_key
+from tests import faultproxy
+from tests.helpers import FAKE_AWS, make_image
+
+
+def upload(client, data=None):
+    data = data or make_image()
+    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), "a.png")})
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["image"]["_id"]
+
+
+def exact_match(service) -> bool:
+    """Every record is active with its blob, and every blob belongs to a record."""
+    records = list(service.repository.all())
+    blobs = sorted(blob.key for blob in service.storage.list())
+    return all(r.status == "active" for r in records) and sorted(r.key for r in records) == blobs
+
+
+def make_drift(service):
+    """One of each kind of drift; returns {kind: key}."""
+    orphan = new_key()
+    service.storage.put(orphan, io.BytesIO(b"orphan"), "image/png")
+    old = now() - timedelta(hours=2)
+    template = service.repository.get(upload_record_id(service))
+    stale = dataclasses.replace(
+        template, id=new_id(), key=new_key(), status="pending", uploaded_at=old, updated_at=old
+    )
+    service.repository.insert(stale)
+    service.storage.put(stale.key, io.BytesIO(b"half-done upload"), "image/png")
+    lost = dataclasses.replace(template, id=new_id(), key=new_key())
+    service.repository.insert(lost)  # an active record whose blob never arrived
+    return {ORPHAN_BLOB: orphan, STALE_PENDING: stale.key, MISSING_BLOB: lost.key}
+
+
+def upload_record_id(service):
+    return next(r.id for r in service.repository.all() if r.status == "active")
+
+
+def test_a_clean_store_has_no_findings(client, service):
+    upload(client)
+    report = repair(service, timedelta(0), apply=True)
+    assert (report.records, report.blobs, report.findings) == (1, 1, [])
+
+
+def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service):
+    upload(client)
+    drift = make_drift(service)
+    before = (list(service.repository.all()), list(service.storage.list()))
+    report = repair(service, timedelta(0))
+    assert {f.kind: f.key for f in report.findings} == drift
+    assert all(f.action == "reported" for f in report.findings)
+    assert (list(service.repository.all()), list(service.storage.list())) == before
+
+
+def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service):
+    kept = upload(client, make_image(color="red"))
+    drift = make_drift(service)
+    report = repair(service, timedelta(0), apply=True)
+    assert {f.kind: f.key for f in report.findings} == drift
+    assert {f.action for f in report.findings} == {
+        "deleted blob",
+        "deleted record and blob",
+        "deleted record",
+    }
+    assert exact_match(service)
+    assert [r.id for r in service.repository.all()] == [kept]
+    assert client.get(f"/api/images/{kept}/download").status_code == 200
+    assert repair(service, timedelta(0), apply=True).findings == []
+
+
+def test_the_grace_period_protects_uploads_in_flight(client, service):
+    upload(client)
+    fresh_orphan = new_key()
+    service.storage.put(fresh_orphan, io.BytesIO(b"being uploaded"), "image/png")
+    record = next(service.repository.all())
+    service.repository.insert(dataclasses.replace(record, id=new_id(), status="pending"))
+    report = repair(service, timedelta(hours=1), apply=True)
+    assert report.findings == []
+    assert fresh_orphan in {b.key for b in service.storage.list()}
+
+
+def test_a_record_whose_blob_reappears_is_left_alone(client, service):
+    image_id = upload(client)
+
+    class HidesBlobs:
+        """A listing that missed a blob (written after it ran)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def list(self):
+            return iter(())
+
+    service.storage = HidesBlobs(service.storage)
+    report = repair(service, timedelta(0), apply=True)
+    service.storage = service.storage.inner
+    assert report.findings == []
+    assert client.get(f"/api/images/{image_id}").status_code == 200
+
+
+def test_cli_reports_in_text_and_json(app, client, service):
+    upload(client)
+    drift = make_drift(service)
+    runner = app.test_cli_runner()
+    text = runner.invoke(args=["repair", "--grace", "0"])
+    assert text.exit_code == 0, text.output
+    assert "dry run" in text.output
+    for kind, key in drift.items():
+        assert f"{kind}: key {key}" in text.output
+
+    result = runner.invoke(args=["repair", "--grace", "0", "--apply", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["applied"] is True
+    assert {f["kind"]: f["key"] for f in report["findings"]} == drift
+    assert exact_match(service)
+    again = json.loads(runner.invoke(args=["repair", "--grace", "0", "--json"]).output)
+    assert again["findings"] == []
+
+
+# --- network faults between the service and S3, then repair --------------------------------
+
+
+@pytest.fixture
+def proxy(moto_server):
+    parts = urlsplit(moto_server)
+    proxy = faultproxy.FaultProxy((parts.hostname, parts.port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def proxied_app(make_app, tmp_path, proxy):
+    app = make_app(
+        {
+            "DATA_DIR": str(tmp_path),
+            "S3_BUCKET_NAME": f"faults-{new_id()}",
+            "S3_ENDPOINT_URL": proxy.url,
+            "BACKEND_CONNECT_TIMEOUT": "0.5",
+            "BACKEND_READ_TIMEOUT": "0.5",
+            **FAKE_AWS,
+        }
+    )
+    app.extensions["image_api"].storage.create()
+    return app
+
+
+@pytest.mark.parametrize(
+    "fault", [faultproxy.REFUSE, faultproxy.STALL, faultproxy.RESET_AFTER_REQUEST]
+)
+@pytest.mark.parametrize("operation", ["upload", "replace", "delete"])
+def test_s3_faults_give_503_and_repair_restores_an_exact_match(
+    proxied_app, proxy, fault, operation
+):
+    client, service = proxied_app.test_client(), proxied_app.extensions["image_api"]
+    original = make_image(color="red")
+    image_id = upload(client, original)
+
+    proxy.mode = fault
+    if operation == "upload":
+        response = client.post(
+            "/api/images/upload", data={"image": (io.BytesIO(make_image()), "b.png")}
+        )
+    elif operation == "replace":
+        response = client.put(
+            f"/api/images/{image_id}", data={"image": (io.BytesIO(make_image()), "b.png")}
+        )
+    else:
+        response = client.delete(f"/api/images/{image_id}")
+    proxy.mode = faultproxy.PASS
+
+    if operation == "delete":
+        # The record goes first, so the image is gone for clients; the blob S3 could not
+        # delete is an orphan for repair.
+        assert response.status_code == 200
+        assert client.get(f"/api/images/{image_id}").status_code == 404
+    else:
+        assert response.status_code == 503, response.get_json()
+        assert response.get_json()["code"] == "backend_unavailable"
+        assert client.get(f"/api/images/{image_id}/download").data == original
+    assert client.get("/api/images").get_json()["total"] == (0 if operation == "delete" else 1)
+
+    repair(service, timedelta(0), apply=True)
+    assert exact_match(service)
