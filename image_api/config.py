@@ -42,6 +42,8 @@ class Settings:
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
     backend_read_timeout: float = 10.0
+    # Readiness probes (/readyz) give up after this, with no retries.
+    probe_timeout: float = 2.0
     # How long a retried request with the same Idempotency-Key gets the first response.
     idempotency_ttl: int = 24 * 3600
     # How long a retry waits for the first request with its key to finish.
@@ -78,6 +80,7 @@ class Settings:
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
             ),
             backend_read_timeout=reader.seconds("BACKEND_READ_TIMEOUT", cls.backend_read_timeout),
+            probe_timeout=reader.seconds("PROBE_TIMEOUT", cls.probe_timeout),
             idempotency_ttl=reader.integer("IDEMPOTENCY_TTL", cls.idempotency_ttl),
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
         )

@@ -437,10 +437,11 @@ class MongoRepository:
 
     name = "mongodb"
 
-    def __init__(self, database, write_concern: str | int = "majority"):
+    def __init__(self, database, write_concern: str | int = "majority", probe_timeout=2.0):
         from pymongo import WriteConcern
 
         self.database = database
+        self.probe_timeout = probe_timeout
         concern = WriteConcern(w=write_concern)
         self.images = database.get_collection("images", write_concern=concern)
         self.keys = database.get_collection("idempotency_keys", write_concern=concern)
@@ -569,7 +570,10 @@ class MongoRepository:
             self.keys.delete_one({"_id": key, "response": None})
 
     def ping(self) -> None:
-        with _mongo_errors():
+        import pymongo
+
+        # pymongo.timeout bounds the whole call, server selection included.
+        with _mongo_errors(), pymongo.timeout(self.probe_timeout):
             self.database.command("ping")
 
     def close(self) -> None:
@@ -601,6 +605,8 @@ def repository_from_settings(settings) -> Repository:
     """The metadata backend the settings choose."""
     if settings.mongodb_url:
         return MongoRepository(
-            make_mongo_database(settings), _write_concern(settings.mongodb_write_concern)
+            make_mongo_database(settings),
+            _write_concern(settings.mongodb_write_concern),
+            probe_timeout=settings.probe_timeout,
         )
     return SqliteRepository(settings.data_dir / "images.sqlite3")

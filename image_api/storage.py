@@ -167,10 +167,12 @@ class S3Storage:
 
     name = "s3"
 
-    def __init__(self, client, bucket: str, prefix: str = "images/"):
+    def __init__(self, client, bucket: str, prefix: str = "images/", probe_client=None):
         from boto3.s3.transfer import TransferConfig
 
         self.client = client
+        # Readiness probes must answer fast, so they get a client without retries.
+        self.probe_client = probe_client or client
         self.bucket = bucket
         self.prefix = prefix
         # Multipart above 8 MiB with at most two parts in flight and in memory: boto3's
@@ -240,10 +242,11 @@ class S3Storage:
 
     def ping(self) -> None:
         with _s3_errors():
-            self.client.head_bucket(Bucket=self.bucket)
+            self.probe_client.head_bucket(Bucket=self.bucket)
 
     def close(self) -> None:
         self.client.close()
+        self.probe_client.close()
 
     @property
     def _client_error(self):
@@ -272,15 +275,18 @@ def _s3_errors():
         raise BackendUnavailable() from error
 
 
-def make_s3_client(settings):
-    """A boto3 S3 client with explicit timeouts and bounded retries."""
+def make_s3_client(settings, probe: bool = False):
+    """A boto3 S3 client with explicit timeouts and bounded retries; a `probe` client (for
+    readiness checks) has the short probe timeout and a single attempt."""
     import boto3
     from botocore.config import Config
 
+    connect = settings.probe_timeout if probe else settings.backend_connect_timeout
+    read = settings.probe_timeout if probe else settings.backend_read_timeout
     config = Config(
-        connect_timeout=settings.backend_connect_timeout,
-        read_timeout=settings.backend_read_timeout,
-        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=connect,
+        read_timeout=read,
+        retries={"mode": "standard", "max_attempts": 1 if probe else 3},
         # S3-compatible servers (MinIO, moto, Ceph) usually want path-style addressing.
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )
@@ -297,5 +303,9 @@ def make_s3_client(settings):
 def storage_from_settings(settings) -> BlobStorage:
     """The blob backend the settings choose."""
     if settings.s3_bucket_name:
-        return S3Storage(make_s3_client(settings), settings.s3_bucket_name)
+        return S3Storage(
+            make_s3_client(settings),
+            settings.s3_bucket_name,
+            probe_client=make_s3_client(settings, probe=True),
+        )
     return FilesystemStorage(settings.data_dir / "blobs")

@@ -240,7 +240,7 @@ def stalled_server():
     server.close()
 
 
-FAST = {"BACKEND_CONNECT_TIMEOUT": "0.3", "BACKEND_READ_TIMEOUT": "0.3"}
+FAST = {"BACKEND_CONNECT_TIMEOUT": "0.3", "BACKEND_READ_TIMEOUT": "0.3", "PROBE_TIMEOUT": "0.5"}
 AWS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
 
 
@@ -261,8 +261,9 @@ def test_unreachable_s3_is_503_within_bounded_time(make_app, tmp_path, stalled_s
     # Three attempts of 0.3 s each plus backoff: far below gunicorn's worker timeout.
     assert seconds < 10
     assert list(app.extensions["image_api"].repository.all()) == []
-    ready = client.get("/readyz")
+    ready, seconds = timed(lambda: client.get("/readyz"))
     assert ready.status_code == 503 and "s3" in ready.get_json()["message"]
+    assert seconds < 2  # one attempt within PROBE_TIMEOUT, no retries
 
 
 @pytest.mark.parametrize("kind", ["refused", "stalled"])
@@ -274,11 +275,12 @@ def test_unreachable_mongodb_is_503_within_bounded_time(make_app, tmp_path, stal
     response, seconds = timed(lambda: upload(client, make_image()))
     assert_unavailable(response)
     assert seconds < 10
-    # The blob written before the failed insert was removed.
+    # The pending record could not be written, so no blob was either.
     assert list(app.extensions["image_api"].storage.list()) == []
     assert_unavailable(client.get("/api/images"))
-    ready = client.get("/readyz")
+    ready, seconds = timed(lambda: client.get("/readyz"))
     assert ready.status_code == 503 and "mongodb" in ready.get_json()["message"]
+    assert seconds < 2
 
 
 def test_locked_sqlite_is_503(make_app, tmp_path):
