@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format init clean
+.PHONY: run test format init repair clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ format: $(VENV)/.dev
 
 init: $(VENV)/.runtime  ## create the bucket/directory and tables/indexes
 	$(BIN)/flask --app image_api init
+
+repair: $(VENV)/.runtime  ## report drift between blobs and records (dry run)
+	$(BIN)/flask --app image_api repair
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
