@@ -129,12 +129,16 @@ class ImageService:
         """Delete the record, then its blob."""
         current = self._current(image_id, if_match)
         try:
-            record = self.repository.delete(image_id, expected_version=current.version)
+            self.repository.delete(image_id, expected_version=current.version)
         except Conflict:
             if if_match is not None:
                 raise PreconditionFailed() from None
             raise
-        self._discard(record.key)
+        except BackendUnavailable as error:
+            # A delete whose acknowledgement was lost may have landed: then it is done.
+            if not (error.in_doubt and self._gone(image_id)):
+                raise
+        self._discard(current.key)
 
     def open(self, image_id: str) -> tuple[ImageRecord, BinaryIO]:
         """An image's record and a readable stream of its bytes."""
@@ -246,6 +250,16 @@ class ImageService:
             log.warning("write for %s is in doubt; kept blob %s for repair", image_id, key)
             return None
         return record if record.key == key else False
+
+    def _gone(self, image_id: str) -> bool:
+        """After a delete in doubt: whether the record is surely gone."""
+        try:
+            self.repository.get(image_id)
+        except NotFound:
+            return True
+        except BackendUnavailable:
+            return False
+        return False
 
     def _abandon(self, pending: ImageRecord) -> None:
         """Undo a create that did not complete: the pending record, then its blob."""
