@@ -275,12 +275,14 @@ def _s3_errors():
         raise BackendUnavailable() from error
 
 
-def make_s3_client(settings, probe: bool = False):
+def make_s3_client(settings, session=None, probe: bool = False):
     """A boto3 S3 client with explicit timeouts and bounded retries; a `probe` client (for
     readiness checks) has the short probe timeout and a single attempt."""
     import boto3
     from botocore.config import Config
 
+    # Clients of one session share its parsed service model (loading it is the slow part).
+    session = session or boto3.session.Session()
     connect = settings.probe_timeout if probe else settings.backend_connect_timeout
     read = settings.probe_timeout if probe else settings.backend_read_timeout
     config = Config(
@@ -290,7 +292,7 @@ def make_s3_client(settings, probe: bool = False):
         # S3-compatible servers (MinIO, moto, Ceph) usually want path-style addressing.
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )
-    return boto3.session.Session().client(
+    return session.client(
         "s3",
         region_name=settings.aws_region,
         endpoint_url=settings.s3_endpoint_url,
@@ -303,9 +305,12 @@ def make_s3_client(settings, probe: bool = False):
 def storage_from_settings(settings) -> BlobStorage:
     """The blob backend the settings choose."""
     if settings.s3_bucket_name:
+        import boto3
+
+        session = boto3.session.Session()
         return S3Storage(
-            make_s3_client(settings),
+            make_s3_client(settings, session),
             settings.s3_bucket_name,
-            probe_client=make_s3_client(settings, probe=True),
+            probe_client=make_s3_client(settings, session, probe=True),
         )
     return FilesystemStorage(settings.data_dir / "blobs")
