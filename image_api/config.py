@@ -35,6 +35,9 @@ class Settings:
     # Metadata: MongoDB when a URL is given, else SQLite in the data directory.
     mongodb_url: str | None = None
     mongodb_write_concern: str = "majority"
+    # Downloads: "proxy" streams the bytes; "redirect" (S3 only) answers 302 to a presigned URL.
+    download_mode: str = "proxy"
+    presign_ttl: int = 300
     # Limits.
     max_upload_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 50_000_000
@@ -73,6 +76,8 @@ class Settings:
             aws_secret_access_key=reader.text("AWS_SECRET_ACCESS_KEY"),
             mongodb_url=reader.url("MONGODB_URL", schemes=("mongodb", "mongodb+srv")),
             mongodb_write_concern=reader.text("MONGODB_WRITE_CONCERN") or cls.mongodb_write_concern,
+            download_mode=reader.choice("DOWNLOAD_MODE", ("proxy", "redirect"), cls.download_mode),
+            presign_ttl=reader.integer("PRESIGN_TTL", cls.presign_ttl, maximum=7 * 24 * 3600),
             max_upload_bytes=reader.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             accepted_formats=reader.formats("ACCEPTED_FORMATS", cls.accepted_formats),
@@ -91,6 +96,8 @@ class Settings:
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (or neither, "
                 "to use the default AWS credential chain)"
             )
+        if settings.download_mode == "redirect" and not settings.s3_bucket_name:
+            raise ConfigError("DOWNLOAD_MODE=redirect needs S3 (set S3_BUCKET_NAME)")
         if settings.s3_endpoint_url and not settings.s3_bucket_name:
             raise ConfigError("S3_ENDPOINT_URL is set but S3_BUCKET_NAME is not")
         return settings
@@ -117,7 +124,15 @@ class _Reader:
         value = str(value).strip()
         return value or None
 
-    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
+    def integer(self, name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         raw = self.text(name)
         if raw is None:
             return default
@@ -127,6 +142,8 @@ class _Reader:
             raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}, got {value}")
         return value
 
     def seconds(self, name: str, default: float) -> float:

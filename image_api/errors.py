@@ -18,9 +18,10 @@ class ApiError(Exception):
     code = "internal_error"
     message = "Internal server error"
 
-    def __init__(self, message: str | None = None):
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message or self.message)
         self.message = message or self.message
+        self.headers = headers or {}
 
 
 class NotFound(ApiError):
@@ -61,6 +62,11 @@ class Conflict(ApiError):
     message = "The image was changed by another request; retry"
 
 
+class RangeNotSatisfiable(ApiError):
+    status, code = 416, "range_not_satisfiable"
+    message = "The requested range is outside the image"
+
+
 class PreconditionFailed(ApiError):
     status, code = 412, "precondition_failed"
     message = "The image's ETag does not match If-Match; nothing was changed"
@@ -85,10 +91,9 @@ class BackendUnavailable(ApiError):
 
     status, code = 503, "backend_unavailable"
     message = "A storage backend is unavailable; retry later"
-    retry_after = 5
 
     def __init__(self, message: str | None = None, *, in_doubt: bool = True):
-        super().__init__(message)
+        super().__init__(message, headers={"Retry-After": "5"})
         self.in_doubt = in_doubt
 
 
@@ -113,8 +118,7 @@ def handle_api_error(error: ApiError):
     if isinstance(error, BackendUnavailable):
         log.warning("backend unavailable: %s", error.__cause__ or error)
     response = error_response(error.status, error.code, error.message)
-    if isinstance(error, BackendUnavailable):
-        response.headers["Retry-After"] = str(error.retry_after)
+    response.headers.update(error.headers)
     return response
 
 

@@ -6,10 +6,11 @@ import unicodedata
 from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, request, url_for
-from werkzeug.http import quote_etag
+from werkzeug.datastructures import ContentRange
+from werkzeug.http import is_resource_modified, quote_etag
 from werkzeug.wsgi import wrap_file
 
-from .errors import BadRequest, MissingFile
+from .errors import BadRequest, MissingFile, RangeNotSatisfiable
 from .repository import Filters, ImageRecord
 from .schemas import image_schema, images_schema, list_query_schema
 from .service import ImageService
@@ -17,6 +18,12 @@ from .service import ImageService
 bp = Blueprint("images", __name__, url_prefix="/api/images")
 
 _DOWNLOAD_CHUNK = 64 * 1024
+_DOWNLOAD_HEADERS = {
+    "Accept-Ranges": "bytes",
+    # Never let a browser run stored bytes as anything but the sniffed image type.
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
 
 
 def images() -> ImageService:
@@ -107,23 +114,73 @@ def delete_image(image_id: str):
 
 @bp.get("/<image_id>/download")
 def download_image(image_id: str):
-    """The image's bytes, as an attachment."""
-    record, stream = images().open(image_id)
-    return blob_response(record, stream)
+    """The image's bytes (attachment, or inline with ?disposition=inline)."""
+    return blob_response(images().get(image_id), request.args.get("disposition", "attachment"))
 
 
-def blob_response(record: ImageRecord, stream) -> Response:
-    """Stream a stored blob with the headers a browser, a CDN and curl -J need."""
-    # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams are read in chunks.
-    body = wrap_file(request.environ, stream, buffer_size=_DOWNLOAD_CHUNK)
-    response = Response(body, mimetype=record.content_type, direct_passthrough=True)
-    response.content_length = record.size
-    response.headers.set("Content-Disposition", "attachment", **_filename_options(record.filename))
+def blob_response(record: ImageRecord, disposition: str) -> Response:
+    """The bytes of a stored image, with what RFC 9110 gives a browser, a CDN and curl:
+    validators (304), single byte ranges (206/416) and HEAD; or a 302 to S3 in redirect
+    mode."""
+    if disposition not in ("attachment", "inline"):
+        raise BadRequest("disposition must be 'attachment' or 'inline'")
+    response = Response(mimetype=record.content_type)
     response.set_etag(record.sha256)
     response.last_modified = record.updated_at
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    return response.make_conditional(request, accept_ranges=True, complete_length=record.size)
+    response.cache_control.no_cache = True  # the content changes when the image is replaced
+    response.headers.set("Content-Disposition", disposition, **_filename_options(record.filename))
+    response.headers.update(_DOWNLOAD_HEADERS)
+
+    if not is_resource_modified(
+        request.environ, etag=record.sha256, last_modified=record.updated_at
+    ):
+        response.status_code = 304
+        return response
+
+    service = images()
+    if service.settings.download_mode == "redirect":
+        url = service.download_url(record, response.headers["Content-Disposition"])
+        response.status_code = 302
+        response.location = url
+        return response
+
+    byte_range = requested_range(record)
+    if byte_range is None:
+        response.content_length = record.size
+    else:
+        start, stop = byte_range
+        response.status_code = 206
+        response.content_range = ContentRange("bytes", start, stop, record.size)
+        response.content_length = stop - start
+    if request.method == "HEAD":
+        return response  # the same headers, and no call to the storage
+    stream = service.open_blob(record, byte_range)
+    # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams go in chunks,
+    # and the server closes the stream (and its S3 connection) however the response ends.
+    response.response = wrap_file(request.environ, stream, buffer_size=_DOWNLOAD_CHUNK)
+    response.direct_passthrough = True
+    return response
+
+
+def requested_range(record: ImageRecord) -> tuple[int, int] | None:
+    """The single byte range to send, `(start, stop)`, or None for the whole image.
+
+    Several ranges, other units and a failed If-Range get the whole image, as RFC 9110
+    allows; an unsatisfiable single range is a 416.
+    """
+    ranges = request.range
+    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
+        return None
+    if_range = request.if_range
+    if if_range.etag is not None or if_range.date is not None:
+        same_etag = if_range.etag == record.sha256
+        same_date = if_range.date == record.updated_at.replace(microsecond=0)
+        if not (same_etag or same_date):
+            return None
+    bounds = ranges.range_for_length(record.size)
+    if bounds is None:
+        raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{record.size}"})
+    return bounds
 
 
 def _filename_options(filename: str) -> dict[str, str]:

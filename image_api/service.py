@@ -140,10 +140,16 @@ class ImageService:
                 raise
         self._discard(current.key)
 
-    def open(self, image_id: str) -> tuple[ImageRecord, BinaryIO]:
-        """An image's record and a readable stream of its bytes."""
-        record = self.repository.get(image_id)
-        return record, self.storage.open(record.key)
+    def open_blob(self, record: ImageRecord, byte_range: tuple[int, int] | None = None) -> BinaryIO:
+        """A readable stream of an image's bytes (of `start <= i < stop` with a range)."""
+        return self.storage.open(record.key, byte_range)
+
+    def download_url(self, record: ImageRecord, disposition: str) -> str | None:
+        """A short-lived URL the client can fetch the bytes from directly, if the storage
+        has one (S3 presigning), carrying the right Content-Type and Content-Disposition."""
+        return self.storage.presigned_url(
+            record.key, self.settings.presign_ttl, record.content_type, disposition
+        )
 
     def close(self) -> None:
         """Release the backends' connections."""

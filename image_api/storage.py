@@ -8,6 +8,7 @@ Keys are made by the service (`new_key`), never from client input.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import secrets
@@ -42,7 +43,11 @@ class BlobStorage(Protocol):
 
     - `put(key, stream, content_type)` stores the whole stream under `key`, atomically: a
       reader sees all of the bytes or no blob.
-    - `open(key)` returns a readable binary file object; `NotFound` if there is no blob.
+    - `open(key, byte_range=None)` returns a readable binary file object, of the bytes
+      `start <= i < stop` when `byte_range=(start, stop)` is given; `NotFound` if there is
+      no blob.
+    - `presigned_url(key, ttl, content_type, disposition)` returns a URL a client can GET the
+      blob from directly with those response headers, or None if the backend has none.
     - `delete(key)` removes the blob; deleting a missing blob is success.
     - `list()` yields every stored blob.
     - `ping()` raises `BackendUnavailable` unless the store can be written.
@@ -53,7 +58,11 @@ class BlobStorage(Protocol):
 
     def put(self, key: str, stream: BinaryIO, content_type: str) -> None: ...
 
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO: ...
+
+    def presigned_url(
+        self, key: str, ttl: int, content_type: str, disposition: str
+    ) -> str | None: ...
 
     def delete(self, key: str) -> None: ...
 
@@ -113,13 +122,18 @@ class FilesystemStorage:
         except OSError as error:
             raise BackendUnavailable("Cannot write to the blob directory") from error
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
         try:
-            return open(self.path(key), "rb")
+            file = open(self.path(key), "rb")  # noqa: SIM115 - the WSGI server closes it
         except FileNotFoundError:
             raise NotFound("The image's file is missing") from None
         except OSError as error:
             raise BackendUnavailable("Cannot read from the blob directory") from error
+        # A real file (or a window on one that keeps its fileno) lets gunicorn sendfile().
+        return file if byte_range is None else FileRange(file, *byte_range)
+
+    def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> None:
+        return None
 
     def delete(self, key: str) -> None:
         try:
@@ -152,6 +166,33 @@ class FilesystemStorage:
 
     def close(self) -> None:
         pass
+
+
+class FileRange(io.RawIOBase):
+    """A window `start <= i < stop` on an open file: reads stop at its end, and `fileno()`
+    stays available so gunicorn can sendfile() from the current offset."""
+
+    def __init__(self, file: BinaryIO, start: int, stop: int):
+        super().__init__()
+        self.file = file
+        self.file.seek(start)
+        self.remaining = stop - start
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: max(self.remaining, 0)]
+        count = self.file.readinto(view) or 0
+        self.remaining -= count
+        return count
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -214,15 +255,35 @@ class S3Storage:
                 Config=self.transfer,
             )
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
+        options = {}
+        if byte_range is not None:
+            # S3 sends only the bytes asked for; HTTP ranges are inclusive.
+            options["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
         with _s3_errors():
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+                response = self.client.get_object(
+                    Bucket=self.bucket, Key=self._object(key), **options
+                )
             except self._client_error as error:
                 if _status(error) == 404:
                     raise NotFound("The image's file is missing") from None
                 raise
         return response["Body"]
+
+    def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> str:
+        # Signing is local: no request to S3 is made here.
+        with _s3_errors():
+            return self.client.generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": self._object(key),
+                    "ResponseContentType": content_type,
+                    "ResponseContentDisposition": disposition,
+                },
+                ExpiresIn=ttl,
+            )
 
     def delete(self, key: str) -> None:
         with _s3_errors():
@@ -289,6 +350,8 @@ def make_s3_client(settings, session=None, probe: bool = False):
         connect_timeout=connect,
         read_timeout=read,
         retries={"mode": "standard", "max_attempts": 1 if probe else 3},
+        # SigV4 everywhere, presigned URLs included (up to 7 days; SigV2 is deprecated).
+        signature_version="s3v4",
         # S3-compatible servers (MinIO, moto, Ceph) usually want path-style addressing.
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )

@@ -1,0 +1,213 @@
+"""Downloads by RFC 9110: validators, byte ranges, HEAD, disposition, redirect mode."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+import requests
+from werkzeug.http import http_date
+
+from image_api.repository import new_id
+from tests.helpers import FAKE_AWS, make_image
+
+
+@pytest.fixture
+def image(client):
+    """An uploaded image: (its JSON, its bytes, its download path)."""
+    data = make_image("PNG", (300, 200), color=None)
+    body = client.post(
+        "/api/images/upload", data={"image": (io.BytesIO(data), "pic.png")}
+    ).get_json()["image"]
+    return body, data, f"/api/images/{body['_id']}/download"
+
+
+def test_download_carries_validators_and_safety_headers(client, image):
+    body, data, url = image
+    response = client.get(url)
+    assert response.status_code == 200 and response.data == data
+    assert response.headers["ETag"] == f'"{body["sha256"]}"'
+    assert response.headers["Last-Modified"]
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+
+
+def test_if_none_match_gives_304_without_a_body(client, image):
+    body, _, url = image
+    etag = f'"{body["sha256"]}"'
+    response = client.get(url, headers={"If-None-Match": etag})
+    assert response.status_code == 304 and response.data == b""
+    assert response.headers["ETag"] == etag
+    assert client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+    assert client.get(url, headers={"If-None-Match": f'"x", {etag}'}).status_code == 304
+
+
+def test_if_modified_since(client, image):
+    _, _, url = image
+    last_modified = client.get(url).headers["Last-Modified"]
+    assert client.get(url, headers={"If-Modified-Since": last_modified}).status_code == 304
+    old = http_date(client.get(url).last_modified - timedelta(days=1))
+    assert client.get(url, headers={"If-Modified-Since": old}).status_code == 200
+
+
+def test_head_has_the_headers_and_no_body(client, image):
+    _, data, url = image
+    get, head = client.get(url), client.head(url)
+    assert head.status_code == 200 and head.data == b""
+    for name in ("Content-Type", "Content-Length", "ETag", "Content-Disposition", "Accept-Ranges"):
+        assert head.headers[name] == get.headers[name]
+    assert head.headers["Content-Length"] == str(len(data))
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "stop"),
+    [
+        ("bytes=0-9", 0, 10),
+        ("bytes=100-", 100, None),
+        ("bytes=-50", -50, None),
+        ("bytes=5-5", 5, 6),
+        ("bytes=10-999999999", 10, None),
+    ],
+)
+def test_a_single_range_is_206(client, image, header, start, stop):
+    _, data, url = image
+    expected = data[start:stop]
+    response = client.get(url, headers={"Range": header})
+    assert response.status_code == 206
+    assert response.data == expected
+    first = start if start >= 0 else len(data) + start
+    assert response.headers["Content-Range"] == (
+        f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
+    )
+    assert response.headers["Content-Length"] == str(len(expected))
+
+
+def test_an_unsatisfiable_range_is_416(client, image):
+    _, data, url = image
+    response = client.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert response.status_code == 416
+    assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert response.get_json()["code"] == "range_not_satisfiable"
+
+
+@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-1", "bytes=oops"])
+def test_other_ranges_get_the_whole_image(client, image, header):
+    _, data, url = image
+    response = client.get(url, headers={"Range": header})
+    assert response.status_code == 200 and response.data == data
+
+
+def test_if_range_honours_the_etag_and_the_date(client, image):
+    body, data, url = image
+    last_modified = client.get(url).headers["Last-Modified"]
+    for validator in (f'"{body["sha256"]}"', last_modified):
+        response = client.get(url, headers={"Range": "bytes=0-3", "If-Range": validator})
+        assert response.status_code == 206 and response.data == data[:4]
+    stale = client.get(url, headers={"Range": "bytes=0-3", "If-Range": '"stale"'})
+    assert stale.status_code == 200 and stale.data == data
+
+
+def test_head_of_a_range(client, image):
+    _, _, url = image
+    response = client.head(url, headers={"Range": "bytes=0-9"})
+    assert response.status_code == 206 and response.data == b""
+    assert response.headers["Content-Length"] == "10"
+
+
+def test_disposition_inline_and_bad_values(client, image):
+    _, _, url = image
+    inline = client.get(f"{url}?disposition=inline")
+    assert inline.headers["Content-Disposition"] == "inline; filename=pic.png"
+    bad = client.get(f"{url}?disposition=run")
+    assert bad.status_code == 400 and bad.get_json()["code"] == "bad_request"
+
+
+def test_a_range_after_replace_with_an_old_if_range_gets_the_new_image(client, image):
+    body, _, url = image
+    new = make_image("JPEG", (20, 20))
+    client.put(f"/api/images/{body['_id']}", data={"image": (io.BytesIO(new), "n.jpg")})
+    response = client.get(url, headers={"Range": "bytes=0-3", "If-Range": f'"{body["sha256"]}"'})
+    assert response.status_code == 200 and response.data == new
+
+
+# --- S3: streaming and redirect mode over a real HTTP moto server ---------------------------
+
+
+@pytest.fixture
+def s3_app(make_app, tmp_path, moto_server):
+    def build(**extra):
+        app = make_app(
+            {
+                "DATA_DIR": str(tmp_path),
+                "S3_BUCKET_NAME": f"dl-{new_id()}",
+                "S3_ENDPOINT_URL": moto_server,
+                **FAKE_AWS,
+                **extra,
+            }
+        )
+        app.extensions["image_api"].storage.create()
+        return app
+
+    return build
+
+
+def upload(client, data, name="photo été.png"):
+    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), name)})
+    assert response.status_code == 201
+    return response.get_json()["image"]
+
+
+def test_redirect_mode_sends_a_presigned_url_with_the_right_headers(s3_app):
+    app = s3_app(DOWNLOAD_MODE="redirect", PRESIGN_TTL="120")
+    client = app.test_client()
+    data = make_image("PNG", (50, 40))
+    image = upload(client, data)
+    response = client.get(f"/api/images/{image['_id']}/download?disposition=inline")
+    assert response.status_code == 302
+    location = response.headers["Location"]
+    assert "X-Amz-Expires=120" in location
+    fetched = requests.get(location, timeout=10)
+    assert fetched.status_code == 200 and fetched.content == data
+    assert fetched.headers["Content-Type"] == "image/png"
+    assert fetched.headers["Content-Disposition"] == response.headers["Content-Disposition"]
+    assert "filename*=UTF-8''photo%20%C3%A9t%C3%A9.png" in fetched.headers["Content-Disposition"]
+    etag = f'"{image["sha256"]}"'
+    assert client.get(response.request.path, headers={"If-None-Match": etag}).status_code == 304
+
+
+def test_redirect_mode_needs_s3(make_app, tmp_path):
+    from image_api.config import ConfigError
+
+    with pytest.raises(ConfigError, match="DOWNLOAD_MODE"):
+        make_app({"DATA_DIR": str(tmp_path), "DOWNLOAD_MODE": "redirect"})
+
+
+def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app):
+    app = s3_app()
+    service = app.extensions["image_api"]
+    data = make_image("PNG", (400, 300), color=None)
+    image = upload(app.test_client(), data)
+    opened = []
+    real_open = service.storage.open
+
+    def spy(key, byte_range=None):
+        stream = real_open(key, byte_range)
+        opened.append((byte_range, stream))
+        return stream
+
+    service.storage.open = spy
+    client = app.test_client()
+    url = f"/api/images/{image['_id']}/download"
+    response = client.get(url, headers={"Range": "bytes=10-19"}, buffered=True)
+    assert response.status_code == 206 and response.data == data[10:20]
+    assert opened[-1][0] == (10, 20)
+
+    # A client that goes away after the first chunk: the server closes the iterable.
+    response = client.get(url, buffered=False)
+    first = next(iter(response.response))
+    assert data.startswith(first)
+    response.close()
+    assert opened[-1][1]._raw_stream.closed
