@@ -301,3 +301,28 @@ def test_health_probes(client):
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.get_json()["status"] == "ready"
+
+
+def test_failed_uploads_leave_no_temporary_file(client, monkeypatch, tmp_path):
+    import tempfile
+
+    from werkzeug.test import encode_multipart
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    big_junk = b"\x89PNG\r\n\x1a\n" + bytes(2 * 1024 * 1024)  # spooled to disk: > 500 KB
+    for data, status in (
+        (big_junk, 422),
+        (b"x" * 1024 * 1024, 415),
+        (make_image("BMP", (800, 800)), 415),
+    ):
+        # Encoded here, in memory: the test client would spool a large body itself.
+        boundary, body = encode_multipart({"image": FileStorage(io.BytesIO(data), "x.png")})
+        response = client.post(
+            "/api/images/upload",
+            data=body,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
+        assert response.status_code == status
+    assert list(spool.iterdir()) == []

@@ -106,6 +106,14 @@ def test_upload_list_download_replace_delete_and_restart(service):
     listing = requests.get(api, timeout=10).json()
     assert listing["total"] == len(payloads)
 
+    # Through gunicorn's sendfile(): a range starts at the right offset and stops in time.
+    image, data = images[0], payloads[0]
+    ranged = requests.get(image["imageUrl"], headers={"Range": "bytes=7-20"}, timeout=10)
+    assert ranged.status_code == 206 and ranged.content == data[7:21]
+    etag = ranged.headers["ETag"]
+    cached = requests.get(image["imageUrl"], headers={"If-None-Match": etag}, timeout=10)
+    assert cached.status_code == 304 and cached.content == b""
+
     first, second = images[0]["_id"], images[1]["_id"]
     new = make_image("JPEG", (33, 44))
     replaced = requests.put(f"{api}/{first}", files={"image": ("n.jpg", new)}, timeout=10)
