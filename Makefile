@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test format init repair clean
+.PHONY: run test format init repair bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ init: $(VENV)/.runtime  ## create the bucket/directory and tables/indexes
 
 repair: $(VENV)/.runtime  ## report drift between blobs and records (dry run)
 	$(BIN)/flask --app image_api repair
+
+bench: $(VENV)/.dev  ## side-by-side benchmarks; writes docs/benchmarks.md
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

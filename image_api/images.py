@@ -17,7 +17,7 @@ from .service import ImageService
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
 
-_DOWNLOAD_CHUNK = 64 * 1024
+_DOWNLOAD_CHUNK = 256 * 1024
 _DOWNLOAD_HEADERS = {
     "Accept-Ranges": "bytes",
     # Never let a browser run stored bytes as anything but the sniffed image type.

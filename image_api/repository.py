@@ -137,31 +137,56 @@ _FIELDS = [field.name for field in dataclasses.fields(ImageRecord)]
 
 # --- SQLite ---------------------------------------------------------------------------------
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id TEXT PRIMARY KEY,
-    key TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    uploaded_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    status TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS images_newest_first ON images (status, uploaded_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS images_by_type
-    ON images (status, content_type, uploaded_at DESC, id DESC);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    key TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    response TEXT,
-    expires_at TEXT NOT NULL
-);
-"""
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS images (
+        id TEXT PRIMARY KEY,
+        key TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        uploaded_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        status TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS images_newest_first ON images (status, uploaded_at DESC, id DESC)",
+    """CREATE INDEX IF NOT EXISTS images_by_type
+        ON images (status, content_type, uploaded_at DESC, id DESC)""",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        response TEXT,
+        expires_at TEXT NOT NULL
+    )""",
+    # count(*) walks every matching row: `total` would grow with the table. Triggers keep
+    # a count per (status, content type) in the same transaction as each write instead.
+    """CREATE TABLE IF NOT EXISTS image_counts (
+        status TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (status, content_type)
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS images_counted_in AFTER INSERT ON images BEGIN
+        INSERT OR IGNORE INTO image_counts VALUES (NEW.status, NEW.content_type, 0);
+        UPDATE image_counts SET n = n + 1
+            WHERE status = NEW.status AND content_type = NEW.content_type;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS images_counted_out AFTER DELETE ON images BEGIN
+        UPDATE image_counts SET n = n - 1
+            WHERE status = OLD.status AND content_type = OLD.content_type;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS images_counted_again
+        AFTER UPDATE OF status, content_type ON images BEGIN
+        UPDATE image_counts SET n = n - 1
+            WHERE status = OLD.status AND content_type = OLD.content_type;
+        INSERT OR IGNORE INTO image_counts VALUES (NEW.status, NEW.content_type, 0);
+        UPDATE image_counts SET n = n + 1
+            WHERE status = NEW.status AND content_type = NEW.content_type;
+    END""",
+]
 
 
 def _to_text(moment: datetime) -> str:
@@ -248,7 +273,22 @@ class SqliteRepository:
 
     def create(self) -> None:
         with _sqlite_errors():
-            self._connection().executescript(_SCHEMA)
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                # Recount from scratch, in the same transaction as any new trigger: cheap,
+                # and right even for a database made before the counts existed.
+                db.execute("DELETE FROM image_counts")
+                db.execute(
+                    "INSERT INTO image_counts"
+                    " SELECT status, content_type, count(*) FROM images GROUP BY 1, 2"
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def insert(self, record: ImageRecord) -> None:
         columns = ", ".join(_FIELDS)
@@ -295,6 +335,12 @@ class SqliteRepository:
         return [_from_row(row) for row in rows]
 
     def count(self, filters: Filters = NO_FILTERS) -> int:
+        if filters.uploaded_after is None and filters.uploaded_before is None:
+            query, params = "SELECT sum(n) FROM image_counts WHERE status = 'active'", []
+            if filters.content_type:
+                query += " AND content_type = ?"
+                params.append(filters.content_type)
+            return self._execute(query, params).fetchone()[0] or 0
         clauses, params = _sql_filters(filters)
         return self._execute(
             f"SELECT count(*) FROM images WHERE {' AND '.join(clauses)}", params

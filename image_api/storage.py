@@ -13,6 +13,9 @@ import os
 import re
 import secrets
 import tempfile
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -222,6 +225,7 @@ class S3Storage:
         # Not a constructor argument of boto3's TransferConfig, but an attribute s3transfer
         # reads (its default is 10 buffered 8 MiB parts).
         self.transfer.max_in_memory_upload_chunks = 2
+        self._urls = _RecentUrls()
 
     def _object(self, key: str) -> str:
         return self.prefix + _checked(key)
@@ -272,9 +276,14 @@ class S3Storage:
         return response["Body"]
 
     def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> str:
-        # Signing is local: no request to S3 is made here.
+        # Signing is local (no request to S3) but costs more than the rest of a redirect,
+        # so a URL is reused for a tenth of its validity (at most a minute): every URL
+        # handed out is still valid for at least 90% of `ttl`.
+        wanted = (key, ttl, content_type, disposition)
+        if url := self._urls.get(wanted):
+            return url
         with _s3_errors():
-            return self.client.generate_presigned_url(
+            url = self.client.generate_presigned_url(
                 "get_object",
                 Params={
                     "Bucket": self.bucket,
@@ -284,6 +293,8 @@ class S3Storage:
                 },
                 ExpiresIn=ttl,
             )
+        self._urls.put(wanted, url, fresh_for=min(ttl / 10, 60))
+        return url
 
     def delete(self, key: str) -> None:
         with _s3_errors():
@@ -312,6 +323,30 @@ class S3Storage:
     @property
     def _client_error(self):
         return self.client.exceptions.ClientError
+
+
+class _RecentUrls:
+    """A small thread-safe LRU of presigned URLs, each kept for a short while."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._items: OrderedDict[tuple, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, wanted: tuple) -> str | None:
+        with self._lock:
+            item = self._items.get(wanted)
+            if item is None or item[1] < time.monotonic():
+                return None
+            self._items.move_to_end(wanted)
+            return item[0]
+
+    def put(self, wanted: tuple, url: str, fresh_for: float) -> None:
+        with self._lock:
+            self._items[wanted] = (url, time.monotonic() + fresh_for)
+            self._items.move_to_end(wanted)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 def _status(error) -> int | None:

@@ -176,6 +176,15 @@ def test_redirect_mode_sends_a_presigned_url_with_the_right_headers(s3_app):
     assert "filename*=UTF-8''photo%20%C3%A9t%C3%A9.png" in fetched.headers["Content-Disposition"]
     etag = f'"{image["sha256"]}"'
     assert client.get(response.request.path, headers={"If-None-Match": etag}).status_code == 304
+    # Signing is cached briefly per image and disposition: a repeat gets the same URL.
+    again = client.get(f"/api/images/{image['_id']}/download?disposition=inline")
+    assert again.headers["Location"] == location
+    attachment = client.get(f"/api/images/{image['_id']}/download")
+    assert attachment.headers["Location"] != location
+    assert (
+        "attachment"
+        in requests.get(attachment.headers["Location"], timeout=10).headers["Content-Disposition"]
+    )
 
 
 def test_redirect_mode_needs_s3(make_app, tmp_path):

@@ -216,3 +216,21 @@ def test_release_frees_a_key_and_expired_keys_are_free(repository):
     assert repository.claim("k3", "old", datetime.now(UTC) - timedelta(seconds=1)) is None
     assert repository.claim("k3", "new", expires) is None  # the expired claim is taken over
     assert repository.claim("k3", "other", expires).fingerprint == "new"
+
+
+def test_sqlite_counts_survive_a_database_made_before_they_existed(tmp_path):
+    import sqlite3
+
+    repository = SqliteRepository(tmp_path / "images.sqlite3")
+    repository.create()
+    for content_type in ("image/png", "image/png", "image/gif"):
+        repository.insert(make_record(content_type=content_type))
+    repository.insert(make_record(status="pending"))
+    with sqlite3.connect(tmp_path / "images.sqlite3") as db:  # as an older release left it
+        db.execute("DROP TABLE image_counts")
+    repository.close()
+    reopened = SqliteRepository(tmp_path / "images.sqlite3")
+    reopened.create()
+    assert reopened.count() == 3
+    assert reopened.count(Filters(content_type="image/png")) == 2
+    reopened.close()

@@ -1,0 +1,581 @@
+"""Side-by-side benchmarks of image-api; writes docs/benchmarks.md.
+
+Everything runs on loopback and is started here: the service under gunicorn (the same
+gunicorn.conf.py as `make run`), reference apps under the same configuration, nginx from
+Debian's packages, and a moto S3 server. Each comparison alternates its two sides for
+several rounds and reports the medians and their ratio, so machine noise hits both sides.
+
+    make bench            # or: .venv/bin/python bench/run.py [--seconds 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import boto3
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from image_api.repository import SqliteRepository, new_id  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MiB = 1024 * 1024
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def process(args, env=None, ready_url=None, cwd=ROOT):
+    """A subprocess (output to an anonymous file, never a full pipe), stopped on exit."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log, stderr=log
+        )
+        try:
+            if ready_url:
+                wait_for(ready_url)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def service_env(data_dir: Path, port: int, **extra) -> dict:
+    """The service on the embedded default unless `extra` says otherwise."""
+    return {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DATA_DIR": str(data_dir),
+        "S3_BUCKET_NAME": "",
+        "MONGODB_URL": "",
+        "MAX_UPLOAD_BYTES": str(64 * MiB),
+        **extra,
+    }
+
+
+@contextmanager
+def gunicorn(app: str, env: dict, ready_path: str = "/healthz"):
+    """`app` under gunicorn.conf.py (the `make run` configuration)."""
+    port = int(env["PORT"])
+    args = [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", app]
+    with process(args, env, f"http://127.0.0.1:{port}{ready_path}") as proc:
+        yield proc
+
+
+@contextmanager
+def nginx(root: Path, port: int):
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    conf = workdir / "nginx.conf"
+    temp = {name: workdir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    conf.write_text(
+        f"""
+user root;
+worker_processes 2;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+    )
+    try:
+        with process(["nginx", "-c", str(conf), "-p", str(workdir)]) as proc:
+            wait_for(f"http://127.0.0.1:{port}/")
+            yield proc
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextmanager
+def moto_server(port: int):
+    with process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]):
+        wait_for(f"http://127.0.0.1:{port}/")
+        yield f"http://127.0.0.1:{port}"
+
+
+def ensure_tools() -> None:
+    """nginx and wrk from Debian's packages, installed if missing."""
+    missing = [tool for tool in ("nginx", "wrk") if not shutil.which(tool)]
+    if not missing:
+        return
+    packages = {"nginx": "nginx-light", "wrk": "wrk"}
+    print(f"installing {', '.join(missing)} from apt", flush=True)
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=apt_env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", *(packages[t] for t in missing)],
+        check=True,
+        env=apt_env,
+    )
+    subprocess.run(["pkill", "-x", "nginx"], check=False)  # the package starts one on :80
+
+
+# --- load generation -----------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+
+
+def wrk(url: str, seconds: int, connections: int = 8) -> Load:
+    threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    value, unit = re.search(r"\s50%\s+([\d.]+)(us|ms|s)", out).groups()
+    p50 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    if "Non-2xx or 3xx responses" in out:
+        raise RuntimeError(f"errors from {url}:\n{out}")
+    return Load(rps, p50)
+
+
+def side_by_side(a: str, b: str, args, connections: int = 8) -> tuple[list[Load], list[Load]]:
+    """Alternate a and b for `args.rounds` rounds after one warm-up each."""
+    wrk(a, 1, connections)
+    wrk(b, 1, connections)
+    first, second = [], []
+    for _ in range(args.rounds):
+        first.append(wrk(a, args.seconds, connections))
+        second.append(wrk(b, args.seconds, connections))
+    return first, second
+
+
+def median(loads: list[Load], field: str) -> float:
+    return statistics.median(getattr(load, field) for load in loads)
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+def random_png(side: int) -> bytes:
+    """Incompressible pixels: the PNG is about side*side*3 bytes."""
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+def upload(base: str, data: bytes, name: str = "bench.png") -> dict:
+    response = requests.post(f"{base}/api/images/upload", files={"image": (name, data)})
+    response.raise_for_status()
+    return response.json()["image"]
+
+
+def worker_pid(master: int) -> int:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            return int(stat.parent.name)
+    raise RuntimeError("no gunicorn worker")
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
+# --- the benchmarks ------------------------------------------------------------------------
+
+
+def bench_download(args, work: Path, rows: list) -> None:
+    """1 & 2: metadata GET vs trivial JSON; 5 MB download vs nginx (and bare send_file)."""
+    data_dir = work / "fs"
+    port, ref_port, nginx_port = free_port(), free_port(), free_port()
+    with gunicorn("wsgi:app", service_env(data_dir, port)):
+        base = f"http://127.0.0.1:{port}"
+        image = upload(base, random_png(1300))
+        blob = next((data_dir / "blobs").glob("*/*"))
+        ref_env = {**service_env(data_dir, ref_port), "BENCH_FILE": str(blob)}
+        ref = f"http://127.0.0.1:{ref_port}"
+        with gunicorn("bench.reference:app", ref_env, "/ping"):
+            # First, before the large transfers heat the machine.
+            ours, trivial = side_by_side(f"{base}/api/images/{image['_id']}", f"{ref}/ping", args)
+            rows.append(
+                ratio_row(
+                    "GET /api/images/<id> vs trivial JSON endpoint (same gunicorn config)",
+                    ours, trivial, "rps", 0.75,
+                    f"{median(ours, 'rps'):.0f} vs {median(trivial, 'rps'):.0f} requests/s",
+                )
+            )  # fmt: skip
+            with nginx(data_dir / "blobs", nginx_port):
+                nginx_url = f"http://127.0.0.1:{nginx_port}/{blob.parent.name}/{blob.name}"
+                ours, theirs = side_by_side(image["imageUrl"], nginx_url, args)
+                bare, nginx_again = side_by_side(f"{ref}/file", nginx_url, args)
+        size_mb = image["size"] / 1e6
+        rows.append(
+            ratio_row(
+                f"{size_mb:.1f} MB download, filesystem backend: service vs nginx",
+                ours, theirs, "rps", 0.75,
+                f"throughput: {median(ours, 'rps') * size_mb:.0f} vs "
+                f"{median(theirs, 'rps') * size_mb:.0f} MB/s",
+            )
+        )  # fmt: skip
+        rows.append(
+            ratio_row(
+                "reference: bare Flask send_file vs nginx (same file)",
+                bare, nginx_again, "rps", None,
+                f"throughput: {median(bare, 'rps') * size_mb:.0f} MB/s",
+            )
+        )  # fmt: skip
+
+
+def flask_init(env: dict) -> None:
+    """`flask --app image_api init`: the bucket (or directory) and the tables."""
+    subprocess.run(
+        [str(BIN / "flask"), "--app", "image_api", "init"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+
+
+def upload_growth(env: dict, data: bytes) -> float:
+    """Peak RSS growth (MiB) of a fresh gunicorn worker while it stores `data`."""
+    flask_init(env)
+    port = int(env["PORT"])
+    with gunicorn("wsgi:app", {**env, "WEB_CONCURRENCY": "1"}) as proc:
+        base = f"http://127.0.0.1:{port}"
+        pid = worker_pid(proc.pid)
+        # Warm up: imports, Pillow plugins, backend clients.
+        warm = upload(base, random_png(64))
+        requests.get(warm["imageUrl"]).raise_for_status()
+        before = peak_rss_kib(pid)
+        upload(base, data)
+        return (peak_rss_kib(pid) - before) / 1024
+
+
+def bench_upload_memory(args, work: Path, rows: list, moto: str) -> None:
+    """3: 4000x4000 PNG stored uncompressed (~48 MB) minus the same pixels compressed."""
+    pixels = Image.linear_gradient("L").resize((4000, 4000)).convert("RGB")
+    raw, small = io.BytesIO(), io.BytesIO()
+    pixels.save(raw, "PNG", compress_level=0)
+    pixels.save(small, "PNG", compress_level=9)
+    backends = {
+        "filesystem": ({}, 16),
+        "S3 (moto)": (
+            {
+                "S3_BUCKET_NAME": "bench-memory",
+                "S3_ENDPOINT_URL": moto,
+                "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+            },
+            32,
+        ),
+    }
+    for name, (extra, goal) in backends.items():
+        growth = {"raw": [], "small": []}
+        for round_ in range(args.rounds):
+            for label, data in (("raw", raw.getvalue()), ("small", small.getvalue())):
+                env = service_env(work / f"mem-{name[:2]}-{label}-{round_}", free_port(), **extra)
+                growth[label].append(upload_growth(env, data))
+        cost = statistics.median(growth["raw"]) - statistics.median(growth["small"])
+        rows.append(
+            {
+                "name": f"upload memory, {name}: peak RSS growth, "
+                f"{len(raw.getvalue()) / 1e6:.0f} MB file minus {len(small.getvalue()) / 1e3:.0f}"
+                f" KB file of the same pixels",
+                "a": f"{statistics.median(growth['raw']):.1f} MiB",
+                "b": f"{statistics.median(growth['small']):.1f} MiB",
+                "result": f"{cost:.1f} MiB",
+                "goal": f"<= {goal} MiB",
+                "met": cost <= goal,
+                "note": f"rounds: raw {fmt(growth['raw'])}; small {fmt(growth['small'])}",
+            }
+        )
+
+
+def fill_sqlite(data_dir: Path, count: int) -> None:
+    """`count` image records, inserted in one transaction (bench set-up only)."""
+    repository = SqliteRepository(data_dir / "images.sqlite3")
+    repository.create()
+    repository.close()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = []
+    for i in range(count):
+        moment = (start + timedelta(seconds=i)).isoformat(timespec="microseconds")
+        rows.append(
+            (
+                new_id(),
+                os.urandom(16).hex(),
+                f"img{i}.png",
+                "image/png",
+                1000,
+                10,
+                10,
+                "0" * 64,
+                1,
+                moment,
+                moment,
+                "active",
+            )
+        )
+    with sqlite3.connect(data_dir / "images.sqlite3") as db:
+        db.executemany(f"INSERT INTO images VALUES ({', '.join('?' * 12)})", rows)
+
+
+def page_urls(base: str, limit: int, page: int) -> tuple[str, str]:
+    first = f"{base}/api/images?limit={limit}"
+    url = first
+    for _ in range(page - 1):
+        url = f"{first}&cursor={requests.get(url).json()['nextCursor']}"
+    return first, url
+
+
+def bench_lists(args, work: Path, rows: list) -> None:
+    """4: first and 100th page latency with 1,000 vs 100,000 images (SQLite)."""
+    urls = {}
+    with ExitStack() as stack:
+        for count in (1_000, 100_000):
+            data_dir = work / f"list-{count}"
+            data_dir.mkdir()
+            fill_sqlite(data_dir, count)
+            port = free_port()
+            stack.enter_context(gunicorn("wsgi:app", service_env(data_dir, port)))
+            urls[count] = page_urls(f"http://127.0.0.1:{port}", 10, 100)
+        for index, page in enumerate(("first", "100th")):
+            small, large = side_by_side(urls[1_000][index], urls[100_000][index], args, 1)
+            rows.append(
+                ratio_row(
+                    f"list latency p50, {page} page (limit 10): 100,000 vs 1,000 images",
+                    large,
+                    small,
+                    "p50_ms",
+                    1.5,
+                    f"{median(large, 'p50_ms'):.2f} vs {median(small, 'p50_ms'):.2f} ms",
+                    lower_is_better=True,
+                )
+            )
+
+
+def bench_s3(args, work: Path, rows: list, moto: str) -> None:
+    """5: 5 MB proxied from S3 vs straight from moto; redirect 302 vs metadata GET."""
+    s3 = {
+        "S3_BUCKET_NAME": "bench-s3",
+        "S3_ENDPOINT_URL": moto,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+    }
+    port, redirect_port = free_port(), free_port()
+    env = service_env(work / "s3", port, **s3)
+    flask_init(env)
+    with gunicorn("wsgi:app", env):
+        base = f"http://127.0.0.1:{port}"
+        image = upload(base, random_png(1300))
+        # Straight from moto: a presigned GET of the same object (moto refuses anonymous ones).
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=moto,
+            region_name=s3["AWS_REGION"],
+            aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"],
+        )
+        key = f"images/{record_key(work / 's3', image['_id'])}"
+        direct = client.generate_presigned_url(
+            "get_object", Params={"Bucket": "bench-s3", "Key": key}, ExpiresIn=3600
+        )
+        ours, theirs = side_by_side(image["imageUrl"], direct, args)
+        size_mb = image["size"] / 1e6
+        rows.append(
+            ratio_row(
+                f"{size_mb:.1f} MB download proxied from S3 (moto) vs straight from moto",
+                ours,
+                theirs,
+                "rps",
+                0.6,
+                f"throughput: {median(ours, 'rps') * size_mb:.0f} vs "
+                f"{median(theirs, 'rps') * size_mb:.0f} MB/s",
+            )
+        )
+        env = service_env(work / "s3", redirect_port, DOWNLOAD_MODE="redirect", **s3)
+        with gunicorn("wsgi:app", env):
+            redirect_base = f"http://127.0.0.1:{redirect_port}"
+            redirect = f"{redirect_base}/api/images/{image['_id']}/download"
+            meta = f"{redirect_base}/api/images/{image['_id']}"
+            ours, theirs = side_by_side(redirect, meta, args)
+            rows.append(
+                ratio_row(
+                    "redirect mode: the 302 vs GET /api/images/<id> (same service)",
+                    ours,
+                    theirs,
+                    "rps",
+                    0.8,
+                    f"{median(ours, 'rps'):.0f} vs {median(theirs, 'rps'):.0f} requests/s",
+                )
+            )
+
+
+def record_key(data_dir: Path, image_id: str) -> str:
+    with sqlite3.connect(data_dir / "images.sqlite3") as db:
+        return db.execute("SELECT key FROM images WHERE id = ?", (image_id,)).fetchone()[0]
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def fmt(values) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def ratio_row(name, a, b, field, goal, note, lower_is_better=False) -> dict:
+    ratio = median(a, field) / median(b, field)
+    met = None if goal is None else (ratio <= goal if lower_is_better else ratio >= goal)
+    unit = "ms p50" if field == "p50_ms" else "req/s"
+    return {
+        "name": name,
+        "a": f"{median(a, field):.2f} {unit}"
+        if field == "p50_ms"
+        else f"{median(a, field):.0f} {unit}",
+        "b": f"{median(b, field):.2f} {unit}"
+        if field == "p50_ms"
+        else f"{median(b, field):.0f} {unit}",
+        "result": f"{ratio:.2f}",
+        "goal": "" if goal is None else (f"<= {goal}" if lower_is_better else f">= {goal}"),
+        "met": met,
+        "note": f"{note}; rounds: {fmt(getattr(x, field) for x in a)} | "
+        f"{fmt(getattr(x, field) for x in b)}",
+    }
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()[1]
+    nginx_version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory / 1024 / 1024:.0f} GiB, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"wrk {wrk_version}, {nginx_version.replace('nginx version: ', '')}"
+    )
+
+
+def write_report(rows: list, args, started: datetime) -> Path:
+    met = {True: "yes", False: "**no**", None: "reference"}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine()}.",
+        "",
+        "Made by `make bench` (`bench/run.py`): every process on loopback, started by the",
+        "script; the service and the reference apps under `gunicorn.conf.py` (the `make run`",
+        "configuration: 2 gthread workers of 4 threads). Each comparison alternates its two",
+        f"sides for {args.rounds} rounds of `wrk -t2 -c8 -d{args.seconds}s --latency URL`",
+        "(`-t1 -c1` for list latency) after a 1 s warm-up each, and reports the medians. The load",
+        "generator shares the 2 cores with the servers, so absolute numbers are low and only",
+        "the ratios mean much.",
+        "",
+        "| measurement | A | B | A/B | goal | met | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['a']} | {row['b']} | {row['result']} | {row['goal']} "
+            f"| {met[row['met']]} | {row['note']} |"
+        )
+    lines += [
+        "",
+        "Upload memory is the growth of the worker's peak RSS (`VmHWM`) over one upload, after",
+        "a warm-up upload, in a fresh single-worker gunicorn per measurement; the compressed",
+        "file's growth (decoding 16 MP costs ~48 MB either way) is subtracted.",
+        "",
+    ]
+    path = ROOT / "docs" / "benchmarks.md"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair")
+    parser.add_argument("--only", nargs="*", help="download, memory, lists, s3")
+    args = parser.parse_args()
+    ensure_tools()
+    started = datetime.now(UTC)
+    rows: list = []
+    chosen = set(args.only or ("download", "memory", "lists", "s3"))
+    with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        moto = stack.enter_context(moto_server(free_port()))
+        if "download" in chosen:
+            bench_download(args, work, rows)
+        if "memory" in chosen:
+            bench_upload_memory(args, work, rows, moto)
+        if "lists" in chosen:
+            bench_lists(args, work, rows)
+        if "s3" in chosen:
+            bench_s3(args, work, rows, moto)
+    for row in rows:
+        print(f"{row['result']:>10}  {row['goal']:<9} {row['name']}")
+    print(f"wrote {write_report(rows, args, started)}")
+
+
+if __name__ == "__main__":
+    main()
