@@ -188,9 +188,9 @@ def wrk(url: str, seconds: int, connections: int = 8) -> Load:
 
 
 def side_by_side(a: str, b: str, args, connections: int = 8) -> tuple[list[Load], list[Load]]:
-    """Alternate a and b for `args.rounds` rounds after one warm-up each."""
-    wrk(a, 1, connections)
-    wrk(b, 1, connections)
+    """Alternate a and b for `args.rounds` rounds after a 2 s warm-up each."""
+    wrk(a, 2, connections)
+    wrk(b, 2, connections)
     first, second = [], []
     for _ in range(args.rounds):
         first.append(wrk(a, args.seconds, connections))
@@ -526,7 +526,7 @@ def write_report(rows: list, args, started: datetime) -> Path:
         "script; the service and the reference apps under `gunicorn.conf.py` (the `make run`",
         "configuration: 2 gthread workers of 4 threads). Each comparison alternates its two",
         f"sides for {args.rounds} rounds of `wrk -t2 -c8 -d{args.seconds}s --latency URL`",
-        "(`-t1 -c1` for list latency) after a 1 s warm-up each, and reports the medians. The load",
+        "(`-t1 -c1` for list latency) after a 2 s warm-up each, and reports the medians. The load",
         "generator shares the 2 cores with the servers, so absolute numbers are low and only",
         "the ratios mean much.",
         "",
@@ -554,7 +554,7 @@ def write_report(rows: list, args, started: datetime) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per pair")
     parser.add_argument("--only", nargs="*", help="download, memory, lists, s3")
     args = parser.parse_args()
     ensure_tools()

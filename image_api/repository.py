@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -208,8 +209,12 @@ def _to_row(record: ImageRecord) -> dict:
     return values
 
 
+_ID = re.compile(r"[0-9a-f]{24}")
+
+
 def _valid_id(image_id: str) -> bool:
-    return isinstance(image_id, str) and len(image_id) == 24 and ObjectId.is_valid(image_id)
+    """Whether `image_id` is an id this service makes (lower-case ObjectId hex)."""
+    return isinstance(image_id, str) and _ID.fullmatch(image_id) is not None
 
 
 def _sql_filters(filters: Filters) -> tuple[list[str], list]:

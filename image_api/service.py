@@ -175,12 +175,7 @@ class ImageService:
         pending = ImageRecord(
             id=new_id(),
             key=new_key(),
-            filename=media.sanitize_filename(filename, info.format),
-            content_type=info.content_type,
-            size=info.size,
-            width=info.width,
-            height=info.height,
-            sha256=info.sha256,
+            **_described(info, filename),
             version=1,
             uploaded_at=moment,
             updated_at=moment,
@@ -210,12 +205,7 @@ class ImageService:
         updated = dataclasses.replace(
             current,
             key=new_key(),
-            filename=media.sanitize_filename(filename, info.format),
-            content_type=info.content_type,
-            size=info.size,
-            width=info.width,
-            height=info.height,
-            sha256=info.sha256,
+            **_described(info, filename),
             version=current.version + 1,
             updated_at=max(now(), current.updated_at),
         )
@@ -331,6 +321,18 @@ class ImageService:
             self.repository.release(key)
         except BackendUnavailable:
             log.warning("could not release idempotency key %r; it expires by itself", key)
+
+
+def _described(info: media.ImageInfo, filename: str | None) -> dict:
+    """The record fields an upload's bytes and filename decide."""
+    return {
+        "filename": media.sanitize_filename(filename, info.format),
+        "content_type": info.content_type,
+        "size": info.size,
+        "width": info.width,
+        "height": info.height,
+        "sha256": info.sha256,
+    }
 
 
 def record_to_json(record: ImageRecord) -> dict:
