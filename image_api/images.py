@@ -12,7 +12,7 @@ from werkzeug.wsgi import wrap_file
 
 from .errors import BadRequest, MissingFile, RangeNotSatisfiable
 from .repository import Filters, ImageRecord
-from .schemas import image_schema, images_schema, list_query_schema
+from .schemas import dump_image, dump_images, list_query_schema
 from .service import ImageService
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
@@ -62,7 +62,7 @@ def create_image():
     file = uploaded_file()
     record = images().create(file.stream, file.filename, idempotency_key())
     location = url_for(".get_image", image_id=record.id, _external=True)
-    body = {"message": "Image uploaded successfully", "image": image_schema.dump(record)}
+    body = {"message": "Image uploaded successfully", "image": dump_image(record)}
     return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
 
 
@@ -75,7 +75,7 @@ def list_images():
     body = {
         "message": "Images fetched successfully",
         "total": page.total,
-        "images": images_schema.dump(page.images),
+        "images": dump_images(page.images),
         "nextCursor": page.next_cursor,
     }
     headers = {}
@@ -91,7 +91,7 @@ def list_images():
 def get_image(image_id: str):
     """One image's metadata."""
     record = images().get(image_id)
-    return image_schema.dump(record), 200, {"ETag": quote_etag(record.sha256)}
+    return dump_image(record), 200, {"ETag": quote_etag(record.sha256)}
 
 
 @bp.put("/<image_id>")
@@ -101,7 +101,7 @@ def replace_image(image_id: str):
     service.get(image_id)  # a missing image is a 404 before any upload error
     file = uploaded_file()
     record = service.replace(image_id, file.stream, file.filename, if_match(), idempotency_key())
-    body = {"message": "Image updated successfully", "image": image_schema.dump(record)}
+    body = {"message": "Image updated successfully", "image": dump_image(record)}
     return body, 200, {"ETag": quote_etag(record.sha256)}
 
 

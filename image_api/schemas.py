@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC
 
-from flask import url_for
+from flask import request, url_for
 from marshmallow import EXCLUDE, Schema, fields, validate
 
 from .media import CONTENT_TYPES
@@ -52,5 +53,30 @@ class ListQuerySchema(Schema):
 
 
 image_schema = ImageSchema()
-images_schema = ImageSchema(many=True)
 list_query_schema = ListQuerySchema()
+
+
+def dump_image(record) -> dict:
+    """`image_schema.dump(record)`, memoised: a record never changes (a replace makes a new
+    one), so the JSON of one a client keeps fetching is made once per public URL root."""
+    return dict(_dump(record, _url_root()))
+
+
+def dump_images(records) -> list[dict]:
+    return [dump_image(record) for record in records]
+
+
+def _url_root() -> tuple:
+    # What url_for(_external=True) builds from (after ProxyFix), read straight from the
+    # environ: request.url_root would cost more than the dump it saves.
+    environ = request.environ
+    return tuple(
+        environ.get(name)
+        for name in ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME")
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _dump(record, url_root: tuple) -> dict:
+    # `url_root` is only a cache key: the imageUrl built inside depends on it.
+    return image_schema.dump(record)
