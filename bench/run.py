@@ -554,7 +554,7 @@ def write_report(rows: list, args, started: datetime) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per pair")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per pair")
     parser.add_argument("--only", nargs="*", help="download, memory, lists, s3")
     args = parser.parse_args()
     ensure_tools()
