@@ -98,7 +98,7 @@ def get_image(image_id: str):
 def replace_image(image_id: str):
     """Replace an image's file."""
     service = images()
-    service.get(image_id)  # a missing image is a 404 before any upload error
+    service.get(image_id)  # a missing image is a 404 before a missing or bad file
     file = uploaded_file()
     record = service.replace(image_id, file.stream, file.filename, if_match(), idempotency_key())
     body = {"message": "Image updated successfully", "image": dump_image(record)}

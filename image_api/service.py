@@ -117,13 +117,15 @@ class ImageService:
         idempotency_key: str | None = None,
     ) -> ImageRecord:
         """Replace an image's bytes; the old image stays intact unless this succeeds."""
-        current = self._current(image_id, if_match)
         info = self._inspect(stream)
-        return self._once(
-            idempotency_key,
-            f"replace {image_id} {info.sha256}",
-            lambda: self._replace(current, stream, filename, info, if_match is not None),
-        )
+
+        def replace_once():
+            # If-Match is checked inside: a retry of a replace that already happened gets
+            # the first response, not a 412 against the ETag it changed.
+            current = self._current(image_id, if_match)
+            return self._replace(current, stream, filename, info, if_match is not None)
+
+        return self._once(idempotency_key, f"replace {image_id} {info.sha256}", replace_once)
 
     def delete(self, image_id: str, if_match: Container[str] | None = None) -> None:
         """Delete the record, then its blob."""

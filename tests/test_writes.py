@@ -143,6 +143,18 @@ def test_a_retried_replace_is_applied_once(client, service):
     assert other.status_code == 404
 
 
+def test_a_retried_conditional_replace_gets_the_first_response_not_412(client):
+    created = post(client, make_image(color="red"))
+    image_id, etag = created.get_json()["image"]["_id"], created.headers["ETag"]
+    data = make_image(color="blue")
+    first = put(client, image_id, data, If_Match=etag, Idempotency_Key="cas-1")
+    retry = put(client, image_id, data, If_Match=etag, Idempotency_Key="cas-1")
+    assert first.status_code == retry.status_code == 200
+    assert retry.get_json() == first.get_json()
+    stale = put(client, image_id, make_image(color="green"), If_Match=etag)
+    assert stale.status_code == 412
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
 def test_malformed_idempotency_keys_are_400(client, key):
     bad = client.post(
