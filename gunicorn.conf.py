@@ -1,18 +1,17 @@
-"""gunicorn settings, from the environment (and `.env`)."""
+"""gunicorn settings, from the service's own Settings (the environment and `.env`)."""
 
-import os
+from image_api.config import Settings
 
-from dotenv import load_dotenv
+settings = Settings.from_environment()
 
-load_dotenv()
-
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '5000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+bind = settings.bind
+workers = settings.web_concurrency
 # Threads keep a worker serving while one request waits on S3 or MongoDB.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# Backend timeouts (BACKEND_*_TIMEOUT) are well under this, so a stuck backend gives a 503.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+threads = settings.gunicorn_threads
+# A gthread worker does not time out a single request; REQUEST_TIMEOUT (below this, checked
+# at start-up) bounds each request's backend calls instead.
+timeout = settings.gunicorn_timeout
 graceful_timeout = 30
 # No preload: each worker builds its own app after the fork, so MongoDB, S3 and SQLite
 # clients are never shared across processes.
@@ -21,4 +20,4 @@ accesslog = "-"
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+forwarded_allow_ips = settings.forwarded_allow_ips

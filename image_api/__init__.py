@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import click
-from flask import Flask, current_app
-from flask.cli import with_appcontext
+from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import errors, health, images
+from . import api, cli, errors
 from .config import Settings
-from .repair import repair_command
 from .repository import repository_from_settings
-from .service import ImageService
+from .service import EXTENSION, ImageService
 from .storage import storage_from_settings
 
 # Room for the multipart envelope around a file of the maximum size.
@@ -21,7 +18,7 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(overrides: Mapping[str, str] | None = None) -> Flask:
-    """Build the app: settings, backends, blueprints, error handlers and CLI.
+    """Build the app: settings, backends, service, blueprints, error handlers and CLI.
 
     `overrides` replaces the environment entirely (tests use it so that neither the
     developer's environment nor `.env` leaks in); without it, `.env` and the environment
@@ -39,25 +36,16 @@ def create_app(overrides: Mapping[str, str] | None = None) -> Flask:
 
     storage = storage_from_settings(settings)
     repository = repository_from_settings(settings)
+    # The embedded default needs no operator step: a local directory and CREATE ... IF NOT
+    # EXISTS on a local file are safe and cheap at every start. S3 and MongoDB are set up
+    # by `flask init`.
     if settings.blob_backend == "filesystem":
-        storage.create()  # a local directory: safe and cheap at every start
+        storage.create()
     if settings.metadata_backend == "sqlite":
-        repository.create()  # CREATE ... IF NOT EXISTS on a local file
-    app.extensions["image_api"] = ImageService(storage, repository, settings)
+        repository.create()
+    app.extensions[EXTENSION] = ImageService(storage, repository, settings)
 
     errors.init_app(app)
-    app.register_blueprint(images.bp)
-    app.register_blueprint(health.bp)
-    app.cli.add_command(init_command)
-    app.cli.add_command(repair_command)
+    api.init_app(app)
+    cli.init_app(app)
     return app
-
-
-@click.command("init")
-@with_appcontext
-def init_command():
-    """Create the bucket or directory, and the tables or indexes (idempotent)."""
-    service = current_app.extensions["image_api"]
-    service.storage.create()
-    service.repository.create()
-    click.echo(f"Initialised {service.storage.name} storage and {service.repository.name} metadata")

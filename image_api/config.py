@@ -25,6 +25,16 @@ class Settings:
     """Everything the service reads from its environment."""
 
     name: str = "image-api"
+    # Serving (gunicorn.conf.py reads these).
+    host: str = "0.0.0.0"
+    port: int = 5000
+    web_concurrency: int = 2
+    gunicorn_threads: int = 4
+    gunicorn_timeout: int = 60
+    forwarded_allow_ips: str = "127.0.0.1"
+    # Every request's backend calls together, compensations included, up to its first
+    # response byte; below gunicorn's timeout and nginx's 60 s.
+    request_timeout: float = 15.0
     data_dir: Path = Path("data")
     # Blob storage: S3 when a bucket is named, else the data directory.
     s3_bucket_name: str | None = None
@@ -55,6 +65,10 @@ class Settings:
     proxy_hops: int = 0
 
     @property
+    def bind(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
     def blob_backend(self) -> str:
         return "s3" if self.s3_bucket_name else "filesystem"
 
@@ -68,6 +82,13 @@ class Settings:
         reader = _Reader(env)
         settings = cls(
             name=reader.text("NAME") or cls.name,
+            host=reader.text("HOST") or cls.host,
+            port=reader.integer("PORT", cls.port, maximum=65535),
+            web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency),
+            gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads),
+            gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout),
+            forwarded_allow_ips=reader.text("FORWARDED_ALLOW_IPS") or cls.forwarded_allow_ips,
+            request_timeout=reader.seconds("REQUEST_TIMEOUT", cls.request_timeout),
             data_dir=Path(reader.text("DATA_DIR") or cls.data_dir),
             s3_bucket_name=reader.text("S3_BUCKET_NAME"),
             s3_endpoint_url=reader.url("S3_ENDPOINT_URL", schemes=("http", "https")),
@@ -89,6 +110,11 @@ class Settings:
             idempotency_ttl=reader.integer("IDEMPOTENCY_TTL", cls.idempotency_ttl),
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
         )
+        if settings.request_timeout >= settings.gunicorn_timeout:
+            raise ConfigError(
+                f"REQUEST_TIMEOUT ({settings.request_timeout:g} s) must be below "
+                f"GUNICORN_TIMEOUT ({settings.gunicorn_timeout} s)"
+            )
         if settings.s3_bucket_name and not settings.aws_region:
             raise ConfigError("AWS_REGION must be set when S3_BUCKET_NAME is set")
         if bool(settings.aws_access_key_id) != bool(settings.aws_secret_access_key):

@@ -26,6 +26,14 @@ _MAX_FILENAME = 200
 
 
 @dataclass(frozen=True)
+class Upload:
+    """A file a client sent: its bytes (a seekable stream) and the name it gave."""
+
+    stream: BinaryIO
+    filename: str | None
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     """What we learned from an upload's bytes."""
 

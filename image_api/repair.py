@@ -1,25 +1,26 @@
 """Find and fix drift between blobs and records: what crashes and lost writes leave behind.
 
-Safe while the service is serving: records are listed before blobs, anything younger than
-the grace period is left alone (it may belong to a request in flight), and every finding is
-re-checked just before it is acted on. Running it twice does nothing the second time.
+Records and blobs are both walked in blob-key order, a batch at a time, and merged like two
+sorted files, so memory stays flat whatever the number of images. Safe while the service
+is serving: anything younger than the grace period is left alone (it may belong to a
+request in flight), and every finding is re-checked just before it is acted on. Running it
+twice does nothing the second time.
+
+"Older than the grace period" means stamped at or before `now - grace`, with `now` read
+from the service's clock: with `grace=0`, everything made before the run is in scope.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
-import click
-from flask import current_app
-from flask.cli import with_appcontext
-
 from .errors import Conflict, NotFound
-from .repository import ImageRecord
-from .service import ImageService, now
+from .records import ImageRecord, Status
+from .repository import scan_all
+from .service import ImageService
+from .storage import StoredBlob
 
 ORPHAN_BLOB = "orphan_blob"  # a blob no record points to
 STALE_PENDING = "stale_pending"  # an upload that never completed
@@ -46,42 +47,57 @@ class Report:
         return asdict(self)
 
 
+Pair = tuple[str, ImageRecord | None, StoredBlob | None]
+
+
 def repair(
     service: ImageService,
     grace: timedelta,
     apply: bool = False,
-    track: Callable[[Iterable], Iterable] = iter,
+    track: Callable[[Iterable[Pair]], Iterable[Pair]] = iter,
+    batch: int = 1000,
 ) -> Report:
     """Compare records and blobs; with `apply`, delete what is orphaned or stale."""
-    cutoff = now() - grace
+    cutoff = service.clock() - grace
     report = Report(applied=apply, grace_seconds=grace.total_seconds())
-    # Records first: a blob written after this snapshot is younger than the cutoff.
-    records = list(service.repository.all())
-    blobs = {blob.key: blob for blob in track(service.storage.list())}
-    report.records, report.blobs = len(records), len(blobs)
-    referenced = {record.key for record in records}
-
-    for record in track(records):
-        if record.status == "pending":
-            if record.uploaded_at < cutoff:
-                finding = Finding(STALE_PENDING, record.key, record.id)
-                report.findings.append(finding)
+    pairs = _merge(scan_all(service.repository, batch), service.storage.list())
+    for key, record, blob in track(pairs):
+        report.records += record is not None
+        report.blobs += blob is not None
+        finding = None
+        if record is not None and record.status is Status.PENDING:
+            if record.uploaded_at <= cutoff:
+                finding = Finding(STALE_PENDING, key, record.id)
                 if apply:
                     finding.action = _remove_pending(service, record)
-        elif record.key not in blobs and _blob_missing(service, record.key):
-            finding = Finding(MISSING_BLOB, record.key, record.id)
-            report.findings.append(finding)
-            if apply:
-                finding.action = _remove_record(service, record)
-
-    for key, blob in sorted(blobs.items()):
-        if key not in referenced and blob.modified < cutoff:
+        elif record is not None:
+            if blob is None and _blob_missing(service, key):
+                finding = Finding(MISSING_BLOB, key, record.id)
+                if apply:
+                    finding.action = _remove_record(service, record)
+        elif blob.modified <= cutoff and service.repository.find_key(key) is None:
             finding = Finding(ORPHAN_BLOB, key)
-            report.findings.append(finding)
             if apply:
                 service.storage.delete(key)
                 finding.action = "deleted blob"
+        if finding is not None:
+            report.findings.append(finding)
     return report
+
+
+def _merge(records: Iterator[ImageRecord], blobs: Iterator[StoredBlob]) -> Iterator[Pair]:
+    """Both sorted by key: (key, record or None, blob or None) for every key in either."""
+    record, blob = next(records, None), next(blobs, None)
+    while record is not None or blob is not None:
+        if blob is None or (record is not None and record.key < blob.key):
+            yield record.key, record, None
+            record = next(records, None)
+        elif record is None or blob.key < record.key:
+            yield blob.key, None, blob
+            blob = next(blobs, None)
+        else:
+            yield record.key, record, blob
+            record, blob = next(records, None), next(blobs, None)
 
 
 def _blob_missing(service: ImageService, key: str) -> bool:
@@ -94,7 +110,7 @@ def _blob_missing(service: ImageService, key: str) -> bool:
 
 def _remove_pending(service: ImageService, record: ImageRecord) -> str:
     try:
-        service.repository.delete(record.id, status="pending")
+        service.repository.delete(record.id, status=Status.PENDING)
     except (NotFound, Conflict):
         return "skipped: no longer pending"
     service.storage.delete(record.key)
@@ -114,39 +130,3 @@ def _remove_record(service: ImageService, record: ImageRecord) -> str:
     except (NotFound, Conflict):
         return "skipped: record changed"
     return "deleted record"
-
-
-@click.command("repair")
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0),
-    default=3600,
-    show_default=True,
-    help="Leave blobs and pending uploads younger than this many seconds alone.",
-)
-@click.option("--apply", is_flag=True, help="Fix what is found (default: report only).")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
-@with_appcontext
-def repair_command(grace: float, apply: bool, as_json: bool):
-    """Find orphan blobs, stale pending uploads and records whose blob is missing."""
-    service: ImageService = current_app.extensions["image_api"]
-    show_progress = not as_json and sys.stderr.isatty()
-
-    def track(items):
-        if not show_progress:
-            yield from items
-            return
-        with click.progressbar(list(items), label="checking", file=sys.stderr) as bar:
-            yield from bar
-
-    report = repair(service, timedelta(seconds=grace), apply=apply, track=track)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-        return
-    mode = "applied" if apply else "dry run: nothing changed (use --apply to fix)"
-    click.echo(f"Checked {report.records} records and {report.blobs} blobs; {mode}.")
-    for finding in report.findings:
-        image = f" image {finding.image_id}" if finding.image_id else ""
-        click.echo(f"{finding.kind}: key {finding.key}{image}: {finding.action}")
-    if not report.findings:
-        click.echo("Blobs and records match.")

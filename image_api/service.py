@@ -1,6 +1,7 @@
 """The use-cases, and the only place that knows the order of writes and how to undo them.
 
-S3 and MongoDB share no transaction, so the order of writes is the contract:
+The blob store and the metadata store share no transaction, so the order of writes is the
+contract:
 
 - create: a pending record (invisible to clients), then the blob under a fresh key, then the
   record is made active; if a step fails, what was written is removed, and what a crash
@@ -10,42 +11,44 @@ S3 and MongoDB share no transaction, so the order of writes is the contract:
   the old image is untouched.
 - delete: the record, then the blob. A blob left by a crash is garbage, never a record
   pointing at nothing.
+
+A write whose acknowledgement was lost is read back before anything is undone, so a record
+never points at a blob this code deleted. Undoing runs under `deadline.compensation()`: one
+short attempt inside the request's budget; what it cannot undo, `repair` collects.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
+import enum
+import functools
 import logging
-import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
-from . import media
+from flask import current_app
+
+from . import deadline, media
 from .config import Settings
 from .errors import (
     ApiError,
     BackendUnavailable,
-    BadRequest,
     Conflict,
-    IdempotencyInProgress,
-    IdempotencyKeyReused,
+    MissingFile,
     NotFound,
     PreconditionFailed,
 )
-from .repository import NO_FILTERS, Cursor, Filters, ImageRecord, Repository, new_id
-from .storage import BlobStorage, new_key
+from .idempotency import Idempotency, Request
+from .pagination import decode_cursor, encode_cursor
+from .records import NO_FILTERS, Clock, Filters, ImageRecord, Status, new_id, new_key, utc_now
+from .repository import Repository
+from .storage import BlobStorage
 
 log = logging.getLogger(__name__)
 
-
-def now() -> datetime:
-    """The current UTC time at millisecond precision, which every backend keeps exactly."""
-    moment = datetime.now(UTC)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+#: How often a DELETE re-reads an image that a concurrent replace keeps changing.
+_DELETE_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -57,43 +60,70 @@ class Page:
     next_cursor: str | None
 
 
-def encode_cursor(record: ImageRecord) -> str:
-    raw = f"{record.uploaded_at.isoformat()}|{record.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+@dataclass(frozen=True)
+class Download:
+    """How a client gets an image's bytes: a `redirect` URL to send it to, or else
+    `open(byte_range)` for a stream of them (of `start <= i < stop` with a range)."""
+
+    redirect: str | None = None
+    open: Callable[[tuple[int, int] | None], BinaryIO] | None = None
 
 
-def decode_cursor(token: str) -> Cursor:
-    """The position a cursor token names; `BadRequest` if it is not one of ours."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        moment, image_id = raw.split("|")
-        uploaded_at = datetime.fromisoformat(moment)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise BadRequest("Malformed cursor") from None
-    if uploaded_at.tzinfo is None or len(image_id) != 24:
-        raise BadRequest("Malformed cursor")
-    return uploaded_at, image_id
+class ReadBack(enum.Enum):
+    """What reading a record back says about a write whose acknowledgement was lost."""
+
+    LANDED = "landed"  # the record uses the new blob: the write happened
+    LOST = "lost"  # it surely does not: the write did not happen
+    UNKNOWN = "unknown"  # the repository cannot say: keep the blob, repair decides later
 
 
 class ImageService:
     """Images as clients see them: bytes in `storage`, metadata in `repository`."""
 
-    def __init__(self, storage: BlobStorage, repository: Repository, settings: Settings):
+    def __init__(
+        self,
+        storage: BlobStorage,
+        repository: Repository,
+        settings: Settings,
+        clock: Clock = utc_now,
+    ):
         self.storage = storage
-        self.repository = repository
         self.settings = settings
+        self.clock = clock
+        self.idempotency = Idempotency(
+            repository,
+            clock,
+            ttl=settings.idempotency_ttl,
+            wait=settings.idempotency_wait,
+            request_timeout=settings.request_timeout,
+        )
+        self.repository = repository
+
+    @property
+    def repository(self) -> Repository:
+        return self._repository
+
+    @repository.setter
+    def repository(self, repository: Repository) -> None:
+        # One repository for records and keys, also when a test swaps in a faulty one.
+        self._repository = self.idempotency.repository = repository
 
     # --- use-cases ------------------------------------------------------------------------
 
-    def create(
-        self, stream: BinaryIO, filename: str | None, idempotency_key: str | None = None
-    ) -> ImageRecord:
+    def create(self, upload: media.Upload, idempotency_key: str | None = None) -> ImageRecord:
         """Validate and store a new image."""
-        info = self._inspect(stream)
-        return self._once(
-            idempotency_key,
-            f"create {info.sha256}",
-            lambda: self._create(stream, filename, info),
+        info = self._inspect(upload)
+        image_id = new_id()
+
+        def find_result():
+            try:
+                return self.repository.get(image_id)
+            except NotFound:
+                return None
+
+        request = Request(f"create {info.sha256}", image_id, find_result)
+        return self.idempotency.run(
+            idempotency_key, request, lambda: self._create(image_id, upload, info)
         )
 
     def get(self, image_id: str) -> ImageRecord:
@@ -111,47 +141,69 @@ class ImageService:
     def replace(
         self,
         image_id: str,
-        stream: BinaryIO,
-        filename: str | None,
+        upload: media.Upload | None,
         if_match: Container[str] | None = None,
         idempotency_key: str | None = None,
     ) -> ImageRecord:
-        """Replace an image's bytes; the old image stays intact unless this succeeds."""
-        info = self._inspect(stream)
+        """Replace an image's bytes; the old image stays intact unless this succeeds.
+
+        A missing image is `NotFound` before a missing or bad file is looked at.
+        """
+        current = self.repository.get(image_id)
+        if upload is None:
+            raise MissingFile()
+        info = self._inspect(upload)
 
         def replace_once():
-            # If-Match is checked inside: a retry of a replace that already happened gets
-            # the first response, not a 412 against the ETag it changed.
-            current = self._current(image_id, if_match)
-            return self._replace(current, stream, filename, info, if_match is not None)
+            # If-Match is checked here, inside the idempotent part: a retry of a replace
+            # that already happened gets the first response, not a 412 against the ETag
+            # it changed.
+            _check(current, if_match)
+            return self._replace(current, upload, info, conditional=if_match is not None)
 
-        return self._once(idempotency_key, f"replace {image_id} {info.sha256}", replace_once)
+        def find_result():
+            try:
+                found = self.repository.get(image_id)
+            except NotFound:
+                return None
+            wrote = found.version == current.version + 1 and found.sha256 == info.sha256
+            return found if wrote else None
+
+        request = Request(f"replace {image_id} {info.sha256}", image_id, find_result)
+        return self.idempotency.run(idempotency_key, request, replace_once)
 
     def delete(self, image_id: str, if_match: Container[str] | None = None) -> None:
-        """Delete the record, then its blob."""
-        current = self._current(image_id, if_match)
-        try:
-            self.repository.delete(image_id, expected_version=current.version)
-        except Conflict:
-            if if_match is not None:
-                raise PreconditionFailed() from None
-            raise
-        except BackendUnavailable as error:
-            # A delete whose acknowledgement was lost may have landed: then it is done.
-            if not (error.in_doubt and self._gone(image_id)):
-                raise
-        self._discard(current.key)
+        """Delete the record, then its blob.
 
-    def open_blob(self, record: ImageRecord, byte_range: tuple[int, int] | None = None) -> BinaryIO:
-        """A readable stream of an image's bytes (of `start <= i < stop` with a range)."""
-        return self.storage.open(record.key, byte_range)
+        Without If-Match, whatever version is current is deleted, even while replaces race
+        with it; with If-Match, a version that changed is `PreconditionFailed`.
+        """
+        for _ in range(_DELETE_TRIES):
+            current = self.repository.get(image_id)
+            _check(current, if_match)
+            try:
+                self.repository.delete(image_id, expected_version=current.version)
+            except Conflict:
+                if if_match is not None:
+                    raise PreconditionFailed() from None
+                continue  # replaced since we read it: delete the new version
+            except BackendUnavailable as error:
+                # A delete whose acknowledgement was lost may have landed: then it is done.
+                if not (error.in_doubt and self._gone(image_id)):
+                    raise
+            self._discard(current.key)
+            return
+        raise Conflict("The image kept changing while it was being deleted; retry")
 
-    def download_url(self, record: ImageRecord, disposition: str) -> str | None:
-        """A short-lived URL the client can fetch the bytes from directly, if the storage
-        has one (S3 presigning), carrying the right Content-Type and Content-Disposition."""
-        return self.storage.presigned_url(
-            record.key, self.settings.presign_ttl, record.content_type, disposition
-        )
+    def download(self, record: ImageRecord, disposition: str) -> Download:
+        """A presigned redirect in redirect mode, else a way to stream the bytes (opened only
+        when the caller asks, so HEAD and 304 never touch storage)."""
+        if self.settings.download_mode == "redirect":
+            url = self.storage.presigned_url(
+                record.key, self.settings.presign_ttl, record.content_type, disposition
+            )
+            return Download(redirect=url)
+        return Download(open=functools.partial(self.storage.open, record.key))
 
     def close(self) -> None:
         """Release the backends' connections."""
@@ -169,50 +221,53 @@ class ImageService:
 
     # --- the order of writes --------------------------------------------------------------
 
-    def _create(self, stream: BinaryIO, filename: str | None, info: media.ImageInfo):
+    def _create(self, image_id: str, upload: media.Upload, info: media.ImageInfo):
         # A pending record first, invisible to clients: a crash at any later point leaves a
         # pending record (and perhaps a blob) for `repair`, never a visible record without
         # its blob.
-        moment = now()
+        moment = self.clock()
         pending = ImageRecord(
-            id=new_id(),
+            id=image_id,
             key=new_key(),
-            **_described(info, filename),
+            **_described(info, upload.filename),
             version=1,
             uploaded_at=moment,
             updated_at=moment,
-            status="pending",
+            status=Status.PENDING,
         )
         self.repository.insert(pending)
         try:
-            self.storage.put(pending.key, stream, info.content_type)
+            self.storage.put(pending.key, upload.stream, info.content_type)
         except BaseException:
             self._abandon(pending)
             raise
+        activated_at = self.clock()
         try:
-            return self.repository.activate(pending.id, now())
+            return self.repository.activate(pending.id, activated_at)
         except BackendUnavailable as error:
-            landed = self._read_back(pending.id, pending.key) if error.in_doubt else False
-            if landed:
-                return landed
+            outcome = self._read_back(pending.id, pending.key) if error.in_doubt else None
+            if outcome is ReadBack.LANDED:
+                return dataclasses.replace(
+                    pending, status=Status.ACTIVE, uploaded_at=activated_at, updated_at=activated_at
+                )
             self._abandon(pending)
             raise
         except BaseException:
             self._abandon(pending)
             raise
 
-    def _replace(self, current, stream, filename, info, conditional: bool) -> ImageRecord:
+    def _replace(self, current, upload, info, conditional: bool) -> ImageRecord:
         # The new bytes go under a new key, so the old image stays readable until the
         # record switches over, and a lost race or a failure never touches it.
         updated = dataclasses.replace(
             current,
             key=new_key(),
-            **_described(info, filename),
+            **_described(info, upload.filename),
             version=current.version + 1,
-            updated_at=max(now(), current.updated_at),
+            updated_at=max(self.clock(), current.updated_at),
         )
         try:
-            self.storage.put(updated.key, stream, info.content_type)
+            self.storage.put(updated.key, upload.stream, info.content_type)
         except BaseException:
             # A failed or interrupted put may have left part of an object (S3 multipart).
             self._discard(updated.key)
@@ -220,9 +275,9 @@ class ImageService:
         try:
             self.repository.update(updated, expected_version=current.version)
         except BackendUnavailable as error:
-            landed = self._read_back(updated.id, updated.key) if error.in_doubt else False
-            if not landed:
-                if landed is False:
+            outcome = self._read_back(updated.id, updated.key) if error.in_doubt else None
+            if outcome is not ReadBack.LANDED:
+                if outcome is not ReadBack.UNKNOWN:
                     self._discard(updated.key)
                 raise
         except Conflict:
@@ -236,23 +291,23 @@ class ImageService:
         self._discard(current.key)
         return updated
 
-    def _read_back(self, image_id: str, key: str) -> ImageRecord | bool | None:
-        """After a write in doubt: the active record if it now uses `key`, False if it
-        surely does not, None if the repository cannot say (then keep the blob: `repair`
-        decides later)."""
+    def _read_back(self, image_id: str, key: str) -> ReadBack:
+        """After a write in doubt: whether the record now uses `key`."""
         try:
-            record = self.repository.get(image_id)
+            with deadline.compensation():
+                record = self.repository.get(image_id)
         except NotFound:
-            return False
+            return ReadBack.LOST
         except BackendUnavailable:
             log.warning("write for %s is in doubt; kept blob %s for repair", image_id, key)
-            return None
-        return record if record.key == key else False
+            return ReadBack.UNKNOWN
+        return ReadBack.LANDED if record.key == key else ReadBack.LOST
 
     def _gone(self, image_id: str) -> bool:
         """After a delete in doubt: whether the record is surely gone."""
         try:
-            self.repository.get(image_id)
+            with deadline.compensation():
+                self.repository.get(image_id)
         except NotFound:
             return True
         except BackendUnavailable:
@@ -262,7 +317,8 @@ class ImageService:
     def _abandon(self, pending: ImageRecord) -> None:
         """Undo a create that did not complete: the pending record, then its blob."""
         try:
-            self.repository.delete(pending.id, status="pending")
+            with deadline.compensation():
+                self.repository.delete(pending.id, status=Status.PENDING)
         except (NotFound, Conflict):
             return  # no longer pending (activated after all): its blob must stay
         except BackendUnavailable:
@@ -273,56 +329,23 @@ class ImageService:
     def _discard(self, key: str) -> None:
         """Remove a blob no record points to; if that fails too, `repair` will find it."""
         try:
-            self.storage.delete(key)
+            with deadline.compensation():
+                self.storage.delete(key)
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
-    def _current(self, image_id: str, if_match: Container[str] | None) -> ImageRecord:
-        current = self.repository.get(image_id)
-        if if_match is not None and current.sha256 not in if_match:
-            raise PreconditionFailed()
-        return current
-
-    def _inspect(self, stream: BinaryIO) -> media.ImageInfo:
+    def _inspect(self, upload: media.Upload) -> media.ImageInfo:
         return media.inspect(
-            stream,
+            upload.stream,
             accepted_formats=self.settings.accepted_formats,
             max_bytes=self.settings.max_upload_bytes,
             max_pixels=self.settings.max_image_pixels,
         )
 
-    # --- idempotency keys -----------------------------------------------------------------
 
-    def _once(
-        self, key: str | None, fingerprint: str, action: Callable[[], ImageRecord]
-    ) -> ImageRecord:
-        """Run `action` once per idempotency key; a retry with the same request gets the
-        first result, a different request with the same key gets `IdempotencyKeyReused`."""
-        if not key:
-            return action()
-        ttl = timedelta(seconds=self.settings.idempotency_ttl)
-        deadline = time.monotonic() + self.settings.idempotency_wait
-        while (claim := self.repository.claim(key, fingerprint, now() + ttl)) is not None:
-            if claim.fingerprint != fingerprint:
-                raise IdempotencyKeyReused()
-            if claim.response is not None:
-                return record_from_json(claim.response)
-            if time.monotonic() > deadline:
-                raise IdempotencyInProgress()
-            time.sleep(0.05)  # the first request is still running
-        try:
-            record = action()
-        except BaseException:
-            self._forget_key(key)
-            raise
-        self.repository.finish(key, record_to_json(record))
-        return record
-
-    def _forget_key(self, key: str) -> None:
-        try:
-            self.repository.release(key)
-        except BackendUnavailable:
-            log.warning("could not release idempotency key %r; it expires by itself", key)
+def _check(current: ImageRecord, if_match: Container[str] | None) -> None:
+    if if_match is not None and current.sha256 not in if_match:
+        raise PreconditionFailed()
 
 
 def _described(info: media.ImageInfo, filename: str | None) -> dict:
@@ -337,18 +360,10 @@ def _described(info: media.ImageInfo, filename: str | None) -> dict:
     }
 
 
-def record_to_json(record: ImageRecord) -> dict:
-    values = dataclasses.asdict(record)
-    values["uploaded_at"] = record.uploaded_at.isoformat()
-    values["updated_at"] = record.updated_at.isoformat()
-    return values
+#: Where `create_app` keeps the service it built.
+EXTENSION = "image_api"
 
 
-def record_from_json(values: dict) -> ImageRecord:
-    return ImageRecord(
-        **{
-            **values,
-            "uploaded_at": datetime.fromisoformat(values["uploaded_at"]),
-            "updated_at": datetime.fromisoformat(values["updated_at"]),
-        }
-    )
+def current_service() -> ImageService:
+    """The service `create_app` built for the running app."""
+    return current_app.extensions[EXTENSION]

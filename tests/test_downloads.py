@@ -9,7 +9,7 @@ import pytest
 import requests
 from werkzeug.http import http_date
 
-from image_api.repository import new_id
+from image_api.records import new_id
 from tests.helpers import FAKE_AWS, make_image
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from image_api.errors import BackendUnavailable
+from image_api.repository import scan_all
 from tests.helpers import make_image
 
 
@@ -43,13 +44,13 @@ def replace(client, image_id, data):
 
 def state(service):
     """({id: key} of the records clients can see, sorted blob keys)."""
-    records = {r.id: r.key for r in service.repository.all() if r.status == "active"}
+    records = {r.id: r.key for r in scan_all(service.repository) if r.status == "active"}
     blobs = sorted(b.key for b in service.storage.list())
     return records, blobs
 
 
 def pending(service):
-    return [r.id for r in service.repository.all() if r.status == "pending"]
+    return [r.id for r in scan_all(service.repository) if r.status == "pending"]
 
 
 def assert_unavailable(response):
@@ -260,7 +261,7 @@ def test_unreachable_s3_is_503_within_bounded_time(make_app, tmp_path, stalled_s
     assert_unavailable(response)
     # Three attempts of 0.3 s each plus backoff: far below gunicorn's worker timeout.
     assert seconds < 10
-    assert list(app.extensions["image_api"].repository.all()) == []
+    assert list(scan_all(app.extensions["image_api"].repository)) == []
     ready, seconds = timed(lambda: client.get("/readyz"))
     assert ready.status_code == 503 and "s3" in ready.get_json()["message"]
     assert seconds < 2  # one attempt within PROBE_TIMEOUT, no retries
@@ -322,7 +323,7 @@ def test_repository_faults_then_repair_leave_an_exact_match(client, service, ope
     assert response.status_code in ((200, 201) if landed_ok else (503,))
 
     repair(service, timedelta(0), apply=True)
-    records = list(service.repository.all())
+    records = list(scan_all(service.repository))
     assert all(r.status == "active" for r in records)
     assert sorted(r.key for r in records) == sorted(b.key for b in service.storage.list())
     if operation != "delete":

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from image_api.records import new_id, new_key
+from image_api.records import utc_now as now
 from image_api.repair import MISSING_BLOB, ORPHAN_BLOB, STALE_PENDING, repair
-from image_api.repository import new_id
-from image_api.service import now
-from image_api.storage import new_key
+from image_api.repository import scan_all
 from tests import faultproxy
 from tests.helpers import FAKE_AWS, make_image
 
@@ -27,7 +27,7 @@ def upload(client, data=None):
 
 def exact_match(service) -> bool:
     """Every record is active with its blob, and every blob belongs to a record."""
-    records = list(service.repository.all())
+    records = list(scan_all(service.repository))
     blobs = sorted(blob.key for blob in service.storage.list())
     return all(r.status == "active" for r in records) and sorted(r.key for r in records) == blobs
 
@@ -49,7 +49,7 @@ def make_drift(service):
 
 
 def upload_record_id(service):
-    return next(r.id for r in service.repository.all() if r.status == "active")
+    return next(r.id for r in scan_all(service.repository) if r.status == "active")
 
 
 def test_a_clean_store_has_no_findings(client, service):
@@ -61,11 +61,11 @@ def test_a_clean_store_has_no_findings(client, service):
 def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service):
     upload(client)
     drift = make_drift(service)
-    before = (list(service.repository.all()), list(service.storage.list()))
+    before = (list(scan_all(service.repository)), list(service.storage.list()))
     report = repair(service, timedelta(0))
     assert {f.kind: f.key for f in report.findings} == drift
     assert all(f.action == "reported" for f in report.findings)
-    assert (list(service.repository.all()), list(service.storage.list())) == before
+    assert (list(scan_all(service.repository)), list(service.storage.list())) == before
 
 
 def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service):
@@ -79,7 +79,7 @@ def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service):
         "deleted record",
     }
     assert exact_match(service)
-    assert [r.id for r in service.repository.all()] == [kept]
+    assert [r.id for r in scan_all(service.repository)] == [kept]
     assert client.get(f"/api/images/{kept}/download").status_code == 200
     assert repair(service, timedelta(0), apply=True).findings == []
 
@@ -88,7 +88,7 @@ def test_the_grace_period_protects_uploads_in_flight(client, service):
     upload(client)
     fresh_orphan = new_key()
     service.storage.put(fresh_orphan, io.BytesIO(b"being uploaded"), "image/png")
-    record = next(service.repository.all())
+    record = next(iter(scan_all(service.repository)))
     service.repository.insert(dataclasses.replace(record, id=new_id(), status="pending"))
     report = repair(service, timedelta(hours=1), apply=True)
     assert report.findings == []

@@ -10,13 +10,10 @@ import mongomock
 import pytest
 
 from image_api.errors import Conflict, NotFound
-from image_api.repository import (
-    Filters,
-    ImageRecord,
-    MongoRepository,
-    SqliteRepository,
-    new_id,
-)
+from image_api.records import RECORD_FIELDS, Filters, ImageRecord, new_id, utc_now
+from image_api.repository import scan_all
+from image_api.repository.mongodb import MongoRepository
+from image_api.repository.sqlite import SqliteRepository
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -129,7 +126,7 @@ def test_all_yields_every_record(repository):
     records = [make_record() for _ in range(3)]
     for record in records:
         repository.insert(record)
-    assert sorted(repository.all(), key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
+    assert sorted(scan_all(repository), key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
 
 
 def test_ping_answers(repository):
@@ -149,7 +146,7 @@ def test_pending_records_are_invisible_until_activated(repository):
         repository.update(dataclasses.replace(record, version=2), expected_version=1)
     with pytest.raises(NotFound):
         repository.delete(record.id)
-    assert [r.id for r in repository.all()] == [record.id]
+    assert [r.id for r in scan_all(repository)] == [record.id]
 
     later = T0 + timedelta(minutes=5)
     active = repository.activate(record.id, later)
@@ -197,40 +194,114 @@ def test_filters_narrow_lists_and_counts(repository):
 
 
 def test_claim_finish_and_replay(repository):
-    expires = datetime.now(UTC) + timedelta(hours=1)
-    assert repository.claim("k1", "fp-a", expires) is None
-    in_flight = repository.claim("k1", "fp-a", expires)
-    assert (in_flight.fingerprint, in_flight.response) == ("fp-a", None)
+    # Real time: MongoDB's TTL index (and mongomock's) deletes expired keys by the wall clock.
+    now = utc_now()
+    expires = now + timedelta(hours=1)
+    assert repository.claim("k1", "fp-a", "img-1", now, expires) is None
+    in_flight = repository.claim("k1", "fp-a", "img-1", now, expires)
+    assert (in_flight.fingerprint, in_flight.resource, in_flight.response) == (
+        "fp-a",
+        "img-1",
+        None,
+    )
+    assert in_flight.expires_at == expires
     repository.finish("k1", {"id": "abc", "n": 1})
-    done = repository.claim("k1", "fp-b", expires)
-    assert (done.fingerprint, done.response) == ("fp-a", {"id": "abc", "n": 1})
+    done = repository.claim("k1", "fp-b", "img-2", now, expires)
+    assert (done.fingerprint, done.resource, done.response) == (
+        "fp-a",
+        "img-1",
+        {"id": "abc", "n": 1},
+    )
     repository.release("k1")  # a finished key is kept
-    assert repository.claim("k1", "fp-a", expires).response == {"id": "abc", "n": 1}
+    assert repository.claim("k1", "fp-a", "img-1", now, expires).response == {"id": "abc", "n": 1}
 
 
 def test_release_frees_a_key_and_expired_keys_are_free(repository):
-    expires = datetime.now(UTC) + timedelta(hours=1)
-    assert repository.claim("k2", "fp", expires) is None
+    now = utc_now()
+    expires = now + timedelta(hours=1)
+    assert repository.claim("k2", "fp", None, now, expires) is None
     repository.release("k2")
-    assert repository.claim("k2", "fp-new", expires) is None
-    assert repository.claim("k3", "old", datetime.now(UTC) - timedelta(seconds=1)) is None
-    assert repository.claim("k3", "new", expires) is None  # the expired claim is taken over
-    assert repository.claim("k3", "other", expires).fingerprint == "new"
+    assert repository.claim("k2", "fp-new", None, now, expires) is None
+    assert repository.claim("k3", "old", None, now, now) is None
+    # A key that expires at `now` is expired at `now`: it is taken over.
+    assert repository.claim("k3", "new", None, now, expires) is None
+    assert repository.claim("k3", "other", None, now, expires).fingerprint == "new"
+    # ...and a live one is not, up to the moment it expires.
+    later = expires - timedelta(milliseconds=1)
+    assert repository.claim("k3", "other", None, later, expires).fingerprint == "new"
+    assert repository.claim("k3", "other", None, expires, expires + timedelta(hours=1)) is None
 
 
-def test_sqlite_counts_survive_a_database_made_before_they_existed(tmp_path):
+def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
+    """The first release kept no schema version, no counters and no claim resource."""
     import sqlite3
 
-    repository = SqliteRepository(tmp_path / "images.sqlite3")
-    repository.create()
-    for content_type in ("image/png", "image/png", "image/gif"):
-        repository.insert(make_record(content_type=content_type))
-    repository.insert(make_record(status="pending"))
-    with sqlite3.connect(tmp_path / "images.sqlite3") as db:  # as an older release left it
-        db.execute("DROP TABLE image_counts")
-    repository.close()
-    reopened = SqliteRepository(tmp_path / "images.sqlite3")
-    reopened.create()
-    assert reopened.count() == 3
-    assert reopened.count(Filters(content_type="image/png")) == 2
-    reopened.close()
+    path = tmp_path / "images.sqlite3"
+    columns = ", ".join(f"{name} TEXT" for name in RECORD_FIELDS)
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE images ({columns})")
+        db.execute(
+            "CREATE TABLE idempotency_keys"
+            " (key TEXT PRIMARY KEY, fingerprint TEXT, response TEXT, expires_at TEXT)"
+        )
+    old = SqliteRepository(path)
+    records = [make_record(content_type=t) for t in ("image/png", "image/png", "image/gif")]
+    with sqlite3.connect(path) as db:
+        for record in [*records, make_record(status="pending")]:
+            db.execute(
+                f"INSERT INTO images VALUES ({', '.join('?' * len(RECORD_FIELDS))})",
+                [str(v) if not isinstance(v, int) else v for v in _row(record)],
+            )
+    old.create()
+    assert old.count() == 3
+    assert old.count(Filters(content_type="image/png")) == 2
+    now = utc_now()
+    assert old.claim("k", "fp", "img", now, now + timedelta(hours=1)) is None
+    assert old.claim("k", "fp", "img", now, now + timedelta(hours=1)).resource == "img"
+    old.create()  # idempotent: counts are not redone or doubled
+    old.insert(make_record(content_type="image/gif"))
+    assert old.count(Filters(content_type="image/gif")) == 2
+    old.close()
+
+
+def _row(record: ImageRecord) -> list:
+    values = dataclasses.asdict(record)
+    values["uploaded_at"] = record.uploaded_at.isoformat(timespec="microseconds")
+    values["updated_at"] = record.updated_at.isoformat(timespec="microseconds")
+    return [values[name] for name in RECORD_FIELDS]
+
+
+def test_sqlite_schema_creation_is_safe_when_many_processes_start_at_once(tmp_path):
+    """Every gunicorn worker creates the schema as it boots: on a new file, all at once."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        path = tmp_path / f"race-{attempt}.sqlite3"
+        start, results = context.Event(), context.Queue()
+        workers = [
+            context.Process(target=_create_schema, args=(str(path), start, results))
+            for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        start.set()
+        outcomes = sorted(results.get(timeout=60) for _ in workers)
+        for worker in workers:
+            worker.join()
+        assert outcomes == ["ok"] * 6
+        repository = SqliteRepository(path)
+        repository.insert(make_record())
+        assert repository.count() == 1
+        repository.close()
+
+
+def _create_schema(path: str, start, results) -> None:
+    start.wait()
+    try:
+        repository = SqliteRepository(path)
+        repository.create()
+        repository.close()
+        results.put("ok")
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which fails
+        results.put(repr(error))

@@ -11,7 +11,9 @@ import pytest
 from moto import mock_aws
 
 from image_api.errors import NotFound
-from image_api.storage import FilesystemStorage, S3Storage, new_key
+from image_api.records import new_key
+from image_api.storage.filesystem import FilesystemStorage
+from image_api.storage.s3 import S3Storage
 from tests.helpers import FAKE_AWS
 
 

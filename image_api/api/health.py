@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from .images import images
+from ..service import current_service
 
 bp = Blueprint("health", __name__)
 
@@ -18,4 +18,4 @@ def liveness():
 @bp.get("/readyz")
 def readiness():
     """Both backends answer; 503 naming the one that does not."""
-    return {"status": "ready", "backends": images().ping()}
+    return {"status": "ready", "backends": current_service().ping()}

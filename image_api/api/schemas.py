@@ -6,14 +6,15 @@ import functools
 from datetime import UTC
 
 from flask import request, url_for
-from marshmallow import EXCLUDE, Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, fields, post_load, validate
 
-from .media import CONTENT_TYPES
+from ..media import CONTENT_TYPES
+from ..records import Filters
 
 
 def _download_url(record) -> str:
     # Absolute, and right behind a proxy once ProxyFix trusts its X-Forwarded-* headers.
-    return url_for("images.download_image", image_id=record.id, _external=True)
+    return url_for("downloads.download_image", image_id=record.id, _external=True)
 
 
 class ImageSchema(Schema):
@@ -50,6 +51,14 @@ class ListQuerySchema(Schema):
     uploaded_before = fields.AwareDateTime(
         data_key="uploadedBefore", load_default=None, default_timezone=UTC
     )
+
+    @post_load
+    def make_filters(self, data: dict, **kwargs) -> dict:
+        """`limit`, `cursor` and the service's `Filters`."""
+        filters = Filters(
+            data.pop("content_type"), data.pop("uploaded_after"), data.pop("uploaded_before")
+        )
+        return {**data, "filters": filters}
 
 
 image_schema = ImageSchema()

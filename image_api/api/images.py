@@ -1,0 +1,93 @@
+"""The `images` blueprint: upload, list, get, replace and delete."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request, url_for
+from werkzeug.http import quote_etag
+
+from ..errors import BadRequest, MissingFile
+from ..media import Upload
+from ..service import current_service
+from .schemas import dump_image, dump_images, list_query_schema
+
+bp = Blueprint("images", __name__, url_prefix="/api/images")
+
+
+def uploaded_file(required: bool = True) -> Upload | None:
+    """The file in multipart field `image`; `MissingFile` if absent and `required`."""
+    file = request.files.get("image")
+    if file is None:
+        if not required:
+            return None
+        others = ", ".join(f"'{name}'" for name in request.files)
+        hint = f" (got {others})" if others else ""
+        raise MissingFile(f"No file in multipart field 'image'{hint}")
+    return Upload(file.stream, file.filename)
+
+
+def if_match():
+    """The `If-Match` header's entity tags (`*` matches any), or None without the header."""
+    return request.if_match if "If-Match" in request.headers else None
+
+
+def idempotency_key() -> str | None:
+    """The `Idempotency-Key` header, checked to be a short printable token."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
+
+
+@bp.post("/upload")
+def create_image():
+    """Upload a new image."""
+    record = current_service().create(uploaded_file(), idempotency_key())
+    location = url_for(".get_image", image_id=record.id, _external=True)
+    body = {"message": "Image uploaded successfully", "image": dump_image(record)}
+    return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
+
+
+@bp.get("")
+def list_images():
+    """List images, newest first, a page at a time."""
+    query = list_query_schema.load(request.args)
+    page = current_service().list(query["limit"], query["cursor"], query["filters"])
+    body = {
+        "message": "Images fetched successfully",
+        "total": page.total,
+        "images": dump_images(page.images),
+        "nextCursor": page.next_cursor,
+    }
+    headers = {}
+    if page.next_cursor:
+        next_url = url_for(
+            ".list_images", **{**request.args, "cursor": page.next_cursor}, _external=True
+        )
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return body, 200, headers
+
+
+@bp.get("/<image_id>")
+def get_image(image_id: str):
+    """One image's metadata."""
+    record = current_service().get(image_id)
+    return dump_image(record), 200, {"ETag": quote_etag(record.sha256)}
+
+
+@bp.put("/<image_id>")
+def replace_image(image_id: str):
+    """Replace an image's file."""
+    record = current_service().replace(
+        image_id, uploaded_file(required=False), if_match(), idempotency_key()
+    )
+    body = {"message": "Image updated successfully", "image": dump_image(record)}
+    return body, 200, {"ETag": quote_etag(record.sha256)}
+
+
+@bp.delete("/<image_id>")
+def delete_image(image_id: str):
+    """Delete an image and its file."""
+    current_service().delete(image_id, if_match())
+    return {"message": "Image deleted successfully"}

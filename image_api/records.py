@@ -1,0 +1,125 @@
+"""The records the service keeps, the ids and keys that name them, and the clock that
+stamps them."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from bson import ObjectId
+
+#: Where the service reads the time: `utc_now` in production, a fake one in tests.
+Clock = Callable[[], datetime]
+
+_ID = re.compile(r"[0-9a-f]{24}")
+_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def utc_now() -> datetime:
+    """The current UTC time at millisecond precision, which every backend keeps exactly."""
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def new_id() -> str:
+    """A fresh image id: a 24-hex ObjectId string, on every backend."""
+    return str(ObjectId())
+
+
+def valid_id(image_id: object) -> bool:
+    """Whether `image_id` is an id this service makes (lower-case ObjectId hex)."""
+    return isinstance(image_id, str) and _ID.fullmatch(image_id) is not None
+
+
+def new_key() -> str:
+    """A fresh, unguessable blob key."""
+    return secrets.token_hex(16)
+
+
+def valid_key(key: object) -> bool:
+    """Whether `key` is a blob key this service makes."""
+    return isinstance(key, str) and _KEY.fullmatch(key) is not None
+
+
+class Status(StrEnum):
+    """`PENDING` from the insert until the blob is written, then `ACTIVE`. Clients see only
+    active records; a pending one left by a crash is swept by `repair`."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's metadata. `key` names its blob in storage."""
+
+    id: str
+    key: str
+    filename: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+    sha256: str
+    version: int
+    uploaded_at: datetime
+    updated_at: datetime
+    status: Status = Status.ACTIVE
+
+    def to_json(self) -> dict:
+        """Plain JSON types, for storing a response to replay."""
+        values = dataclasses.asdict(self)
+        values["uploaded_at"] = self.uploaded_at.isoformat()
+        values["updated_at"] = self.updated_at.isoformat()
+        values["status"] = str(self.status)
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> ImageRecord:
+        return cls(
+            **{
+                **values,
+                "uploaded_at": datetime.fromisoformat(values["uploaded_at"]),
+                "updated_at": datetime.fromisoformat(values["updated_at"]),
+                "status": Status(values.get("status", Status.ACTIVE)),
+            }
+        )
+
+
+#: The record's field names, in order (the backends' column and document names).
+RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(ImageRecord))
+
+#: A position in the newest-first order: (uploaded_at, id) of the last item seen.
+Cursor = tuple[datetime, str]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which active records a list or count covers."""
+
+    content_type: str | None = None
+    uploaded_after: datetime | None = None  # inclusive
+    uploaded_before: datetime | None = None  # exclusive
+
+
+NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An idempotency key as stored: who used it for what, and the response once known.
+
+    `resource` names the image the first request writes, so that a retry can find its
+    result even if the first request could not record it.
+    """
+
+    key: str
+    fingerprint: str
+    resource: str | None
+    response: dict | None  # None while the first request is still running
+    expires_at: datetime

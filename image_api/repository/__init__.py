@@ -1,0 +1,111 @@
+"""Image metadata: records and idempotency keys. One contract, one module per backend.
+
+Every backend translates its driver's errors at this boundary: a missing or malformed id is
+`NotFound`, a lost optimistic-concurrency race is `Conflict`, and anything that means "the
+database cannot answer now" is `BackendUnavailable` (with `in_doubt=False` when the write
+surely did not happen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Protocol
+
+from ..config import Settings
+from ..records import NO_FILTERS, Claim, Cursor, Filters, ImageRecord, Status
+
+
+class Repository(Protocol):
+    """Where image metadata lives.
+
+    Records:
+    - `insert(record)` stores a new record (pending or active).
+    - `get(image_id)` returns the active record; `NotFound` if absent, pending or malformed.
+    - `activate(image_id, moment)` makes a pending record active, stamped `moment`;
+      `NotFound` if there is no such pending record.
+    - `list_page(limit, after, filters)` returns up to `limit` active records newest first
+      (by `uploaded_at`, then id), strictly after the cursor `after` when given;
+      `count(filters)` counts them.
+    - `update(record, expected_version)` replaces the active record only if its version is
+      still `expected_version`: `Conflict` if it changed, `NotFound` if it is gone.
+    - `delete(image_id, expected_version=None, status=ACTIVE)` removes a record in that
+      status (and at that version, when given) and returns it; `NotFound` / `Conflict`.
+    - `scan(after_key, limit)` returns up to `limit` records of any status in blob-key
+      order, after `after_key` (repair walks them in batches beside the blobs);
+      `find_key(key)` returns the record of any status using blob `key`, or None.
+
+    Idempotency keys:
+    - `claim(key, fingerprint, resource, now, expires_at)` stores a new key and returns
+      None, or returns the `Claim` already stored and live at `now`.
+    - `finish(key, response)` records the response; `release(key)` forgets a key whose
+      request failed (a retry may run it again); a finished key is kept until it expires.
+
+    Housekeeping: `create()` makes or upgrades tables and indexes (idempotent, safe when
+    many processes start at once); `ping()` checks the database answers; `close()` releases
+    connections.
+    """
+
+    name: str
+
+    def create(self) -> None: ...
+
+    def insert(self, record: ImageRecord) -> None: ...
+
+    def get(self, image_id: str) -> ImageRecord: ...
+
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord: ...
+
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]: ...
+
+    def count(self, filters: Filters = NO_FILTERS) -> int: ...
+
+    def update(self, record: ImageRecord, expected_version: int) -> ImageRecord: ...
+
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: Status = Status.ACTIVE
+    ) -> ImageRecord: ...
+
+    def scan(self, after_key: str | None, limit: int) -> list[ImageRecord]: ...
+
+    def find_key(self, key: str) -> ImageRecord | None: ...
+
+    def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        resource: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Claim | None: ...
+
+    def finish(self, key: str, response: dict) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scan_all(repository: Repository, batch: int = 1000) -> Iterator[ImageRecord]:
+    """Every record in blob-key order, fetched `batch` at a time."""
+    after = None
+    while rows := repository.scan(after, batch):
+        yield from rows
+        after = rows[-1].key
+
+
+def repository_from_settings(settings: Settings) -> Repository:
+    """The metadata backend the settings choose: MongoDB when a URL is given, else SQLite."""
+    # Imported here, the one place that chooses: the embedded default never loads pymongo's
+    # network stack.
+    if settings.metadata_backend == "mongodb":
+        from .mongodb import MongoRepository
+
+        return MongoRepository.from_settings(settings)
+    from .sqlite import SqliteRepository
+
+    return SqliteRepository(settings.data_dir / "images.sqlite3")

@@ -1,0 +1,285 @@
+"""Metadata in MongoDB (the engine to scale out on)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from datetime import UTC, datetime
+
+import pymongo
+from bson import ObjectId
+from pymongo import ReturnDocument, WriteConcern
+from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
+
+from .. import deadline
+from ..config import Settings
+from ..errors import BackendUnavailable, Conflict, NotFound
+from ..records import (
+    NO_FILTERS,
+    RECORD_FIELDS,
+    Claim,
+    Cursor,
+    Filters,
+    ImageRecord,
+    Status,
+    valid_id,
+)
+
+_NEWEST_FIRST = [("uploaded_at", -1), ("_id", -1)]
+_INDEXES = {
+    "images_newest_first": [("status", 1), *_NEWEST_FIRST],
+    "images_by_type": [("status", 1), ("content_type", 1), *_NEWEST_FIRST],
+    "images_by_key": [("key", 1)],
+}
+
+
+def _to_document(record: ImageRecord) -> dict:
+    document = dataclasses.asdict(record)
+    document["_id"] = ObjectId(document.pop("id"))
+    document["status"] = str(record.status)
+    return document
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _from_document(document: dict) -> ImageRecord:
+    values = {name: document[name] for name in RECORD_FIELDS if name != "id"}
+    values["id"] = str(document["_id"])
+    values["uploaded_at"] = _aware(values["uploaded_at"])
+    values["updated_at"] = _aware(values["updated_at"])
+    values["status"] = Status(values["status"])
+    return ImageRecord(**values)
+
+
+def _query(filters: Filters) -> tuple[dict, str]:
+    """The query for active records matching `filters`, and the index that covers it."""
+    query: dict = {"status": "active"}
+    index = "images_newest_first"
+    if filters.content_type:
+        query["content_type"] = filters.content_type
+        index = "images_by_type"
+    moment = {}
+    if filters.uploaded_after:
+        moment["$gte"] = filters.uploaded_after
+    if filters.uploaded_before:
+        moment["$lt"] = filters.uploaded_before
+    if moment:
+        query["uploaded_at"] = moment
+    return query, index
+
+
+@contextlib.contextmanager
+def _mongo_errors(limit: float):
+    """Translate pymongo's errors, and bound the operation by `limit` seconds and the
+    request's budget (`pymongo.timeout` covers server selection, retries and round trips)."""
+    timeout = deadline.time_left(limit)
+    try:
+        with pymongo.timeout(timeout):
+            yield
+    except DuplicateKeyError as error:
+        raise Conflict() from error
+    except ServerSelectionTimeoutError as error:
+        # No server was reachable, so the operation was never sent.
+        raise BackendUnavailable(in_doubt=False) from error
+    except PyMongoError as error:
+        # AutoReconnect, NetworkTimeout, write concern errors...: the write may have landed.
+        raise BackendUnavailable() from error
+
+
+class MongoRepository:
+    """Metadata in MongoDB collections, through a ready-made database handle.
+
+    MongoDB keeps datetimes to the millisecond; the service makes its timestamps at that
+    precision so every backend returns what it was given.
+    """
+
+    name = "mongodb"
+
+    def __init__(
+        self,
+        database,
+        write_concern: str | int = "majority",
+        probe_timeout: float = 2.0,
+        operation_timeout: float = 13.0,
+    ):
+        self.database = database
+        self.probe_timeout = probe_timeout
+        # The longest one operation may take, retries included (within a request's budget).
+        self.operation_timeout = operation_timeout
+        concern = WriteConcern(w=write_concern)
+        self.images = database.get_collection("images", write_concern=concern)
+        self.keys = database.get_collection("idempotency_keys", write_concern=concern)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MongoRepository:
+        """A client with explicit timeouts; the database is named in the URL, else NAME."""
+        timeout_ms = int(settings.backend_connect_timeout * 1000)
+        # pymongo.MongoClient looked up at call time, so mongomock.patch can stand in for it.
+        client = pymongo.MongoClient(
+            settings.mongodb_url,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=int(settings.backend_read_timeout * 1000),
+            tz_aware=True,
+            appname=settings.name,
+        )
+        concern = settings.mongodb_write_concern
+        return cls(
+            client.get_default_database(default=settings.name),
+            int(concern) if concern.isdigit() else concern,
+            probe_timeout=settings.probe_timeout,
+            operation_timeout=settings.backend_connect_timeout + settings.backend_read_timeout,
+        )
+
+    def _errors(self):
+        return _mongo_errors(self.operation_timeout)
+
+    def create(self) -> None:
+        with self._errors():
+            for name, keys in _INDEXES.items():
+                self.images.create_index(keys, name=name)
+            # MongoDB deletes expired keys itself (within about a minute); `claim` also
+            # treats an expired key as free, so the exact moment does not matter.
+            self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
+
+    def insert(self, record: ImageRecord) -> None:
+        with self._errors():
+            self.images.insert_one(_to_document(record))
+
+    def _find(self, image_id: str, status: Status) -> ImageRecord:
+        if not valid_id(image_id):
+            raise NotFound()
+        with self._errors():
+            document = self.images.find_one({"_id": ObjectId(image_id), "status": str(status)})
+        if document is None:
+            raise NotFound()
+        return _from_document(document)
+
+    def get(self, image_id: str) -> ImageRecord:
+        return self._find(image_id, Status.ACTIVE)
+
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord:
+        if not valid_id(image_id):
+            raise NotFound()
+        with self._errors():
+            document = self.images.find_one_and_update(
+                {"_id": ObjectId(image_id), "status": "pending"},
+                {"$set": {"status": "active", "uploaded_at": moment, "updated_at": moment}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if document is None:
+            raise NotFound()
+        return _from_document(document)
+
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]:
+        query, index = _query(filters)
+        if after is not None:
+            moment, last_id = after[0], ObjectId(after[1])
+            query["$or"] = [
+                {"uploaded_at": {"$lt": moment}},
+                {"uploaded_at": moment, "_id": {"$lt": last_id}},
+            ]
+        with self._errors():
+            found = self.images.find(query).sort(_NEWEST_FIRST).hint(index).limit(limit)
+            return [_from_document(document) for document in found]
+
+    def count(self, filters: Filters = NO_FILTERS) -> int:
+        # Every filter is a prefix of one of the two list indexes, so with the hint the
+        # count is a COUNT_SCAN of index keys (no document is fetched): its cost grows with
+        # the number of matching images, not with the collection.
+        query, index = _query(filters)
+        with self._errors():
+            return self.images.count_documents(query, hint=index)
+
+    def update(self, record: ImageRecord, expected_version: int) -> ImageRecord:
+        document = _to_document(record)
+        with self._errors():
+            result = self.images.replace_one(
+                {"_id": document["_id"], "version": expected_version, "status": "active"},
+                document,
+            )
+        if result.matched_count == 1:
+            return record
+        self.get(record.id)  # raises NotFound if it is gone
+        raise Conflict()
+
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: Status = Status.ACTIVE
+    ) -> ImageRecord:
+        if not valid_id(image_id):
+            raise NotFound()
+        query: dict = {"_id": ObjectId(image_id), "status": str(status)}
+        if expected_version is not None:
+            query["version"] = expected_version
+        with self._errors():
+            document = self.images.find_one_and_delete(query)
+        if document is not None:
+            return _from_document(document)
+        self._find(image_id, status)  # raises NotFound if it is gone
+        raise Conflict()
+
+    def scan(self, after_key: str | None, limit: int) -> list[ImageRecord]:
+        query = {"key": {"$gt": after_key}} if after_key else {}
+        with self._errors():
+            found = self.images.find(query).sort("key", 1).hint("images_by_key").limit(limit)
+            return [_from_document(document) for document in found]
+
+    def find_key(self, key: str) -> ImageRecord | None:
+        with self._errors():
+            document = self.images.find_one({"key": key})
+        return None if document is None else _from_document(document)
+
+    def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        resource: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Claim | None:
+        fresh = {
+            "fingerprint": fingerprint,
+            "resource": resource,
+            "response": None,
+            "expires_at": expires_at,
+        }
+        with self._errors():
+            try:
+                # Matches an expired key (taken over) or none (inserted by the upsert); a
+                # live key makes the upsert collide on _id instead.
+                self.keys.update_one(
+                    {"_id": key, "expires_at": {"$lte": now}}, {"$set": fresh}, upsert=True
+                )
+                return None
+            except DuplicateKeyError:
+                pass
+            document = self.keys.find_one({"_id": key})
+        if document is None:  # released in between: try again
+            return self.claim(key, fingerprint, resource, now, expires_at)
+        return Claim(
+            key=key,
+            fingerprint=document["fingerprint"],
+            resource=document.get("resource"),
+            response=document["response"],
+            expires_at=_aware(document["expires_at"]),
+        )
+
+    def finish(self, key: str, response: dict) -> None:
+        with self._errors():
+            self.keys.update_one({"_id": key}, {"$set": {"response": response}})
+
+    def release(self, key: str) -> None:
+        with self._errors():
+            self.keys.delete_one({"_id": key, "response": None})
+
+    def ping(self) -> None:
+        # pymongo.timeout bounds the whole call, server selection included.
+        with _mongo_errors(self.probe_timeout):
+            self.database.command("ping")
+
+    def close(self) -> None:
+        self.database.client.close()

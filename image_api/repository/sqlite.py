@@ -1,0 +1,364 @@
+"""Metadata in one SQLite file (the embedded default), shared by every gunicorn worker."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .. import deadline
+from ..errors import BackendUnavailable, Conflict, NotFound
+from ..records import (
+    NO_FILTERS,
+    RECORD_FIELDS,
+    Claim,
+    Cursor,
+    Filters,
+    ImageRecord,
+    Status,
+    valid_id,
+)
+
+# Each entry brings the schema from version i to i + 1 (`PRAGMA user_version`), in one
+# transaction. Statements are idempotent, because databases made before the schema was
+# versioned are at version 0 with some of these tables already in place.
+_MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE IF NOT EXISTS images (
+            id TEXT PRIMARY KEY,
+            key TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            uploaded_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            status TEXT NOT NULL
+        )""",
+        """CREATE INDEX IF NOT EXISTS images_newest_first
+            ON images (status, uploaded_at DESC, id DESC)""",
+        """CREATE INDEX IF NOT EXISTS images_by_type
+            ON images (status, content_type, uploaded_at DESC, id DESC)""",
+        """CREATE TABLE IF NOT EXISTS idempotency_keys (
+            key TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            response TEXT,
+            expires_at TEXT NOT NULL
+        )""",
+        # count(*) walks every matching row: `total` would grow with the table. Triggers
+        # keep a count per (status, content type) in the same transaction as each write.
+        """CREATE TABLE IF NOT EXISTS image_counts (
+            status TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (status, content_type)
+        )""",
+        """CREATE TRIGGER IF NOT EXISTS images_counted_in AFTER INSERT ON images BEGIN
+            INSERT OR IGNORE INTO image_counts VALUES (NEW.status, NEW.content_type, 0);
+            UPDATE image_counts SET n = n + 1
+                WHERE status = NEW.status AND content_type = NEW.content_type;
+        END""",
+        """CREATE TRIGGER IF NOT EXISTS images_counted_out AFTER DELETE ON images BEGIN
+            UPDATE image_counts SET n = n - 1
+                WHERE status = OLD.status AND content_type = OLD.content_type;
+        END""",
+        """CREATE TRIGGER IF NOT EXISTS images_counted_again
+            AFTER UPDATE OF status, content_type ON images BEGIN
+            UPDATE image_counts SET n = n - 1
+                WHERE status = OLD.status AND content_type = OLD.content_type;
+            INSERT OR IGNORE INTO image_counts VALUES (NEW.status, NEW.content_type, 0);
+            UPDATE image_counts SET n = n + 1
+                WHERE status = NEW.status AND content_type = NEW.content_type;
+        END""",
+        # Counted once, in the same transaction as the triggers: right even for a database
+        # an older release made before the counts existed.
+        "DELETE FROM image_counts",
+        """INSERT INTO image_counts
+            SELECT status, content_type, count(*) FROM images GROUP BY 1, 2""",
+    ],
+    [
+        # Repair walks records in blob-key order beside the blobs.
+        "CREATE INDEX IF NOT EXISTS images_by_key ON images (key)",
+        # The image an idempotent request writes, so a retry can find its result.
+        "ALTER TABLE idempotency_keys ADD COLUMN resource TEXT",
+    ],
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _to_text(moment: datetime) -> str:
+    # Fixed-width UTC text sorts in time order.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _from_row(row: sqlite3.Row) -> ImageRecord:
+    values = dict(row)
+    values["uploaded_at"] = datetime.fromisoformat(values["uploaded_at"])
+    values["updated_at"] = datetime.fromisoformat(values["updated_at"])
+    values["status"] = Status(values["status"])
+    return ImageRecord(**values)
+
+
+def _to_row(record: ImageRecord) -> dict:
+    values = dataclasses.asdict(record)
+    values["uploaded_at"] = _to_text(record.uploaded_at)
+    values["updated_at"] = _to_text(record.updated_at)
+    values["status"] = str(record.status)
+    return values
+
+
+def _where(filters: Filters) -> tuple[list[str], list]:
+    clauses, params = ["status = 'active'"], []
+    if filters.content_type:
+        clauses.append("content_type = ?")
+        params.append(filters.content_type)
+    if filters.uploaded_after:
+        clauses.append("uploaded_at >= ?")
+        params.append(_to_text(filters.uploaded_after))
+    if filters.uploaded_before:
+        clauses.append("uploaded_at < ?")
+        params.append(_to_text(filters.uploaded_before))
+    return clauses, params
+
+
+@contextlib.contextmanager
+def _sqlite_errors():
+    try:
+        yield
+    except sqlite3.IntegrityError as error:
+        raise Conflict() from error
+    except sqlite3.Error as error:
+        # "database is locked" past the busy timeout, disk I/O errors, a vanished file...
+        # SQLite commits locally and atomically: a failed statement did not take effect.
+        raise BackendUnavailable(in_doubt=False) from error
+
+
+_COLUMNS = ", ".join(RECORD_FIELDS)
+_MARKS = ", ".join(f":{name}" for name in RECORD_FIELDS)
+_ASSIGNMENTS = ", ".join(f"{name} = :{name}" for name in RECORD_FIELDS if name != "id")
+
+
+class SqliteRepository:
+    """Metadata in one SQLite file, in WAL mode so several gunicorn workers share it."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path, busy_timeout: float = 5.0):
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        # sqlite3 connections belong to one thread and must not cross a fork: one per
+        # thread, remade if the process id changes.
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        pid = os.getpid()
+        if getattr(self._local, "pid", None) != pid:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            # FULL: a commit survives power loss, not only a process crash.
+            connection.execute("PRAGMA synchronous=FULL")
+            self._local.connection, self._local.pid = connection, pid
+            self._local.busy_ms = int(self.busy_timeout * 1000)
+            with self._lock:
+                self._opened.append(connection)
+        return self._local.connection
+
+    def _execute(self, query: str, params=()) -> sqlite3.Cursor:
+        with _sqlite_errors():
+            db = self._connection()
+            # A locked database waits at most what is left of the request's budget.
+            busy_ms = int(deadline.time_left(self.busy_timeout) * 10) * 100
+            if busy_ms != self._local.busy_ms:
+                db.execute(f"PRAGMA busy_timeout = {max(busy_ms, 10)}")
+                self._local.busy_ms = busy_ms
+            return db.execute(query, params)
+
+    def create(self) -> None:
+        """Switch to WAL and bring the schema to `SCHEMA_VERSION`.
+
+        Safe when every gunicorn worker does it at once on a new file, and cheap on an
+        existing one (it reads the version and stops).
+        """
+        with _sqlite_errors():
+            db = self._connection()
+            self._use_wal(db)
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            db.execute("BEGIN IMMEDIATE")  # waits for the busy timeout, unlike the above
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for statements in _MIGRATIONS[version:]:
+                    for statement in statements:
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        # Changing the journal mode does not wait on the busy timeout: when several
+        # processes open a new file at once, all but one get "database is locked" at once.
+        # WAL is a property of the file, so retry until someone has switched it.
+        waited, pause = 0.0, 0.005
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                    return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or waited >= self.busy_timeout:
+                    raise
+            time.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 0.1)
+
+    def insert(self, record: ImageRecord) -> None:
+        self._execute(f"INSERT INTO images ({_COLUMNS}) VALUES ({_MARKS})", _to_row(record))
+
+    def _find(self, image_id: str, status: Status) -> ImageRecord:
+        if not valid_id(image_id):
+            raise NotFound()
+        row = self._execute(
+            "SELECT * FROM images WHERE id = ? AND status = ?", (image_id, str(status))
+        ).fetchone()
+        if row is None:
+            raise NotFound()
+        return _from_row(row)
+
+    def get(self, image_id: str) -> ImageRecord:
+        return self._find(image_id, Status.ACTIVE)
+
+    def activate(self, image_id: str, moment: datetime) -> ImageRecord:
+        stamp = _to_text(moment)
+        row = self._execute(
+            "UPDATE images SET status = 'active', uploaded_at = ?, updated_at = ?"
+            " WHERE id = ? AND status = 'pending' RETURNING *",
+            (stamp, stamp, image_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound()
+        return _from_row(row)
+
+    def list_page(
+        self, limit: int, after: Cursor | None = None, filters: Filters = NO_FILTERS
+    ) -> list[ImageRecord]:
+        clauses, params = _where(filters)
+        if after is not None:
+            # Row-value comparison walks the (status, uploaded_at DESC, id DESC) index.
+            clauses.append("(uploaded_at, id) < (?, ?)")
+            params += [_to_text(after[0]), after[1]]
+        query = (
+            f"SELECT * FROM images WHERE {' AND '.join(clauses)}"
+            " ORDER BY uploaded_at DESC, id DESC LIMIT ?"
+        )
+        return [_from_row(row) for row in self._execute(query, [*params, limit])]
+
+    def count(self, filters: Filters = NO_FILTERS) -> int:
+        if filters.uploaded_after is None and filters.uploaded_before is None:
+            query, params = "SELECT sum(n) FROM image_counts WHERE status = 'active'", []
+            if filters.content_type:
+                query += " AND content_type = ?"
+                params.append(filters.content_type)
+            return self._execute(query, params).fetchone()[0] or 0
+        clauses, params = _where(filters)
+        query = f"SELECT count(*) FROM images WHERE {' AND '.join(clauses)}"
+        return self._execute(query, params).fetchone()[0]
+
+    def update(self, record: ImageRecord, expected_version: int) -> ImageRecord:
+        cursor = self._execute(
+            f"UPDATE images SET {_ASSIGNMENTS}"
+            " WHERE id = :id AND version = :expected AND status = 'active'",
+            {**_to_row(record), "expected": expected_version},
+        )
+        if cursor.rowcount == 1:
+            return record
+        self.get(record.id)  # raises NotFound if it is gone
+        raise Conflict()
+
+    def delete(
+        self, image_id: str, expected_version: int | None = None, status: Status = Status.ACTIVE
+    ) -> ImageRecord:
+        if not valid_id(image_id):
+            raise NotFound()
+        query = "DELETE FROM images WHERE id = ? AND status = ?"
+        params: list = [image_id, str(status)]
+        if expected_version is not None:
+            query += " AND version = ?"
+            params.append(expected_version)
+        row = self._execute(query + " RETURNING *", params).fetchone()
+        if row is not None:
+            return _from_row(row)
+        self._find(image_id, status)  # raises NotFound if it is gone
+        raise Conflict()
+
+    def scan(self, after_key: str | None, limit: int) -> list[ImageRecord]:
+        rows = self._execute(
+            "SELECT * FROM images WHERE key > ? ORDER BY key LIMIT ?", (after_key or "", limit)
+        )
+        return [_from_row(row) for row in rows]
+
+    def find_key(self, key: str) -> ImageRecord | None:
+        row = self._execute("SELECT * FROM images WHERE key = ?", (key,)).fetchone()
+        return None if row is None else _from_row(row)
+
+    def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        resource: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Claim | None:
+        # One statement: an expired key is taken over, a live one is left as it is.
+        cursor = self._execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, resource, response, expires_at)"
+            " VALUES (?, ?, ?, NULL, ?) ON CONFLICT (key) DO UPDATE SET"
+            " fingerprint = excluded.fingerprint, resource = excluded.resource,"
+            " response = NULL, expires_at = excluded.expires_at"
+            " WHERE idempotency_keys.expires_at <= ?",
+            (key, fingerprint, resource, _to_text(expires_at), _to_text(now)),
+        )
+        if cursor.rowcount == 1:
+            return None
+        row = self._execute("SELECT * FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+        if row is None:  # released between the two statements: try again
+            return self.claim(key, fingerprint, resource, now, expires_at)
+        return Claim(
+            key=row["key"],
+            fingerprint=row["fingerprint"],
+            resource=row["resource"],
+            response=json.loads(row["response"]) if row["response"] else None,
+            expires_at=datetime.fromisoformat(row["expires_at"]),
+        )
+
+    def finish(self, key: str, response: dict) -> None:
+        self._execute(
+            "UPDATE idempotency_keys SET response = ? WHERE key = ?", (json.dumps(response), key)
+        )
+
+    def release(self, key: str) -> None:
+        self._execute("DELETE FROM idempotency_keys WHERE key = ? AND response IS NULL", (key,))
+
+    def ping(self) -> None:
+        self._execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for connection in opened:
+            # Closing from another thread is refused by sqlite3; those die with their thread.
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                connection.close()
+        self._local = threading.local()

@@ -1,0 +1,83 @@
+"""Blob storage: where image bytes live. One contract, one module per backend.
+
+Every backend translates its driver's errors at this boundary: a missing blob becomes
+`NotFound`, anything that means "the store cannot answer now" becomes `BackendUnavailable`.
+Keys are made by the service (`records.new_key`), never from client input; each backend
+refuses any other key with `ValueError` before it touches a path or an object name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+from ..config import Settings
+from ..records import valid_key
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as listed by `BlobStorage.list` (for repair and for checks)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+class BlobStorage(Protocol):
+    """Where image bytes live.
+
+    - `put(key, stream, content_type)` stores the whole stream under `key`, atomically: a
+      reader sees all of the bytes or no blob.
+    - `open(key, byte_range=None)` returns a readable binary file object, of the bytes
+      `start <= i < stop` when `byte_range=(start, stop)` is given; `NotFound` if there is
+      no blob.
+    - `presigned_url(key, ttl, content_type, disposition)` returns a URL a client can GET the
+      blob from directly with those response headers, or None if the backend has none.
+    - `delete(key)` removes the blob; deleting a missing blob is success.
+    - `list()` yields every stored blob in key order (repair merges it with the records).
+    - `create()` makes the directory or bucket (idempotent); `ping()` raises
+      `BackendUnavailable` unless the store answers; `close()` releases connections.
+    """
+
+    name: str
+
+    def create(self) -> None: ...
+
+    def put(self, key: str, stream: BinaryIO, content_type: str) -> None: ...
+
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO: ...
+
+    def presigned_url(
+        self, key: str, ttl: int, content_type: str, disposition: str
+    ) -> str | None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self) -> Iterator[StoredBlob]: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def checked_key(key: str) -> str:
+    """`key` if the service could have made it; a path or object name is never built from
+    anything else."""
+    if not valid_key(key):
+        raise ValueError(f"not a blob key: {key!r}")
+    return key
+
+
+def storage_from_settings(settings: Settings) -> BlobStorage:
+    """The blob backend the settings choose: S3 when a bucket is named, else a directory."""
+    # Imported here, the one place that chooses: the embedded default never loads boto3.
+    if settings.blob_backend == "s3":
+        from .s3 import S3Storage
+
+        return S3Storage.from_settings(settings)
+    from .filesystem import FilesystemStorage
+
+    return FilesystemStorage(settings.data_dir / "blobs")

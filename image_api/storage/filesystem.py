@@ -1,0 +1,153 @@
+"""Blobs as files in a local directory (the embedded default)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import BackendUnavailable, NotFound
+from ..records import valid_key
+from . import StoredBlob, checked_key
+
+_WRITE_CHUNK = 1024 * 1024
+
+
+class FilesystemStorage:
+    """Blobs as files under `root`, sharded by the first two characters of the key."""
+
+    name = "filesystem"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def create(self) -> None:
+        """Create the root directory (idempotent)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BackendUnavailable(f"Cannot create blob directory {self.root}") from error
+
+    def path(self, key: str) -> Path:
+        key = checked_key(key)
+        return self.root / key[:2] / key
+
+    def put(self, key: str, stream: BinaryIO, content_type: str) -> None:
+        target = self.path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Write a temporary file beside the target, fsync it, rename it into place and
+            # fsync the directory: after a crash the blob is either whole or absent.
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := stream.read(_WRITE_CHUNK):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(target.parent)
+        except OSError as error:
+            raise BackendUnavailable("Cannot write to the blob directory") from error
+
+    def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO:
+        try:
+            file = open(self.path(key), "rb")  # noqa: SIM115 - the WSGI server closes it
+        except FileNotFoundError:
+            raise NotFound("The image's file is missing") from None
+        except OSError as error:
+            raise BackendUnavailable("Cannot read from the blob directory") from error
+        # A real file (or a window on one that keeps its fileno) lets gunicorn sendfile().
+        return file if byte_range is None else FileRange(file, *byte_range)
+
+    def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> None:
+        return None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError as error:
+            raise BackendUnavailable("Cannot delete from the blob directory") from error
+
+    def list(self) -> Iterator[StoredBlob]:
+        # Shards are the keys' first two characters, so shard by shard in name order is
+        # key order.
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.iterdir()):
+            if not shard.is_dir():
+                continue
+            for name in sorted(os.listdir(shard)):
+                if not valid_key(name):
+                    continue  # temporary files of writes in progress
+                with contextlib.suppress(FileNotFoundError):
+                    stat = os.stat(shard / name)
+                    modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                    yield StoredBlob(name, stat.st_size, modified)
+
+    def ping(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root) as probe:
+                probe.write(b"ok")
+        except OSError as error:
+            raise BackendUnavailable(f"Cannot write to the blob directory {self.root}") from error
+
+    def close(self) -> None:
+        pass
+
+
+class FileRange(io.RawIOBase):
+    """A window `start <= i < stop` on an open file.
+
+    Reads stop at the window's end, and `fileno()`, `seek()` and `tell()` work on the
+    underlying file, so gunicorn can sendfile() from the current offset: `socket.sendfile`
+    seeks the file after sending, and a window that refused to seek made gunicorn drop the
+    keep-alive connection after every ranged response.
+    """
+
+    def __init__(self, file: BinaryIO, start: int, stop: int):
+        super().__init__()
+        self.file = file
+        self.stop = stop
+        self.file.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: max(self.stop - self.file.tell(), 0)]
+        return self.file.readinto(view) or 0
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
