@@ -9,6 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, cli, errors
 from .config import Settings
+from .records import Clock, utc_now
 from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
 from .storage import storage_from_settings
@@ -17,12 +18,12 @@ from .storage import storage_from_settings
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
-def create_app(overrides: Mapping[str, str] | None = None) -> Flask:
+def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_now) -> Flask:
     """Build the app: settings, backends, service, blueprints, error handlers and CLI.
 
     `overrides` replaces the environment entirely (tests use it so that neither the
     developer's environment nor `.env` leaks in); without it, `.env` and the environment
-    are read.
+    are read. `clock` stamps records and decides what `repair` finds old enough.
     """
     settings = (
         Settings.from_mapping(overrides) if overrides is not None else Settings.from_environment()
@@ -43,7 +44,7 @@ def create_app(overrides: Mapping[str, str] | None = None) -> Flask:
         storage.create()
     if settings.metadata_backend == "sqlite":
         repository.create()
-    app.extensions[EXTENSION] = ImageService(storage, repository, settings)
+    app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock)
 
     errors.init_app(app)
     api.init_app(app)

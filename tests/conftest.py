@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 from moto import mock_aws
 
 from image_api import create_app
-from tests.helpers import FAKE_AWS, MONGO_URL
+from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +59,16 @@ class ClosingClient(FlaskClient):
         return super().open(*args, **kwargs)
 
 
-def build_app(env):
+@pytest.fixture
+def clock():
+    """The service's clock in tests: it moves only by a millisecond per reading, or when a
+    test advances it."""
+    return FakeClock()
+
+
+def build_app(env, clock):
     """create_app on `env`, then `init` (bucket, tables, indexes) as an operator would."""
-    app = create_app(env)
+    app = create_app(env, clock)
     app.config["TESTING"] = True
     app.test_client_class = ClosingClient
     runner = app.test_cli_runner()
@@ -71,12 +78,12 @@ def build_app(env):
 
 
 @pytest.fixture
-def make_app():
+def make_app(clock):
     """Build apps from explicit settings (no `init`), closing their backends afterwards."""
     apps = []
 
     def make(env):
-        app = create_app(env)
+        app = create_app(env, clock)
         app.test_client_class = ClosingClient
         apps.append(app)
         return app
@@ -87,14 +94,14 @@ def make_app():
 
 
 @pytest.fixture(params=["embedded", "cloud"])
-def app(request, embedded_env, cloud_env):
+def app(request, embedded_env, cloud_env, clock):
     """The app on each backend pair: directory + SQLite, and S3 (moto) + MongoDB (mongomock)."""
     if request.param == "embedded":
-        app = build_app(embedded_env)
+        app = build_app(embedded_env, clock)
         yield app
     else:
         with mock_aws(), mongomock.patch(servers=(("mongo.test", 27017),)):
-            app = build_app(cloud_env)
+            app = build_app(cloud_env, clock)
             yield app
     app.extensions["image_api"].close()
 

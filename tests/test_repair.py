@@ -11,11 +11,14 @@ from urllib.parse import urlsplit
 import pytest
 
 from image_api.records import new_id, new_key
-from image_api.records import utc_now as now
 from image_api.repair import MISSING_BLOB, ORPHAN_BLOB, STALE_PENDING, repair
 from image_api.repository import scan_all
 from tests import faultproxy
 from tests.helpers import FAKE_AWS, make_image
+
+#: Repair with a grace of 0 runs this much later on the service's clock than the uploads,
+#: so that the blobs' modification times (the file system's clock) are surely before it.
+LATER = timedelta(days=1)
 
 
 def upload(client, data=None):
@@ -36,7 +39,7 @@ def make_drift(service):
     """One of each kind of drift; returns {kind: key}."""
     orphan = new_key()
     service.storage.put(orphan, io.BytesIO(b"orphan"), "image/png")
-    old = now() - timedelta(hours=2)
+    old = service.clock() - timedelta(hours=2)
     template = service.repository.get(upload_record_id(service))
     stale = dataclasses.replace(
         template, id=new_id(), key=new_key(), status="pending", uploaded_at=old, updated_at=old
@@ -52,13 +55,15 @@ def upload_record_id(service):
     return next(r.id for r in scan_all(service.repository) if r.status == "active")
 
 
-def test_a_clean_store_has_no_findings(client, service):
+def test_a_clean_store_has_no_findings(client, service, clock):
+    clock.advance(LATER)  # what repair sees is older than any grace of 0
     upload(client)
     report = repair(service, timedelta(0), apply=True)
     assert (report.records, report.blobs, report.findings) == (1, 1, [])
 
 
-def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service):
+def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service, clock):
+    clock.advance(LATER)  # what repair sees is older than any grace of 0
     upload(client)
     drift = make_drift(service)
     before = (list(scan_all(service.repository)), list(service.storage.list()))
@@ -68,7 +73,8 @@ def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service):
     assert (list(scan_all(service.repository)), list(service.storage.list())) == before
 
 
-def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service):
+def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service, clock):
+    clock.advance(LATER)  # what repair sees is older than any grace of 0
     kept = upload(client, make_image(color="red"))
     drift = make_drift(service)
     report = repair(service, timedelta(0), apply=True)
@@ -84,6 +90,25 @@ def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service):
     assert repair(service, timedelta(0), apply=True).findings == []
 
 
+def test_the_grace_period_boundary_is_inclusive(client, service, clock):
+    """Stamped at or before `now - grace` is old enough; a millisecond later is not."""
+    grace = timedelta(minutes=10)
+    template = service.repository.get(upload(client))
+    clock.advance(LATER)
+    cutoff = clock.now + timedelta(milliseconds=1) - grace  # repair's reading, minus grace
+    at, after = (
+        dataclasses.replace(
+            template, id=new_id(), key=new_key(), status="pending", uploaded_at=t, updated_at=t
+        )
+        for t in (cutoff, cutoff + timedelta(milliseconds=1))
+    )
+    service.repository.insert(at)
+    service.repository.insert(after)
+    report = repair(service, grace, apply=True)
+    assert [(f.kind, f.image_id) for f in report.findings] == [(STALE_PENDING, at.id)]
+    assert {r.id for r in scan_all(service.repository)} == {template.id, after.id}
+
+
 def test_the_grace_period_protects_uploads_in_flight(client, service):
     upload(client)
     fresh_orphan = new_key()
@@ -95,7 +120,8 @@ def test_the_grace_period_protects_uploads_in_flight(client, service):
     assert fresh_orphan in {b.key for b in service.storage.list()}
 
 
-def test_a_record_whose_blob_reappears_is_left_alone(client, service):
+def test_a_record_whose_blob_reappears_is_left_alone(client, service, clock):
+    clock.advance(LATER)  # what repair sees is older than any grace of 0
     image_id = upload(client)
 
     class HidesBlobs:
@@ -117,7 +143,8 @@ def test_a_record_whose_blob_reappears_is_left_alone(client, service):
     assert client.get(f"/api/images/{image_id}").status_code == 200
 
 
-def test_cli_reports_in_text_and_json(app, client, service):
+def test_cli_reports_in_text_and_json(app, client, service, clock):
+    clock.advance(LATER)  # what repair sees is older than any grace of 0
     upload(client)
     drift = make_drift(service)
     runner = app.test_cli_runner()
@@ -169,8 +196,9 @@ def proxied_app(make_app, tmp_path, proxy):
 )
 @pytest.mark.parametrize("operation", ["upload", "replace", "delete"])
 def test_s3_faults_give_503_and_repair_restores_an_exact_match(
-    proxied_app, proxy, fault, operation
+    proxied_app, proxy, fault, operation, clock
 ):
+    clock.advance(LATER)
     client, service = proxied_app.test_client(), proxied_app.extensions["image_api"]
     original = make_image(color="red")
     image_id = upload(client, original)
