@@ -33,13 +33,13 @@ class Request:
     """What an idempotent request is and how to find its result without its response.
 
     `fingerprint` identifies the request (a reused key with another one is refused);
-    `resource` is the image it writes; `find_result()` returns the image the first
-    request left, or None if it left nothing.
+    `resource` is the image it writes; `find_result(resource)` returns the image the first
+    request (which wrote `resource`) left, or None if it left nothing.
     """
 
     fingerprint: str
     resource: str
-    find_result: Callable[[], ImageRecord | None]
+    find_result: Callable[[str], ImageRecord | None]
 
 
 class Idempotency:
@@ -73,7 +73,7 @@ class Idempotency:
             if claim.response is not None:
                 return ImageRecord.from_json(claim.response)
             if self._abandoned(claim):
-                found = request.find_result()
+                found = request.find_result(claim.resource) if claim.resource else None
                 if found is not None:
                     self._finish(key, found)
                     return found

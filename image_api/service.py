@@ -115,9 +115,9 @@ class ImageService:
         info = self._inspect(upload)
         image_id = new_id()
 
-        def find_result():
+        def find_result(first_id: str):
             try:
-                return self.repository.get(image_id)
+                return self.repository.get(first_id)
             except NotFound:
                 return None
 
@@ -161,15 +161,19 @@ class ImageService:
             _check(current, if_match)
             return self._replace(current, upload, info, conditional=if_match is not None)
 
-        def find_result():
+        def find_result(first: str):
+            # `first` names the image and the version the first request would have made.
+            first_id, version = first.split("@")
             try:
-                found = self.repository.get(image_id)
+                found = self.repository.get(first_id)
             except NotFound:
                 return None
-            wrote = found.version == current.version + 1 and found.sha256 == info.sha256
+            wrote = found.version == int(version) and found.sha256 == info.sha256
             return found if wrote else None
 
-        request = Request(f"replace {image_id} {info.sha256}", image_id, find_result)
+        request = Request(
+            f"replace {image_id} {info.sha256}", f"{image_id}@{current.version + 1}", find_result
+        )
         return self.idempotency.run(idempotency_key, request, replace_once)
 
     def delete(self, image_id: str, if_match: Container[str] | None = None) -> None:
