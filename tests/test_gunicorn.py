@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
+from urllib3 import encode_multipart_formdata
 
-from tests.helpers import ROOT, make_image
+from tests.helpers import FAKE_AWS, ROOT, make_image
 
 
 def free_port() -> int:
@@ -26,9 +30,10 @@ def free_port() -> int:
 
 
 class Service:
-    """gunicorn serving wsgi:app on the embedded default, as `make run` starts it."""
+    """gunicorn serving wsgi:app as `make run` starts it: on the embedded default, or on
+    what `env` (variables set over the defaults below) names."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
         self.log = data_dir.parent / "gunicorn.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,8 +46,21 @@ class Service:
             # Empty wins over a developer's .env: force the embedded default.
             "S3_BUCKET_NAME": "",
             "MONGODB_URL": "",
+            **(env or {}),
         }
         self.process = None
+
+    def init(self):
+        """`flask init` on the service's environment (the bucket, tables and indexes)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "image_api", "init"],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
 
     def start(self):
         gunicorn = Path(sys.executable).with_name("gunicorn")
@@ -54,7 +72,11 @@ class Service:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # never leave a gunicorn running behind a failed start
+            raise
 
     def wait_ready(self):
         deadline = time.monotonic() + 30
@@ -62,9 +84,11 @@ class Service:
             if self.process.poll() is not None:
                 pytest.fail(f"gunicorn exited: {self.log.read_text()}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                # Longer than PROBE_TIMEOUT: a worker's first probe of S3 also builds its
+                # boto3 client, which can take over a second on a busy machine.
+                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.1)
         pytest.fail("gunicorn did not become ready")
 
@@ -221,3 +245,112 @@ def test_workers_killed_mid_write_leave_nothing_broken_after_repair(service):
         download = requests.get(image["imageUrl"], timeout=10)
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == image["sha256"]
+
+
+#: What gunicorn's error log (the service's stderr) holds on a clean run: its own INFO
+#: lines only. A traceback, an app warning or an error gunicorn logged would not match.
+_CLEAN_LOG_LINE = re.compile(r"\[[^]]+\] \[\d+\] \[INFO\] ")
+
+
+@pytest.fixture(params=["embedded", "s3"])
+def backend_service(request, tmp_path):
+    """gunicorn on each backend pair it runs here: directory + SQLite, S3 (a moto server
+    over HTTP) + SQLite."""
+    env = {}
+    if request.param == "s3":
+        env = {
+            **FAKE_AWS,
+            "S3_BUCKET_NAME": f"keepalive-{uuid.uuid4().hex[:12]}",
+            "S3_ENDPOINT_URL": request.getfixturevalue("moto_server"),
+        }
+    running = Service(tmp_path / "data", env)
+    if request.param == "s3":
+        running.init()
+    running.start()
+    yield running
+    running.stop()
+    print(running.log.read_text())  # pytest shows it when the test failed
+
+
+def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_service):
+    """Regression: after a 206 from the filesystem, gunicorn's socket.sendfile() seeked
+    the range wrapper, got io.UnsupportedOperation and dropped the connection, so the next
+    request on it failed with RemoteDisconnected."""
+    service = backend_service
+    data = make_image("PNG", (64, 48), color=(10, 120, 200))
+    size = len(data)
+    # Not through requests: its closed sessions leave the socket open until garbage
+    # collection, and a stopping worker lingers two seconds over an open connection.
+    form, content_type = encode_multipart_formdata({"image": ("k.png", data, "image/png")})
+    upload = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    try:
+        upload.request("POST", "/api/images/upload", form, {"Content-Type": content_type})
+        uploaded = upload.getresponse()
+        assert uploaded.status == 201, uploaded.read()
+        path = f"/api/images/{json.loads(uploaded.read())['image']['_id']}/download"
+    finally:
+        upload.close()
+
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    conn.connect()
+    sock = conn.sock
+    done: list[str] = []
+
+    def send(step: str, method: str = "GET", headers: dict[str, str] | None = None):
+        try:
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            body = response.read()
+        except (http.client.HTTPException, OSError) as error:
+            # gunicorn logs why before it closes the socket: the log is complete here.
+            pytest.fail(
+                f"{step}: connection lost after {done}: {error!r}\n{service.log.read_text()}"
+            )
+        # Kept alive: announced by the server (never "close"), kept by http.client, never
+        # reopened.
+        assert response.getheader("Connection") == "keep-alive", step
+        assert not response.will_close, step
+        assert conn.sock is sock, f"{step}: http.client reconnected after {done}"
+        done.append(step)
+        return response, body
+
+    full, body = send("full GET")
+    assert full.status == 200 and body == data
+    assert full.getheader("Content-Length") == str(size)
+    assert full.getheader("Content-Range") is None
+    etag = full.getheader("ETag")
+    assert etag
+
+    ranged, body = send("range 7-20", headers={"Range": "bytes=7-20"})
+    assert ranged.status == 206 and body == data[7:21]
+    assert ranged.getheader("Content-Length") == "14"
+    assert ranged.getheader("Content-Range") == f"bytes 7-20/{size}"
+
+    suffix, body = send("suffix range -10", headers={"Range": "bytes=-10"})
+    assert suffix.status == 206 and body == data[-10:]
+    assert suffix.getheader("Content-Length") == "10"
+    assert suffix.getheader("Content-Range") == f"bytes {size - 10}-{size - 1}/{size}"
+
+    head, body = send("HEAD", method="HEAD")
+    assert head.status == 200 and body == b""
+    assert head.getheader("Content-Length") == str(size)
+    assert head.getheader("Content-Range") is None
+    assert head.getheader("ETag") == etag
+
+    cached, body = send("If-None-Match", headers={"If-None-Match": etag})
+    assert cached.status == 304 and body == b""
+    assert cached.getheader("Content-Length") is None
+    assert cached.getheader("Content-Range") is None
+    assert cached.getheader("ETag") == etag
+
+    again, body = send("full GET again")
+    assert again.status == 200 and body == data
+    assert again.getheader("Content-Length") == str(size)
+    assert again.getheader("Content-Range") is None
+
+    conn.close()
+    service.stop()
+    log = service.log.read_text()
+    unexpected = [line for line in log.splitlines() if not _CLEAN_LOG_LINE.match(line)]
+    assert "Traceback" not in log and not unexpected, log
+    assert "Booting worker" in log  # the check above read the right file
