@@ -44,6 +44,11 @@ class FileTooLarge(ApiError):
     status, code, message = 413, "file_too_large", "The file is too large"
 
 
+class FormTooLarge(ApiError):
+    status, code = 413, "form_too_large"
+    message = "The multipart form has too many parts or too large a text field"
+
+
 class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
     message = "Not an accepted image type"

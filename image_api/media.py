@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -135,14 +135,38 @@ def _decode(stream: BinaryIO, expected: str, max_pixels: int) -> tuple[int, int]
 def sanitize_filename(raw: str | None, image_format: str) -> str:
     """The client's filename made safe to echo in JSON and Content-Disposition.
 
-    Only the last path component is kept, control and format characters are dropped, and
-    the result is NFC-normalised and length-limited. It is metadata only: never a path.
+    NFKC-normalised first, so that look-alikes (fullwidth full stops and solidi, small
+    less-than and greater-than signs) are judged as
+    what they turn into; then only the last path component is kept, control, format and
+    separator characters are dropped, and the result is length-limited. Never empty and
+    never a dotfile. It is metadata only: never a path.
     """
-    name = unicodedata.normalize("NFC", raw or "")
+    name = unicodedata.normalize("NFKC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " ")
-    name = name.strip(" .")
-    if len(name) > _MAX_FILENAME:
-        stem, ext = os.path.splitext(name)
-        name = stem[: _MAX_FILENAME - len(ext[:16])] + ext[:16]
-    return name or f"image{EXTENSIONS[image_format]}"
+    return _complete(name, EXTENSIONS[image_format])
+
+
+def ascii_filename(name: str, content_type: str) -> str:
+    """An ASCII stand-in for a stored filename (Content-Disposition's `filename`), made by
+    the same rules: accents dropped, anything outside a small safe set replaced by `_`."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    ascii_name = _UNSAFE_ASCII.sub("_", ascii_name.replace("\\", "/").rsplit("/", 1)[-1])
+    return _complete(ascii_name, EXTENSIONS[_FORMATS[content_type]])
+
+
+_FORMATS = {content_type: name for name, content_type in CONTENT_TYPES.items()}
+_UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 ._()+,=@-]")
+
+
+def _complete(name: str, extension: str) -> str:
+    """`name` with a stem ("image" when nothing is left of it: an emoji-only name, say),
+    never a dotfile, without trailing dots or spaces, and length-limited."""
+    stem, dot, ext = name.strip(" ").rpartition(".")
+    if not dot:
+        stem, ext = ext, ""
+    stem, ext = stem.strip(" ."), ext.strip(" .")
+    if not stem:
+        stem, ext = "image", ext or extension.lstrip(".")
+    ext = f".{ext[:16]}" if ext else ""
+    return stem[: _MAX_FILENAME - len(ext)] + ext

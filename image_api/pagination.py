@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import UTC, datetime
 
 from .errors import BadRequest
 from .records import Cursor, ImageRecord, valid_id
@@ -22,8 +22,8 @@ def decode_cursor(token: str) -> Cursor:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         moment, image_id = raw.split("|")
         uploaded_at = datetime.fromisoformat(moment)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        if uploaded_at.tzinfo is None or not valid_id(image_id):
+            raise ValueError(moment)
+        return uploaded_at.astimezone(UTC), image_id
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadRequest("Malformed cursor") from None
-    if uploaded_at.tzinfo is None or not valid_id(image_id):
-        raise BadRequest("Malformed cursor")
-    return uploaded_at, image_id

@@ -3,25 +3,44 @@ schema. Nothing here touches a backend's driver or decides what the service deci
 
 from __future__ import annotations
 
-from flask import Flask, g
+from flask import Flask, Request, request
 
 from .. import deadline
 from ..service import current_service
 from . import downloads, health, images
 
 
+class ApiRequest(Request):
+    """Flask's request, except that a multipart body that does not parse is an error, not
+    an empty form (which would pass for a missing file)."""
+
+    def make_form_data_parser(self):
+        parser = super().make_form_data_parser()
+        parser.silent = False
+        return parser
+
+
 def start_budget() -> None:
     """Every request gets one time budget for all its backend calls."""
-    g.budget = deadline.start(current_service().settings.request_timeout)
+    # Kept with the request, not in `g`, which requests share when one runs inside another's
+    # app context (a test client in a request, say).
+    request.environ[_BUDGET] = deadline.start(current_service().settings.request_timeout)
 
 
 def end_budget(_error=None) -> None:
-    token = g.pop("budget", None)
+    token = request.environ.pop(_BUDGET, None)
     if token is not None:
         deadline.stop(token)
 
 
+_BUDGET = "image_api.budget"
+
+
 def init_app(app: Flask) -> None:
+    app.request_class = ApiRequest
+    # `//api/images//<id>` is not a route: Werkzeug would answer a 308 to a URL built from
+    # the request's Host.
+    app.url_map.merge_slashes = False
     app.register_blueprint(images.bp)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)

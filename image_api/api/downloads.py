@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import unicodedata
+from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import ContentRange
-from werkzeug.http import is_resource_modified
 from werkzeug.wsgi import wrap_file
 
-from ..errors import BadRequest, RangeNotSatisfiable
+from ..errors import BadRequest, PreconditionFailed, RangeNotSatisfiable
+from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
 
@@ -38,11 +38,11 @@ def download_image(image_id: str):
     response.set_etag(record.sha256)
     response.last_modified = record.updated_at
     response.cache_control.no_cache = True  # the content changes when the image is replaced
-    response.headers.set("Content-Disposition", disposition, **_filename_options(record.filename))
+    response.headers.set("Content-Disposition", disposition, **_filename_options(record))
     response.headers.update(_HEADERS)
-    if not is_resource_modified(
-        request.environ, etag=record.sha256, last_modified=record.updated_at
-    ):
+    if "If-Match" in request.headers and record.sha256 not in request.if_match:
+        raise PreconditionFailed("The image's ETag does not match If-Match")
+    if _not_modified(record):
         response.status_code = 304
         return response
 
@@ -80,23 +80,49 @@ def requested_range(record: ImageRecord) -> tuple[int, int] | None:
     if_range = request.if_range
     if if_range.etag is not None or if_range.date is not None:
         same_etag = if_range.etag == record.sha256
-        same_date = if_range.date == record.updated_at.replace(microsecond=0)
+        # RFC 9110 13.1.5: the date must be the Last-Modified, and a strong validator,
+        # which it is only if no other version can share it: a change on a whole second.
+        same_date = if_range.date == record.updated_at
         if not (same_etag or same_date):
             return None
+    start = ranges.ranges[0][0]
+    if start < 0:
+        # A suffix longer than the image asks for all of it (RFC 9110 14.1.2).
+        return max(record.size + start, 0), record.size
     bounds = ranges.range_for_length(record.size)
     if bounds is None:
         raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{record.size}"})
     return bounds
 
 
-def _filename_options(filename: str) -> dict[str, str]:
-    """`filename` (ASCII fallback) and, for other names, RFC 6266's `filename*`."""
-    try:
-        filename.encode("ascii")
-    except UnicodeEncodeError:
-        fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
-        return {
-            "filename": fallback or "image",
-            "filename*": "UTF-8''" + quote(filename, safe="!#$&+-.^_`|~"),
-        }
-    return {"filename": filename}
+def _not_modified(record: ImageRecord) -> bool:
+    """Whether the client's copy is current (RFC 9110 13.2.2: If-None-Match, when sent,
+    decides alone; else If-Modified-Since). Werkzeug's `is_resource_modified` also reads
+    If-Match, and answered a matching or a stale one with 304."""
+    if "If-None-Match" in request.headers:
+        return request.if_none_match.contains_weak(record.sha256)
+    since = request.if_modified_since
+    return since is not None and since >= _whole_seconds_after(record.updated_at)
+
+
+def _filename_options(record: ImageRecord) -> dict[str, str]:
+    """`filename` (an ASCII stand-in) and, for other names, RFC 6266's `filename*`."""
+    fallback = ascii_filename(record.filename, record.content_type)
+    if fallback == record.filename:
+        return {"filename": fallback}
+    return {
+        "filename": fallback,
+        "filename*": "UTF-8''" + quote(record.filename, safe="!#$&+-.^_`|~"),
+    }
+
+
+def _whole_seconds_after(moment: datetime) -> datetime:
+    """The first whole second at or after `moment`.
+
+    HTTP dates have one-second resolution: two versions replaced within one second share a
+    Last-Modified. A date validator proves a client's copy current only if it is no earlier
+    than this (RFC 9110 8.8.2.2), so If-Modified-Since and If-Range dates are compared with
+    it, not with the truncated date sent.
+    """
+    whole = moment.replace(microsecond=0)
+    return whole if whole == moment else whole + timedelta(seconds=1)

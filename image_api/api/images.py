@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from flask import Blueprint, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
-from ..errors import BadRequest, MissingFile
+from ..errors import BadRequest, FileTooLarge, FormTooLarge, MissingFile
 from ..media import Upload
 from ..service import current_service
-from .schemas import dump_image, dump_images, list_query_schema
+from .schemas import dump_image, dump_images, list_query_schema, next_page_query
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
 
 
 def uploaded_file(required: bool = True) -> Upload | None:
     """The file in multipart field `image`; `MissingFile` if absent and `required`."""
-    file = request.files.get("image")
+    try:
+        file = request.files.get("image")
+    except RequestEntityTooLarge:
+        if request.content_length is None or request.content_length > request.max_content_length:
+            raise FileTooLarge() from None
+        raise FormTooLarge() from None  # Werkzeug's limits on parts and text fields
+    except (ValueError, OSError):
+        # A multipart body that does not parse (part headers must be UTF-8), or a chunked
+        # body that does not (gunicorn raises OSErrors for bad chunk sizes, terminators and
+        # trailers while the form is read).
+        raise BadRequest(
+            "The request body is not valid multipart/form-data (part headers must be UTF-8)"
+        ) from None
     if file is None:
         if not required:
             return None
@@ -62,9 +77,8 @@ def list_images():
     }
     headers = {}
     if page.next_cursor:
-        next_url = url_for(
-            ".list_images", **{**request.args, "cursor": page.next_cursor}, _external=True
-        )
+        query_string = urlencode(next_page_query(query, page.next_cursor))
+        next_url = f"{url_for('.list_images', _external=True)}?{query_string}"
         headers["Link"] = f'<{next_url}>; rel="next"'
     return body, 200, headers
 

@@ -33,6 +33,20 @@ class ImageSchema(Schema):
     version = fields.Integer()
 
 
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO 8601 date-time in UTC (a bare one is taken as UTC); one that cannot be told
+    in UTC (`9999-12-31T23:59:59-23:59`) is invalid, not an overflow."""
+
+    def __init__(self, **kwargs):
+        super().__init__(default_timezone=UTC, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return super()._deserialize(value, attr, data, **kwargs).astimezone(UTC)
+        except OverflowError:
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+
+
 class ListQuerySchema(Schema):
     """Query parameters of `GET /api/images`."""
 
@@ -44,13 +58,8 @@ class ListQuerySchema(Schema):
     content_type = fields.String(
         data_key="contentType", load_default=None, validate=validate.OneOf(CONTENT_TYPES.values())
     )
-    # A bare date-time is taken as UTC.
-    uploaded_after = fields.AwareDateTime(
-        data_key="uploadedAfter", load_default=None, default_timezone=UTC
-    )
-    uploaded_before = fields.AwareDateTime(
-        data_key="uploadedBefore", load_default=None, default_timezone=UTC
-    )
+    uploaded_after = UtcDateTime(data_key="uploadedAfter", load_default=None)
+    uploaded_before = UtcDateTime(data_key="uploadedBefore", load_default=None)
 
     @post_load
     def make_filters(self, data: dict, **kwargs) -> dict:
@@ -59,6 +68,20 @@ class ListQuerySchema(Schema):
             data.pop("content_type"), data.pop("uploaded_after"), data.pop("uploaded_before")
         )
         return {**data, "filters": filters}
+
+
+def next_page_query(query: dict, cursor: str) -> dict[str, str]:
+    """The query string of the page after `query` (as `list_query_schema` loaded it), made
+    from the loaded values alone: nothing a client added is echoed into the Link."""
+    filters: Filters = query["filters"]
+    args = {"limit": str(query["limit"]), "cursor": cursor}
+    if filters.content_type:
+        args["contentType"] = filters.content_type
+    if filters.uploaded_after:
+        args["uploadedAfter"] = filters.uploaded_after.isoformat()
+    if filters.uploaded_before:
+        args["uploadedBefore"] = filters.uploaded_before.isoformat()
+    return args
 
 
 image_schema = ImageSchema()

@@ -1,0 +1,348 @@
+"""Regression tests for what an attack on the running service found: crafted queries,
+bodies and names, conditional requests at the edges, and races between writers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from werkzeug.http import parse_options_header
+
+from image_api.repository import scan_all
+from tests.helpers import make_image
+
+
+def upload(client, data=None, filename="a.png"):
+    response = client.post(
+        "/api/images/upload", data={"image": (io.BytesIO(data or make_image()), filename)}
+    )
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()["image"]
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json and response.get_json()["code"] == code
+
+
+# --- list queries ----------------------------------------------------------------------------
+
+CALENDAR_EDGES = [
+    "9999-12-31T23:59:59-23:59",
+    "0001-01-01T00:00:00+23:59",
+    "9999-12-31T23:59:59.999999-00:01",
+    "0001-01-01T00:00:00+00:01",
+]
+
+
+@pytest.mark.parametrize("moment", CALENDAR_EDGES)
+@pytest.mark.parametrize("name", ["uploadedAfter", "uploadedBefore"])
+def test_dates_that_cannot_be_told_in_utc_are_400(client, name, moment):
+    response = client.get("/api/images", query_string={name: moment})
+    assert_error(response, 400, "bad_request")
+    assert name in response.get_json()["message"]
+
+
+@pytest.mark.parametrize(
+    "moment", ["9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+00:00", "2026-01-01"]
+)
+def test_dates_at_the_edges_that_are_valid_still_work(client, moment):
+    upload(client)
+    assert client.get("/api/images", query_string={"uploadedBefore": moment}).status_code == 200
+    assert client.get("/api/images", query_string={"uploadedAfter": moment}).status_code == 200
+
+
+@pytest.mark.parametrize("moment", CALENDAR_EDGES)
+def test_cursors_naming_dates_that_overflow_are_400(client, moment):
+    token = base64.urlsafe_b64encode(f"{moment}|{'a' * 24}".encode()).decode().rstrip("=")
+    assert_error(client.get(f"/api/images?cursor={token}"), 400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    "name", ["_external", "_scheme", "_anchor", "_method", "endpoint", "values", "cursor2"]
+)
+def test_link_is_built_from_the_parameters_the_service_understood(client, name):
+    for _ in range(3):
+        upload(client)
+    response = client.get(
+        "/api/images",
+        query_string={"limit": "1", "contentType": "image/png", name: "https://evil.example"},
+    )
+    assert response.status_code == 200, response.get_json()
+    link = response.headers["Link"]
+    assert "evil" not in link and name not in link
+    url = link[1 : link.index(">")]
+    assert urlsplit(url).netloc == "localhost"
+    query = parse_qs(urlsplit(url).query)
+    assert set(query) == {"limit", "cursor", "contentType"}
+    assert query["cursor"] == [response.get_json()["nextCursor"]]
+    # Following the Link gives the next page.
+    following = client.get(url).get_json()
+    assert following["images"][0]["_id"] != response.get_json()["images"][0]["_id"]
+
+
+def test_link_keeps_the_date_filters_as_loaded(client):
+    for _ in range(3):
+        upload(client)
+    response = client.get("/api/images?limit=1&uploadedAfter=2000-01-01T01:00:00%2B01:00")
+    query = parse_qs(urlsplit(response.headers["Link"][1:-13]).query)
+    assert query["uploadedAfter"] == ["2000-01-01T00:00:00+00:00"]
+
+
+# --- multipart bodies ------------------------------------------------------------------------
+
+
+def post_raw(client, body: bytes, boundary=b"xyz"):
+    return client.post(
+        "/api/images/upload",
+        data=body,
+        content_type=f"multipart/form-data; boundary={boundary.decode()}",
+    )
+
+
+def part(headers: bytes, content: bytes) -> bytes:
+    return b"--xyz\r\n" + headers + b"\r\n\r\n" + content + b"\r\n"
+
+
+def test_a_filename_that_is_not_utf8_is_a_clear_400_not_a_missing_file(client, service):
+    disposition = b'Content-Disposition: form-data; name="image"; filename="caf\xe9.png"'
+    response = post_raw(client, part(disposition, make_image()) + b"--xyz--\r\n")
+    assert_error(response, 400, "bad_request")
+    assert "UTF-8" in response.get_json()["message"]
+    assert list(scan_all(service.repository)) == []
+
+
+def test_a_utf8_filename_in_raw_bytes_is_kept(client):
+    disposition = 'Content-Disposition: form-data; name="image"; filename="café.png"'.encode()
+    response = post_raw(client, part(disposition, make_image()) + b"--xyz--\r\n")
+    assert response.status_code == 201 and response.get_json()["image"]["filename"] == "café.png"
+
+
+def test_too_many_parts_is_413_form_too_large(client):
+    fields = b"".join(
+        part(b'Content-Disposition: form-data; name="f%d"' % i, b"v") for i in range(1100)
+    )
+    image = part(b'Content-Disposition: form-data; name="image"; filename="a.png"', make_image())
+    assert_error(post_raw(client, fields + image + b"--xyz--\r\n"), 413, "form_too_large")
+
+
+def test_an_oversized_text_field_is_413_form_too_large(client):
+    field = part(b'Content-Disposition: form-data; name="note"', b"a" * 600_000)
+    assert_error(post_raw(client, field + b"--xyz--\r\n"), 413, "form_too_large")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\nno end',
+        b"--xyz\r\nno headers at all",
+        b"--abc\r\nwrong boundary\r\n--abc--\r\n",
+    ],
+    ids=["unterminated", "no-headers", "wrong-boundary"],
+)
+def test_malformed_multipart_is_400(client, body):
+    response = post_raw(client, body)
+    assert response.status_code == 400 and response.is_json, response.get_data(as_text=True)
+
+
+# --- filenames in Content-Disposition --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored", "fallback"),
+    [
+        ("．．／．．／etc／cron.d／x", "x", "x"),  # noqa: RUF001 - the look-alikes are the test
+        ("..\\..\\boot.ini", "boot.ini", "boot.ini"),
+        ("﹤script﹥.png", "<script>.png", "_script_.png"),
+        ("😀.png", "😀.png", "image.png"),
+        ("😀", "😀", "image.png"),
+        (".htaccess", "image.htaccess", "image.htaccess"),
+        ("...", "image.png", "image.png"),
+        ("chat noir é.png", "chat noir é.png", "chat noir e.png"),
+    ],
+)
+def test_download_names_are_one_safe_component_never_empty_or_a_dotfile(
+    client, sent, stored, fallback
+):
+    image = upload(client, filename=sent)
+    assert image["filename"] == stored
+    disposition = client.get(f"/api/images/{image['_id']}/download").headers["Content-Disposition"]
+    kind, options = parse_options_header(disposition)
+    assert kind == "attachment"
+    # Werkzeug decodes filename* when both are given: check the raw fallback too.
+    assert f'filename="{fallback}"' in disposition or f"filename={fallback}" in disposition
+    assert options["filename"] == stored
+    for name in (stored, fallback):
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_doubled_slashes_are_a_json_404_not_a_redirect(client):
+    image = upload(client)
+    for path in (f"//api/images//{image['_id']}", f"/api//images/{image['_id']}/download"):
+        response = client.get(path, headers={"Host": "evil.example"})
+        assert_error(response, 404, "not_found")
+        assert "Location" not in response.headers
+
+
+# --- conditional downloads -------------------------------------------------------------------
+
+
+def test_a_replace_within_the_same_second_is_never_mistaken_for_the_old_version(client, clock):
+    clock.now = clock.now.replace(microsecond=100_000)
+    old, new = make_image(color="red"), make_image(color="blue", size=(80, 60))
+    image = upload(client, old)
+    url = f"/api/images/{image['_id']}/download"
+    last_modified = client.get(url).headers["Last-Modified"]
+    replaced = client.put(f"/api/images/{image['_id']}", data={"image": (io.BytesIO(new), "b.png")})
+    assert replaced.status_code == 200
+    assert client.get(url).headers["Last-Modified"] == last_modified  # the same second
+    # A cache holding the old version revalidates by date: it must get the new one.
+    fresh = client.get(url, headers={"If-Modified-Since": last_modified})
+    assert fresh.status_code == 200 and fresh.data == new
+    # A download resumed by date must not splice the new bytes onto the old ones.
+    resumed = client.get(url, headers={"Range": "bytes=10-", "If-Range": last_modified})
+    assert resumed.status_code == 200 and resumed.data == new
+
+
+def test_a_date_validator_on_a_whole_second_is_honoured(client, clock):
+    # An upload reads the clock twice (pending, then active): the second is on the second.
+    clock.now = clock.now.replace(microsecond=0) - timedelta(milliseconds=2)
+    data = make_image()
+    image = upload(client, data)
+    assert image["updatedAt"].endswith(":00+00:00") or ".000" not in image["updatedAt"]
+    url = f"/api/images/{image['_id']}/download"
+    last_modified = client.get(url).headers["Last-Modified"]
+    assert client.get(url, headers={"If-Modified-Since": last_modified}).status_code == 304
+    resumed = client.get(url, headers={"Range": "bytes=10-", "If-Range": last_modified})
+    assert resumed.status_code == 206 and resumed.data == data[10:]
+
+
+def test_download_with_a_stale_if_match_is_412(client):
+    image = upload(client)
+    url = f"/api/images/{image['_id']}/download"
+    assert_error(client.get(url, headers={"If-Match": '"stale"'}), 412, "precondition_failed")
+    assert client.get(url, headers={"If-Match": f'"{image["sha256"]}"'}).status_code == 200
+    assert client.get(url, headers={"If-Match": "*"}).status_code == 200
+
+
+@pytest.mark.parametrize("suffix", [1, 100, 10**6, 10**30])
+def test_a_suffix_range_longer_than_the_image_is_the_whole_image(client, suffix):
+    data = make_image()
+    image = upload(client, data)
+    response = client.get(
+        f"/api/images/{image['_id']}/download", headers={"Range": f"bytes=-{suffix}"}
+    )
+    assert response.status_code == 206
+    expected = data[-suffix:]
+    assert response.data == expected
+    start = len(data) - len(expected)
+    assert response.headers["Content-Range"] == f"bytes {start}-{len(data) - 1}/{len(data)}"
+
+
+def test_a_range_that_starts_past_the_end_is_416(client):
+    data = make_image()
+    image = upload(client, data)
+    response = client.get(
+        f"/api/images/{image['_id']}/download", headers={"Range": f"bytes={len(data)}-"}
+    )
+    assert_error(response, 416, "range_not_satisfiable")
+    assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+# --- DELETE racing a replace -----------------------------------------------------------------
+
+
+class ReplaceInBetween:
+    """The repository, except that right after a delete has read the record, a replace
+    lands (a new version) before the delete is applied."""
+
+    def __init__(self, inner, replace):
+        self.inner, self.replace, self.raced = inner, replace, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def delete(self, image_id, expected_version=None, **kwargs):
+        if not self.raced and expected_version is not None:
+            self.raced = True
+            self.replace()
+        return self.inner.delete(image_id, expected_version=expected_version, **kwargs)
+
+
+def test_delete_without_if_match_deletes_the_version_a_racing_replace_made(client, service):
+    image = upload(client)
+    real = service.repository
+
+    def replace():
+        service.repository = real  # the replace itself runs unhindered
+        response = client.put(
+            f"/api/images/{image['_id']}",
+            data={"image": (io.BytesIO(make_image(color="blue")), "b.png")},
+        )
+        assert response.status_code == 200
+        service.repository = racing
+
+    racing = ReplaceInBetween(real, replace)
+    service.repository = racing
+    response = client.delete(f"/api/images/{image['_id']}")
+    service.repository = real
+    assert response.status_code == 200, response.get_json()
+    assert racing.raced
+    assert client.get(f"/api/images/{image['_id']}").status_code == 404
+    assert list(scan_all(service.repository)) == list(service.storage.list()) == []
+
+
+def test_delete_with_if_match_that_a_racing_replace_made_stale_is_412(client, service):
+    image = upload(client)
+    real = service.repository
+
+    def replace():
+        service.repository = real
+        client.put(
+            f"/api/images/{image['_id']}",
+            data={"image": (io.BytesIO(make_image(color="blue")), "b.png")},
+        )
+        service.repository = racing
+
+    racing = ReplaceInBetween(real, replace)
+    service.repository = racing
+    response = client.delete(
+        f"/api/images/{image['_id']}", headers={"If-Match": f'"{image["sha256"]}"'}
+    )
+    service.repository = real
+    assert_error(response, 412, "precondition_failed")
+    assert client.get(f"/api/images/{image['_id']}").get_json()["version"] == 2
+
+
+def test_concurrent_deletes_and_replaces_never_answer_409(client, service):
+    image = upload(client)
+    statuses, start = [], threading.Barrier(6)
+
+    def delete():
+        start.wait()
+        statuses.append(client.application.test_client().delete(f"/api/images/{image['_id']}"))
+
+    def replace(i):
+        start.wait()
+        statuses.append(
+            client.application.test_client().put(
+                f"/api/images/{image['_id']}",
+                data={"image": (io.BytesIO(make_image(color=(i, 0, 0))), "b.png")},
+            )
+        )
+
+    threads = [threading.Thread(target=delete) for _ in range(2)]
+    threads += [threading.Thread(target=replace, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(r.status_code for r in statuses)
+    assert 409 not in [r.status_code for r in statuses if r.request.method == "DELETE"], codes
+    assert 200 in codes
+    assert client.get(f"/api/images/{image['_id']}").status_code == 404
+    assert list(scan_all(service.repository)) == []
