@@ -20,4 +20,8 @@ accesslog = "-"
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True
-forwarded_allow_ips = settings.forwarded_allow_ips
+# PROXY_HOPS alone decides which X-Forwarded-* headers are trusted (werkzeug's ProxyFix in
+# create_app): gunicorn's own handling, which trusted X-Forwarded-Proto from any local
+# client even with PROXY_HOPS=0, is off.
+forwarded_allow_ips = ""
+secure_scheme_headers = {}

@@ -9,6 +9,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, cli, errors
 from .config import Settings
+from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
 from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
@@ -31,7 +32,10 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + _MULTIPART_OVERHEAD
     app.json.sort_keys = False
-    if settings.proxy_hops:
+    app.wsgi_app = ReadableBody(app.wsgi_app)
+    if settings.public_url:
+        app.wsgi_app = PublicUrl(app.wsgi_app, settings.public_url)
+    elif settings.proxy_hops:
         hops = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
 

@@ -31,7 +31,6 @@ class Settings:
     web_concurrency: int = 2
     gunicorn_threads: int = 4
     gunicorn_timeout: int = 60
-    forwarded_allow_ips: str = "127.0.0.1"
     # Every request's backend calls together, compensations included, up to its first
     # response byte; below gunicorn's timeout and nginx's 60 s.
     request_timeout: float = 15.0
@@ -51,6 +50,12 @@ class Settings:
     # Limits.
     max_upload_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    # All frames of an animation together.
+    max_animation_pixels: int = 100_000_000
+    # Bytes of decoded pixels one worker holds at once (a 50 MP RGBA image takes 200 MB),
+    # and how long an upload waits for room before a 503.
+    decode_memory: int = 256 * 1024 * 1024
+    decode_wait: float = 5.0
     accepted_formats: tuple[str, ...] = DEFAULT_FORMATS
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
@@ -61,8 +66,13 @@ class Settings:
     idempotency_ttl: int = 24 * 3600
     # How long a retry waits for the first request with its key to finish.
     idempotency_wait: float = 10.0
-    # How many reverse proxies in front of us may set X-Forwarded-* headers.
+    # How many reverse proxies in front of us may set X-Forwarded-* headers: the one setting
+    # that decides what is trusted (gunicorn's own forwarded-header handling is off).
     proxy_hops: int = 0
+    # The base URL links (imageUrl, Location, Link) are built from, whatever the request
+    # says; and, without it, the Host values accepted (empty: any).
+    public_url: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def bind(self) -> str:
@@ -87,7 +97,6 @@ class Settings:
             web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency),
             gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads),
             gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout),
-            forwarded_allow_ips=reader.text("FORWARDED_ALLOW_IPS") or cls.forwarded_allow_ips,
             request_timeout=reader.seconds("REQUEST_TIMEOUT", cls.request_timeout),
             data_dir=Path(reader.text("DATA_DIR") or cls.data_dir),
             s3_bucket_name=reader.text("S3_BUCKET_NAME"),
@@ -101,6 +110,9 @@ class Settings:
             presign_ttl=reader.integer("PRESIGN_TTL", cls.presign_ttl, maximum=7 * 24 * 3600),
             max_upload_bytes=reader.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_animation_pixels=reader.integer("MAX_ANIMATION_PIXELS", cls.max_animation_pixels),
+            decode_memory=reader.integer("DECODE_MEMORY", cls.decode_memory),
+            decode_wait=reader.seconds("DECODE_WAIT", cls.decode_wait),
             accepted_formats=reader.formats("ACCEPTED_FORMATS", cls.accepted_formats),
             backend_connect_timeout=reader.seconds(
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
@@ -109,6 +121,8 @@ class Settings:
             probe_timeout=reader.seconds("PROBE_TIMEOUT", cls.probe_timeout),
             idempotency_ttl=reader.integer("IDEMPOTENCY_TTL", cls.idempotency_ttl),
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
+            public_url=reader.url("PUBLIC_URL", schemes=("http", "https")),
+            allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
         )
         if settings.request_timeout >= settings.gunicorn_timeout:
             raise ConfigError(
@@ -192,6 +206,16 @@ class _Reader:
         if parts.scheme not in schemes or not parts.netloc:
             raise ConfigError(f"{name} must be a {' or '.join(schemes)} URL, got {raw!r}")
         return raw
+
+    def hosts(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+        bad = [h for h in hosts if "/" in h or " " in h]
+        if bad:
+            raise ConfigError(f"{name} must be comma-separated host[:port] values, got {raw!r}")
+        return hosts
 
     def formats(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.text(name)

@@ -102,6 +102,16 @@ class BackendUnavailable(ApiError):
         self.in_doubt = in_doubt
 
 
+class DecoderBusy(ApiError):
+    """Too many large images are being decoded in this worker: retry shortly."""
+
+    status, code = 503, "decoder_busy"
+    message = "The server is busy decoding other images; retry shortly"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"Retry-After": "2"})
+
+
 # Codes for errors Werkzeug raises before a view runs (routing, multipart parsing).
 _HTTP_CODES = {
     400: "bad_request",

@@ -90,7 +90,17 @@ class Idempotency:
             self._release(key)
             raise
         self._finish(key, record)
+        self.purge()
         return record
+
+    def purge(self, limit: int = 16) -> int:
+        """Delete up to `limit` expired keys (each new key pays for a few old ones, so the
+        store does not grow with every key ever used)."""
+        try:
+            return self.repository.purge_expired_keys(self.clock(), limit)
+        except BackendUnavailable:
+            log.warning("could not delete expired idempotency keys now")
+            return 0
 
     def _claim(self, key: str, request: Request) -> Claim | None:
         now = self.clock()

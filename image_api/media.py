@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import threading
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EmptyFile, FileTooLarge, InvalidImage, TooManyPixels, UnsupportedMediaType
+from . import deadline
+from .errors import (
+    DecoderBusy,
+    EmptyFile,
+    FileTooLarge,
+    InvalidImage,
+    TooManyPixels,
+    UnsupportedMediaType,
+)
 
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
@@ -61,12 +72,20 @@ def signature_format(head: bytes) -> str | None:
 
 
 def inspect(
-    stream: BinaryIO, *, accepted_formats: tuple[str, ...], max_bytes: int, max_pixels: int
+    stream: BinaryIO,
+    *,
+    accepted_formats: tuple[str, ...],
+    max_bytes: int,
+    max_pixels: int,
+    max_animation_pixels: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> ImageInfo:
     """Check an upload and describe it, or raise the 4xx error that fits.
 
     The stream must be seekable (Werkzeug spools uploads to a temporary file past 500 KB,
-    so nothing here holds a large upload in memory); it is left at position 0.
+    so nothing here holds a large upload in memory); it is left at position 0. Every frame
+    of an animation is decoded, up to `max_animation_pixels` in all; decoding waits for
+    room in `budget`.
     """
     size, sha256 = _measure(stream)
     if size == 0:
@@ -82,7 +101,8 @@ def inspect(
             f"Not an accepted image type; accepted: "
             f"{', '.join(CONTENT_TYPES[f] for f in accepted_formats)}"
         )
-    width, height = _decode(stream, claimed, max_pixels)
+    limits = _Limits(max_pixels, max_animation_pixels or max_pixels)
+    width, height = _decode(stream, claimed, limits, budget or _UNBOUNDED)
     stream.seek(0)
     return ImageInfo(
         format=claimed,
@@ -92,6 +112,55 @@ def inspect(
         height=height,
         sha256=sha256,
     )
+
+
+@dataclass(frozen=True)
+class _Limits:
+    pixels: int  # per frame
+    animation_pixels: int  # all frames together
+
+
+class DecodeBudget:
+    """How many bytes of decoded pixels one worker process may hold at once.
+
+    Every decode reserves what its pixels will take before it starts and gives it back when
+    done; one that does not fit waits for others to finish, up to `wait` seconds (and the
+    request's time budget), then gets `DecoderBusy` (503, Retry-After). A decode larger
+    than the whole budget runs alone. One instance per worker, shared by every thread.
+    """
+
+    def __init__(self, capacity: int, wait: float):
+        self.capacity = capacity
+        self.wait = wait
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        cost = min(cost, self.capacity)
+        wait = self.wait
+        if (budget := deadline.current()) is not None:
+            wait = max(min(wait, budget.remaining()), 0)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.in_use + cost <= self.capacity, wait):
+                raise DecoderBusy()
+            self.in_use += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= cost
+                self._changed.notify_all()
+
+
+_UNBOUNDED = DecodeBudget(capacity=1 << 62, wait=0)
+
+
+def _cost(image: Image.Image) -> int:
+    """Bytes Pillow holds for one decoded frame (at least one per band and pixel)."""
+    width, height = image.size
+    bytes_per_band = 2 if image.mode.startswith("I;16") else 4 if image.mode in "IF" else 1
+    return width * height * max(len(image.getbands()), 1) * bytes_per_band
 
 
 def _measure(stream: BinaryIO) -> tuple[int, str]:
@@ -105,8 +174,10 @@ def _measure(stream: BinaryIO) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _decode(stream: BinaryIO, expected: str, max_pixels: int) -> tuple[int, int]:
-    """Open with only the expected decoder, check the pixel count, then decode fully."""
+def _decode(
+    stream: BinaryIO, expected: str, limits: _Limits, budget: DecodeBudget
+) -> tuple[int, int]:
+    """Open with only the expected decoder, check the pixel counts, then decode every frame."""
     try:
         # Restricting `formats` keeps every other Pillow plugin (TIFF, SGI, FLI...) and their
         # history of crash bugs away from untrusted bytes.
@@ -114,14 +185,24 @@ def _decode(stream: BinaryIO, expected: str, max_pixels: int) -> tuple[int, int]
             width, height = image.size
             # Checked from the header, before any pixel is decoded: a decompression bomb is
             # refused here in microseconds with bounded memory.
-            if width * height > max_pixels:
+            if width * height > limits.pixels:
                 raise TooManyPixels(
-                    f"The image is {width}x{height} pixels; the limit is {max_pixels} pixels"
+                    f"The image is {width}x{height} pixels; the limit is {limits.pixels} pixels"
                 )
-            image.load()
+            frames = getattr(image, "n_frames", 1)
+            if frames * width * height > limits.animation_pixels:
+                raise TooManyPixels(
+                    f"The animation is {frames} frames of {width}x{height} pixels; the limit is "
+                    f"{limits.animation_pixels} pixels in all frames together"
+                )
+            with budget.reserve(_cost(image)):
+                # A file that decodes only in part (a truncated third frame) is refused.
+                for frame in range(frames):
+                    image.seek(frame)
+                    image.load()
     except Image.DecompressionBombError:
         raise TooManyPixels() from None
-    except (TooManyPixels, MemoryError):
+    except (TooManyPixels, DecoderBusy, MemoryError):
         raise
     except UnidentifiedImageError:
         raise InvalidImage(f"The file looks like {expected} but cannot be read") from None

@@ -25,6 +25,8 @@ from .storage import StoredBlob
 ORPHAN_BLOB = "orphan_blob"  # a blob no record points to
 STALE_PENDING = "stale_pending"  # an upload that never completed
 MISSING_BLOB = "missing_blob"  # an active record whose blob is gone
+RETIRED_BLOB = "retired_blob"  # a replaced image's old blob, kept for readers, now due
+PARTIAL_WRITE = "partial_write"  # a temporary file or unfinished multipart upload
 
 
 @dataclass
@@ -58,7 +60,8 @@ def repair(
     batch: int = 1000,
 ) -> Report:
     """Compare records and blobs; with `apply`, delete what is orphaned or stale."""
-    cutoff = service.clock() - grace
+    now = service.clock()
+    cutoff = now - grace
     report = Report(applied=apply, grace_seconds=grace.total_seconds())
     pairs = _merge(scan_all(service.repository, batch), service.storage.list())
     for key, record, blob in track(pairs):
@@ -75,6 +78,13 @@ def repair(
                 finding = Finding(MISSING_BLOB, key, record.id)
                 if apply:
                     finding.action = _remove_record(service, record)
+        elif (until := service.repository.retired_until(key)) is not None:
+            if until <= now:
+                finding = Finding(RETIRED_BLOB, key)
+                if apply:
+                    service.storage.delete(key)
+                    service.repository.forget_retired(key)
+                    finding.action = "deleted blob"
         elif blob.modified <= cutoff and service.repository.find_key(key) is None:
             finding = Finding(ORPHAN_BLOB, key)
             if apply:
@@ -82,6 +92,20 @@ def repair(
                 finding.action = "deleted blob"
         if finding is not None:
             report.findings.append(finding)
+    for partial in service.storage.list_partial():
+        if partial.started <= cutoff:
+            finding = Finding(PARTIAL_WRITE, partial.ref)
+            report.findings.append(finding)
+            if apply:
+                service.storage.delete_partial(partial.ref)
+                finding.action = "deleted"
+    if apply:
+        # Notes of retired blobs that are gone already (deleted, then not forgotten), and
+        # idempotency keys past their time.
+        while service.sweep_retired(limit=batch):
+            pass
+        while service.idempotency.purge(limit=batch):
+            pass
     return report
 
 

@@ -25,6 +25,7 @@ import functools
 import logging
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import BinaryIO
 
 from flask import current_app
@@ -98,6 +99,7 @@ class ImageService:
             request_timeout=settings.request_timeout,
         )
         self.repository = repository
+        self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
 
     @property
     def repository(self) -> Repository:
@@ -196,6 +198,7 @@ class ImageService:
                 if not (error.in_doubt and self._gone(image_id)):
                     raise
             self._discard(current.key)
+            self.sweep_retired()
             return
         raise Conflict("The image kept changing while it was being deleted; retry")
 
@@ -292,7 +295,7 @@ class ImageService:
         except BaseException:
             self._discard(updated.key)
             raise
-        self._discard(current.key)
+        self._retire(current.key)
         return updated
 
     def _read_back(self, image_id: str, key: str) -> ReadBack:
@@ -330,6 +333,38 @@ class ImageService:
             return
         self._discard(pending.key)
 
+    @property
+    def retention(self) -> timedelta:
+        """How long a replaced blob outlives its record: a reader that read the record just
+        before the replace opens the blob within its request budget, and a presigned URL
+        stays valid for PRESIGN_TTL."""
+        seconds = self.settings.request_timeout
+        if self.settings.download_mode == "redirect":
+            seconds += self.settings.presign_ttl
+        return timedelta(seconds=seconds)
+
+    def _retire(self, key: str) -> None:
+        """Delete a replaced blob later, not now: readers get the old bytes or the new ones,
+        never an error. Due ones are deleted a few at a time by later writes, and by repair."""
+        try:
+            self.repository.retire(key, self.clock() + self.retention)
+        except BackendUnavailable:
+            log.warning("could not note replaced blob %s; repair will collect it", key)
+            return
+        self.sweep_retired()
+
+    def sweep_retired(self, limit: int = 4) -> int:
+        """Delete up to `limit` retired blobs whose time has come; how many went."""
+        swept = 0
+        try:
+            for key in self.repository.due_retired(self.clock(), limit):
+                self.storage.delete(key)
+                self.repository.forget_retired(key)
+                swept += 1
+        except ApiError:
+            log.warning("could not delete retired blobs now; later writes or repair will")
+        return swept
+
     def _discard(self, key: str) -> None:
         """Remove a blob no record points to; if that fails too, `repair` will find it."""
         try:
@@ -344,6 +379,8 @@ class ImageService:
             accepted_formats=self.settings.accepted_formats,
             max_bytes=self.settings.max_upload_bytes,
             max_pixels=self.settings.max_image_pixels,
+            max_animation_pixels=self.settings.max_animation_pixels,
+            budget=self.decode_budget,
         )
 
 

@@ -354,3 +354,91 @@ def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_servi
     unexpected = [line for line in log.splitlines() if not _CLEAN_LOG_LINE.match(line)]
     assert "Traceback" not in log and not unexpected, log
     assert "Booting worker" in log  # the check above read the right file
+
+
+# --- crafted requests over raw sockets -------------------------------------------------------
+
+
+def raw_exchange(service: Service, request: bytes) -> tuple[int, dict, bytes]:
+    """Send `request` bytes on a fresh connection; (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def chunked_upload(chunks: bytes) -> bytes:
+    return (
+        b"POST /api/images/upload HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks
+    )
+
+
+MULTIPART_START = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+
+
+def assert_log_has_no_traceback(service: Service):
+    log = service.log.read_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        b"zz\r\n" + MULTIPART_START + b"\r\n0\r\n\r\n",  # a chunk size that is not hex
+        b"%x\r\n" % len(MULTIPART_START) + MULTIPART_START + b"XX0\r\n\r\n",  # no terminator
+        b"%x\r\n" % len(MULTIPART_START) + MULTIPART_START + b"\r\n0\r\nbad trailer\r\n\r\n",
+        b"%x\r\n" % (len(MULTIPART_START) + 100) + MULTIPART_START,  # a chunk cut short
+    ],
+    ids=["size", "terminator", "trailer", "short"],
+)
+def test_malformed_chunked_bodies_are_a_400_and_no_traceback(service, chunks):
+    status, headers, body = raw_exchange(service, chunked_upload(chunks))
+    assert status == 400, body
+    assert headers.get("content-type", "").startswith("application/json") or not body
+    service.stop()
+    assert_log_has_no_traceback(service)
+
+
+def test_a_well_formed_chunked_upload_works(service):
+    data = make_image()
+    body, content_type = encode_multipart_formdata({"image": ("a.png", data, "image/png")})
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 100]), body[i : i + 100])
+        for i in range(0, len(body), 100)
+    )
+    request = (
+        b"POST /api/images/upload HTTP/1.1\r\nHost: localhost\r\n"
+        + f"Content-Type: {content_type}\r\n".encode()
+        + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    status, _, answer = raw_exchange(service, request)
+    assert status == 201, answer
+
+
+def test_a_local_client_cannot_switch_links_to_https_without_proxy_hops(service):
+    data = make_image()
+    response = requests.post(
+        f"{service.url}/api/images/upload",
+        files={"image": ("a.png", data)},
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
+        timeout=10,
+    )
+    assert response.status_code == 201
+    assert response.json()["image"]["imageUrl"].startswith(f"http://127.0.0.1:{service.port}/")
+    assert response.headers["Location"].startswith(f"http://127.0.0.1:{service.port}/")
+
+
+def test_http_1_0_without_a_host_is_a_400_not_a_link_to_0_0_0_0(service):
+    status, _, body = raw_exchange(service, b"GET /api/images HTTP/1.0\r\n\r\n")
+    assert status == 400 and b"Host" in body
+    assert b"0.0.0.0" not in body

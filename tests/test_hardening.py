@@ -293,7 +293,11 @@ def test_delete_without_if_match_deletes_the_version_a_racing_replace_made(clien
     assert response.status_code == 200, response.get_json()
     assert racing.raced
     assert client.get(f"/api/images/{image['_id']}").status_code == 404
-    assert list(scan_all(service.repository)) == list(service.storage.list()) == []
+    assert list(scan_all(service.repository)) == []
+    # What is left is the first version's blob, which the replace retired (kept a while for
+    # readers that read the record before it).
+    [left] = service.storage.list()
+    assert service.repository.retired_until(left.key) is not None
 
 
 def test_delete_with_if_match_that_a_racing_replace_made_stale_is_412(client, service):
@@ -346,3 +350,173 @@ def test_concurrent_deletes_and_replaces_never_answer_409(client, service):
     assert 200 in codes
     assert client.get(f"/api/images/{image['_id']}").status_code == 404
     assert list(scan_all(service.repository)) == []
+
+
+# --- animations: every frame is decoded ------------------------------------------------------
+
+
+def animated(fmt: str, frames: int = 3, size=(64, 48)) -> bytes:
+    from PIL import Image
+
+    images = [Image.effect_noise(size, 30 + 20 * i).convert("RGB") for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, fmt, save_all=True, append_images=images[1:], duration=100, loop=0)
+    return out.getvalue()
+
+
+def inspect(data: bytes, **limits):
+    from image_api import media
+    from image_api.config import DEFAULT_FORMATS
+
+    return media.inspect(
+        io.BytesIO(data),
+        accepted_formats=DEFAULT_FORMATS,
+        max_bytes=25 * 1024 * 1024,
+        max_pixels=limits.pop("max_pixels", 50_000_000),
+        **limits,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_a_whole_animation_is_accepted(fmt):
+    info = inspect(animated(fmt))
+    assert (info.format, info.width, info.height) == (fmt, 64, 48)
+
+
+def test_a_gif_truncated_in_its_third_frame_is_refused():
+    from image_api.errors import InvalidImage
+
+    data = animated("GIF")
+    third = data.rindex(b"\x2c")  # the last image descriptor
+    with pytest.raises(InvalidImage):
+        inspect(data[: third + 40])
+
+
+def test_an_apng_with_a_corrupt_last_frame_is_refused():
+    from image_api.errors import InvalidImage
+
+    data = bytearray(animated("PNG"))
+    last = data.rindex(b"fdAT")
+    data[last + 12 : last + 40] = bytes(28)  # the last frame's compressed pixels
+    with pytest.raises(InvalidImage):
+        inspect(bytes(data))
+
+
+def test_frames_times_pixels_is_bounded_before_decoding():
+    from image_api.errors import TooManyPixels
+
+    data = animated("GIF", frames=3, size=(100, 100))
+    assert inspect(data, max_animation_pixels=30_000).width == 100
+    with pytest.raises(TooManyPixels, match="3 frames of 100x100"):
+        inspect(data, max_animation_pixels=29_999)
+
+
+# --- the decode budget -----------------------------------------------------------------------
+
+
+def test_a_decode_that_does_not_fit_waits_for_room_then_proceeds():
+    from image_api.errors import DecoderBusy
+    from image_api.media import DecodeBudget
+
+    budget = DecodeBudget(capacity=100, wait=30)
+    holding, release, results = threading.Event(), threading.Event(), []
+
+    def hold():
+        with budget.reserve(80):
+            holding.set()
+            release.wait()
+
+    def decode():
+        with budget.reserve(50):
+            results.append(budget.in_use)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    impatient = DecodeBudget(capacity=100, wait=0)
+    with impatient.reserve(80), pytest.raises(DecoderBusy):
+        impatient.reserve(50).__enter__()
+    waiter = threading.Thread(target=decode)
+    waiter.start()
+    release.set()
+    holder.join()
+    waiter.join()
+    assert results == [50] and budget.in_use == 0
+    with budget.reserve(10**12):  # larger than the whole budget: runs alone
+        assert budget.in_use == 100
+
+
+def test_uploads_past_the_decode_budget_get_503_with_retry_after(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path), "DECODE_WAIT": "0.05"})
+    service, client = app.extensions["image_api"], app.test_client()
+    with service.decode_budget.reserve(service.decode_budget.capacity):
+        response = client.post(
+            "/api/images/upload", data={"image": (io.BytesIO(make_image()), "a.png")}
+        )
+        assert_error(response, 503, "decoder_busy")
+        assert int(response.headers["Retry-After"]) > 0
+        assert list(scan_all(service.repository)) == []
+    assert (
+        client.post(
+            "/api/images/upload", data={"image": (io.BytesIO(make_image()), "a.png")}
+        ).status_code
+        == 201
+    )
+
+
+def test_the_readme_lists_every_error_code():
+    from image_api import errors
+    from tests.helpers import ROOT
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    codes = {cls.code for cls in subclasses(errors.ApiError)}
+    codes |= set(errors._HTTP_CODES.values()) | {"http_error", "internal_error"}
+    table = (ROOT / "README.md").read_text().split("Every error is JSON")[1].split("##")[0]
+    missing = sorted(code for code in codes if f"`{code}`" not in table)
+    assert missing == []
+
+
+# --- the Host header -------------------------------------------------------------------------
+
+
+def test_public_url_decides_every_link(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path), "PUBLIC_URL": "https://img.example.com:8443/p"})
+    client = app.test_client()
+    headers = {"Host": "evil.example", "X-Forwarded-Host": "evil2.example"}
+    for _ in range(2):
+        created = client.post(
+            "/api/images/upload",
+            data={"image": (io.BytesIO(make_image()), "a.png")},
+            headers=headers,
+        )
+    assert created.status_code == 201
+    image = created.get_json()["image"]
+    base = "https://img.example.com:8443/p/api/images"
+    assert image["imageUrl"] == f"{base}/{image['_id']}/download"
+    assert created.headers["Location"] == f"{base}/{image['_id']}"
+    listing = client.get("/api/images?limit=1", headers=headers)
+    assert listing.headers["Link"].startswith(f"<{base}?")
+    # Requests still reach the routes under their own path.
+    assert client.get(f"/api/images/{image['_id']}").status_code == 200
+
+
+def test_allowed_hosts_refuse_other_hosts_with_a_json_400(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path), "ALLOWED_HOSTS": "img.example.com,localhost:5000"})
+    client = app.test_client()
+    for host in ("img.example.com", "img.example.com:8080", "localhost:5000", "IMG.example.com"):
+        assert client.get("/api/images", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", "localhost", "localhost:5001", "img.example.com.evil"):
+        response = client.get("/api/images", headers={"Host": host})
+        assert_error(response, 400, "bad_request")
+        assert "evil" not in response.headers.get("Location", "")
+
+
+def test_a_request_without_a_host_is_400(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    environ = {"HTTP_HOST": ""}
+    response = app.test_client().get("/api/images", environ_overrides=environ)
+    assert_error(response, 400, "bad_request")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Flask, Request, request
 
 from .. import deadline
+from ..errors import BadRequest
 from ..service import current_service
 from . import downloads, health, images
 
@@ -18,6 +19,21 @@ class ApiRequest(Request):
         parser = super().make_form_data_parser()
         parser.silent = False
         return parser
+
+
+def check_host() -> None:
+    """Links are built from the Host a request names: only the ones configured are
+    accepted (ALLOWED_HOSTS), and one is required (HTTP/1.0 may send none)."""
+    settings = current_service().settings
+    if settings.public_url:
+        return
+    host = request.headers.get("Host")
+    if not host:
+        raise BadRequest("A Host header is required")
+    named = request.host.lower()
+    allowed = settings.allowed_hosts
+    if allowed and named not in allowed and named.rpartition(":")[0] not in allowed:
+        raise BadRequest(f"Host {request.host!r} is not served here")
 
 
 def start_budget() -> None:
@@ -44,5 +60,6 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(images.bp)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)
+    app.before_request(check_host)
     app.before_request(start_budget)
     app.teardown_request(end_budget)

@@ -35,11 +35,19 @@ class Repository(Protocol):
       order, after `after_key` (repair walks them in batches beside the blobs);
       `find_key(key)` returns the record of any status using blob `key`, or None.
 
+    Retired blobs (the previous bytes of a replaced image, kept for readers that read the
+    record before the replace, and for presigned URLs already handed out):
+    - `retire(key, delete_after)` notes a blob to delete at or after that moment;
+      `retired_until(key)` returns that moment or None; `due_retired(now, limit)` returns up
+      to `limit` keys due at `now`; `forget_retired(key)` drops the note (once deleted).
+
     Idempotency keys:
     - `claim(key, fingerprint, resource, now, expires_at)` stores a new key and returns
       None, or returns the `Claim` already stored and live at `now`.
     - `finish(key, response)` records the response; `release(key)` forgets a key whose
       request failed (a retry may run it again); a finished key is kept until it expires.
+    - `purge_expired_keys(now, limit)` deletes up to `limit` keys expired at `now` and
+      says how many went.
 
     Housekeeping: `create()` makes or upgrades tables and indexes (idempotent, safe when
     many processes start at once); `ping()` checks the database answers; `close()` releases
@@ -72,6 +80,14 @@ class Repository(Protocol):
 
     def find_key(self, key: str) -> ImageRecord | None: ...
 
+    def retire(self, key: str, delete_after: datetime) -> None: ...
+
+    def retired_until(self, key: str) -> datetime | None: ...
+
+    def due_retired(self, now: datetime, limit: int) -> list[str]: ...
+
+    def forget_retired(self, key: str) -> None: ...
+
     def claim(
         self,
         key: str,
@@ -80,6 +96,8 @@ class Repository(Protocol):
         now: datetime,
         expires_at: datetime,
     ) -> Claim | None: ...
+
+    def purge_expired_keys(self, now: datetime, limit: int) -> int: ...
 
     def finish(self, key: str, response: dict) -> None: ...
 

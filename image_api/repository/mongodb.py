@@ -108,9 +108,11 @@ class MongoRepository:
         self.probe_timeout = probe_timeout
         # The longest one operation may take, retries included (within a request's budget).
         self.operation_timeout = operation_timeout
+        self._indexed = False
         concern = WriteConcern(w=write_concern)
         self.images = database.get_collection("images", write_concern=concern)
         self.keys = database.get_collection("idempotency_keys", write_concern=concern)
+        self.retired = database.get_collection("retired_blobs", write_concern=concern)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MongoRepository:
@@ -134,15 +136,22 @@ class MongoRepository:
         )
 
     def _errors(self):
+        if not self._indexed:
+            # Indexes (the keys' TTL among them) are made once per process before the first
+            # operation, not only by `flask init`: create_index is idempotent, cheap when
+            # the index exists, and safe when several workers race to make it.
+            self.create()
         return _mongo_errors(self.operation_timeout)
 
     def create(self) -> None:
-        with self._errors():
+        with _mongo_errors(self.operation_timeout):
             for name, keys in _INDEXES.items():
                 self.images.create_index(keys, name=name)
             # MongoDB deletes expired keys itself (within about a minute); `claim` also
             # treats an expired key as free, so the exact moment does not matter.
             self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
+            self.retired.create_index("delete_after", name="retired_blobs_due")
+        self._indexed = True
 
     def insert(self, record: ImageRecord) -> None:
         with self._errors():
@@ -233,6 +242,26 @@ class MongoRepository:
             document = self.images.find_one({"key": key})
         return None if document is None else _from_document(document)
 
+    def retire(self, key: str, delete_after: datetime) -> None:
+        with self._errors():
+            self.retired.update_one(
+                {"_id": key}, {"$set": {"delete_after": delete_after}}, upsert=True
+            )
+
+    def retired_until(self, key: str) -> datetime | None:
+        with self._errors():
+            document = self.retired.find_one({"_id": key})
+        return None if document is None else _aware(document["delete_after"])
+
+    def due_retired(self, now: datetime, limit: int) -> list[str]:
+        with self._errors():
+            found = self.retired.find({"delete_after": {"$lte": now}}).sort("delete_after", 1)
+            return [document["_id"] for document in found.limit(limit)]
+
+    def forget_retired(self, key: str) -> None:
+        with self._errors():
+            self.retired.delete_one({"_id": key})
+
     def claim(
         self,
         key: str,
@@ -267,6 +296,15 @@ class MongoRepository:
             response=document["response"],
             expires_at=_aware(document["expires_at"]),
         )
+
+    def purge_expired_keys(self, now: datetime, limit: int) -> int:
+        # The TTL index deletes them within a minute or so; this makes it happen now.
+        with self._errors():
+            found = self.keys.find({"expires_at": {"$lte": now}}, {"_id": 1}).limit(limit)
+            keys = [document["_id"] for document in found]
+            if keys:
+                self.keys.delete_many({"_id": {"$in": keys}, "expires_at": {"$lte": now}})
+        return len(keys)
 
     def finish(self, key: str, response: dict) -> None:
         with self._errors():

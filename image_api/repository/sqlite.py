@@ -91,6 +91,15 @@ _MIGRATIONS: list[list[str]] = [
         # The image an idempotent request writes, so a retry can find its result.
         "ALTER TABLE idempotency_keys ADD COLUMN resource TEXT",
     ],
+    [
+        """CREATE TABLE IF NOT EXISTS retired_blobs (
+            key TEXT PRIMARY KEY,
+            delete_after TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS retired_blobs_due ON retired_blobs (delete_after)",
+        # Expired idempotency keys are deleted a few at a time by later claims.
+        "CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -313,6 +322,28 @@ class SqliteRepository:
         row = self._execute("SELECT * FROM images WHERE key = ?", (key,)).fetchone()
         return None if row is None else _from_row(row)
 
+    def retire(self, key: str, delete_after: datetime) -> None:
+        self._execute(
+            "INSERT INTO retired_blobs (key, delete_after) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET delete_after = excluded.delete_after",
+            (key, _to_text(delete_after)),
+        )
+
+    def retired_until(self, key: str) -> datetime | None:
+        row = self._execute("SELECT delete_after FROM retired_blobs WHERE key = ?", (key,))
+        found = row.fetchone()
+        return None if found is None else datetime.fromisoformat(found[0])
+
+    def due_retired(self, now: datetime, limit: int) -> list[str]:
+        rows = self._execute(
+            "SELECT key FROM retired_blobs WHERE delete_after <= ? ORDER BY delete_after LIMIT ?",
+            (_to_text(now), limit),
+        )
+        return [row[0] for row in rows]
+
+    def forget_retired(self, key: str) -> None:
+        self._execute("DELETE FROM retired_blobs WHERE key = ?", (key,))
+
     def claim(
         self,
         key: str,
@@ -342,6 +373,14 @@ class SqliteRepository:
             response=json.loads(row["response"]) if row["response"] else None,
             expires_at=datetime.fromisoformat(row["expires_at"]),
         )
+
+    def purge_expired_keys(self, now: datetime, limit: int) -> int:
+        cursor = self._execute(
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys"
+            " WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            (_to_text(now), limit),
+        )
+        return cursor.rowcount
 
     def finish(self, key: str, response: dict) -> None:
         self._execute(

@@ -26,6 +26,15 @@ class StoredBlob:
     modified: datetime
 
 
+@dataclass(frozen=True)
+class Partial:
+    """What an interrupted write left: a temporary file, an unfinished multipart upload.
+    `ref` names it to `delete_partial`."""
+
+    ref: str
+    started: datetime
+
+
 class BlobStorage(Protocol):
     """Where image bytes live.
 
@@ -38,6 +47,8 @@ class BlobStorage(Protocol):
       blob from directly with those response headers, or None if the backend has none.
     - `delete(key)` removes the blob; deleting a missing blob is success.
     - `list()` yields every stored blob in key order (repair merges it with the records).
+    - `list_partial()` yields what interrupted writes left (never a reader's business);
+      `delete_partial(ref)` removes one (removing one already gone is success).
     - `create()` makes the directory or bucket (idempotent); `ping()` raises
       `BackendUnavailable` unless the store answers; `close()` releases connections.
     """
@@ -57,6 +68,10 @@ class BlobStorage(Protocol):
     def delete(self, key: str) -> None: ...
 
     def list(self) -> Iterator[StoredBlob]: ...
+
+    def list_partial(self) -> Iterator[Partial]: ...
+
+    def delete_partial(self, ref: str) -> None: ...
 
     def ping(self) -> None: ...
 

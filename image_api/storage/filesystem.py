@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,9 +14,11 @@ from typing import BinaryIO
 
 from ..errors import BackendUnavailable, NotFound
 from ..records import valid_key
-from . import StoredBlob, checked_key
+from . import Partial, StoredBlob, checked_key
 
 _WRITE_CHUNK = 1024 * 1024
+_TMP_PREFIX = ".tmp-"
+_PARTIAL = re.compile(r"[0-9a-f]{2}/\.tmp-[A-Za-z0-9_]+")
 
 
 class FilesystemStorage:
@@ -43,7 +46,7 @@ class FilesystemStorage:
             target.parent.mkdir(parents=True, exist_ok=True)
             # Write a temporary file beside the target, fsync it, rename it into place and
             # fsync the directory: after a crash the blob is either whole or absent.
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
                     while chunk := stream.read(_WRITE_CHUNK):
@@ -93,6 +96,28 @@ class FilesystemStorage:
                     stat = os.stat(shard / name)
                     modified = datetime.fromtimestamp(stat.st_mtime, UTC)
                     yield StoredBlob(name, stat.st_size, modified)
+
+    def list_partial(self) -> Iterator[Partial]:
+        # Writes go to ".tmp-*" beside their target and are renamed when whole; a process
+        # killed mid-write leaves the temporary file.
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.iterdir()):
+            if not shard.is_dir():
+                continue
+            for name in sorted(os.listdir(shard)):
+                if name.startswith(_TMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        started = datetime.fromtimestamp(os.stat(shard / name).st_mtime, UTC)
+                        yield Partial(f"{shard.name}/{name}", started)
+
+    def delete_partial(self, ref: str) -> None:
+        if not _PARTIAL.fullmatch(ref):
+            raise ValueError(f"not a partial write: {ref!r}")
+        try:
+            (self.root / ref).unlink(missing_ok=True)
+        except OSError as error:
+            raise BackendUnavailable("Cannot delete from the blob directory") from error
 
     def ping(self) -> None:
         try:

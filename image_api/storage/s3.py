@@ -18,7 +18,7 @@ from .. import deadline
 from ..config import Settings
 from ..errors import BackendUnavailable, NotFound
 from ..records import valid_key
-from . import StoredBlob, checked_key
+from . import Partial, StoredBlob, checked_key
 
 #: Tries per call: a refused or reset connection, a 5xx or a throttle is tried again while
 #: the request's budget lasts; a compensating call gets one.
@@ -234,6 +234,33 @@ class S3Storage:
                     key = item["Key"][len(self.prefix) :]
                     if valid_key(key):
                         yield StoredBlob(key, item["Size"], item["LastModified"])
+
+    def list_partial(self) -> Iterator[Partial]:
+        # Multipart uploads that were neither completed nor aborted (a killed worker): S3
+        # keeps, and bills, their parts until they are aborted.
+        client = self.clients.for_attempt()
+        with _s3_errors():
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    key = upload["Key"][len(self.prefix) :]
+                    if valid_key(key):
+                        yield Partial(f"{key}/{upload['UploadId']}", upload["Initiated"])
+
+    def delete_partial(self, ref: str) -> None:
+        key, _, upload_id = ref.partition("/")
+        name = self._object(key)
+
+        def abort(client):
+            try:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+            except ClientError as error:
+                if _code(error) != "NoSuchUpload":
+                    raise
+
+        self._attempts(abort)
 
     def ping(self) -> None:
         with _s3_errors():

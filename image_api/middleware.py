@@ -1,0 +1,69 @@
+"""WSGI middleware: what the request looks like before Flask sees it."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from werkzeug.exceptions import BadRequest
+
+
+class PublicUrl:
+    """Every request is seen as addressed to `url` (scheme, host, port and path prefix), so
+    links never come from the client's Host or X-Forwarded-* headers."""
+
+    def __init__(self, app, url: str):
+        self.app = app
+        parts = urlsplit(url)
+        self.scheme, self.host, self.prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
+
+    def __call__(self, environ, start_response):
+        environ["wsgi.url_scheme"] = self.scheme
+        environ["HTTP_HOST"] = self.host
+        environ["SCRIPT_NAME"] = self.prefix
+        environ.pop("HTTP_X_FORWARDED_HOST", None)
+        return self.app(environ, start_response)
+
+
+class ReadableBody:
+    """A request body the server cannot decode is the client's error: a 400.
+
+    gunicorn parses chunked bodies while the app reads them, and raises its own
+    exceptions (an invalid chunk size, a missing terminator, a bad trailer) from
+    `wsgi.input.read()`, deep inside the multipart parser: they would be 500s.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        if "wsgi.input" in environ:
+            environ["wsgi.input"] = _Input(environ["wsgi.input"])
+        return self.app(environ, start_response)
+
+
+class _Input:
+    """The server's input stream, with its read methods (only those it has: Werkzeug looks
+    for `readinto`) turning any error into a 400."""
+
+    _READS = frozenset({"read", "readline", "readlines", "readinto"})
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        attribute = getattr(self._stream, name)
+        if name not in self._READS:
+            return attribute
+
+        def guarded(*args):
+            try:
+                return attribute(*args)
+            except BadRequest:
+                raise
+            except Exception as error:  # noqa: BLE001 - whatever the server raises, see above
+                raise BadRequest(f"The request body is malformed: {error}") from None
+
+        return guarded
+
+    def __iter__(self):
+        return iter(self.readline, b"")
