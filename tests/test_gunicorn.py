@@ -442,3 +442,38 @@ def test_http_1_0_without_a_host_is_a_400_not_a_link_to_0_0_0_0(service):
     status, _, body = raw_exchange(service, b"GET /api/images HTTP/1.0\r\n\r\n")
     assert status == 400 and b"Host" in body
     assert b"0.0.0.0" not in body
+
+
+def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
+    """The inputs an attack on `make run` tried, through gunicorn: each a JSON 4xx."""
+    api = f"{service.url}/api/images"
+    created = requests.post(
+        f"{api}/upload", files={"image": ("a.png", make_image())}, timeout=10
+    ).json()["image"]
+    download = f"{api}/{created['_id']}/download"
+    overflowing_cursor = "OTk5OS0xMi0zMVQyMzo1OTo1OS0yMzo1OXxhYWFhYWFhYWFhYWFhYWFhYWFhYWFh"
+    crafted = [
+        ("GET", f"{api}?uploadedAfter=9999-12-31T23:59:59-23:59", {}, None),
+        ("GET", f"{api}?uploadedBefore=0001-01-01T00:00:00%2B23:59", {}, None),
+        ("GET", f"{api}?cursor={overflowing_cursor}", {}, None),
+        ("GET", f"{api}?limit=99999999999999999999999", {}, None),
+        ("GET", download, {"If-Match": '"stale"'}, None),
+        ("GET", download, {"Range": "bytes=999999-"}, None),
+        ("GET", f"{service.url}//api/images//{created['_id']}", {}, None),
+        ("PUT", f"{api}/{created['_id']}", {"If-Match": 'W/"x"'}, {"image": ("b.png", b"GIF")}),
+        ("POST", f"{api}/upload", {"Idempotency-Key": "x" * 300}, {"image": ("a.png", b"x")}),
+        ("DELETE", f"{api}/{'f' * 24}", {}, None),
+        ("POST", f"{api}/upload", {"Content-Type": "multipart/form-data; boundary="}, None),
+    ]
+    for method, url, headers, files in crafted:
+        response = requests.request(method, url, headers=headers, files=files, timeout=10)
+        assert 400 <= response.status_code < 500, (method, url, response.status_code)
+        assert response.headers["Content-Type"] == "application/json", (url, response.text)
+        assert response.json()["code"], url
+    # Names url_for reserves are ignored, and never reach a link.
+    listing = requests.get(f"{api}?limit=1&_external=0&_scheme=javascript", timeout=10)
+    assert listing.status_code == 200 and "javascript" not in listing.headers.get("Link", "")
+    ignored = requests.get(download, headers={"If-Modified-Since": "x", "Range": "y"}, timeout=10)
+    assert ignored.status_code == 200
+    service.stop()
+    assert_log_has_no_traceback(service)
