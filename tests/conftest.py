@@ -1,4 +1,5 @@
-"""Shared fixtures: apps on both backend pairs, moto (in-process and over HTTP), images."""
+"""Shared fixtures: apps on both backend pairs, moto (in-process and over HTTP), clients
+that upload images, and the CLI runner."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from flask.testing import FlaskClient
 from moto import mock_aws
 
 from image_api import create_app
-from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock
+from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, one_s3_attempt
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +24,26 @@ def _no_ambient_aws(monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _aws_models_parsed_once():
+    """Every cloud app makes its own boto3 session, as each worker process does, and each
+    session's loader parses botocore's S3 model files again: most of a cloud test's set-up.
+    Let every loader share one cache of parsed files (keyed by what was asked for; every
+    session here searches the same paths). Sessions and clients stay one per app."""
+    import botocore.session
+
+    create_loader, parsed = botocore.session.create_loader, {}
+
+    def sharing_loader(*args, **kwargs):
+        loader = create_loader(*args, **kwargs)
+        loader._cache = parsed  # what botocore.loaders.instance_cache reads and fills
+        return loader
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(botocore.session, "create_loader", sharing_loader)
+        yield
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real moto S3 server on a free loopback port: boto3 talks to it over a socket."""
@@ -33,6 +54,13 @@ def moto_server():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def one_attempt():
+    """For the whole test, S3 calls get one attempt and no back-off (`one_s3_attempt`)."""
+    with one_s3_attempt():
+        yield
 
 
 @pytest.fixture
@@ -114,3 +142,15 @@ def client(app):
 @pytest.fixture
 def service(app):
     return app.extensions["image_api"]
+
+
+@pytest.fixture
+def images(client):
+    """Uploads and replaces through `client`: `images.upload(...)`, `images.create(...)`,
+    `images.replace(image_id, ...)` (see `tests.helpers.ImagesClient`)."""
+    return ImagesClient(client)
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()

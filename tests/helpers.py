@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 from PIL import Image
+from werkzeug.datastructures import FileStorage
 
 from image_api.records import utc_now
+from image_api.repository import scan_all
+from image_api.storage import s3
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "samples"
@@ -31,11 +36,121 @@ def samples(kind: str) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+#: The media type of each accepted format, as the README documents them (not read from the
+#: service, so that a wrong entry in its table shows).
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "AVIF": "image/avif",
+}
+
+#: What each hostile sample must get: (status, code). A new sample needs a line here.
+HOSTILE_OUTCOMES = {
+    "broken.png": (422, "invalid_image"),
+    "broken_data_stream.png": (422, "invalid_image"),
+    "crash-0c7e0e8e11ce787078f00b5b0ca409a167f070e0.tif": (415, "unsupported_media_type"),
+    "crash-465703f71a0f0094873a3e0e82c9f798161171b8.sgi": (415, "unsupported_media_type"),
+    "crash-4fb027452e6988530aa5dabee76eecacb3b79f8a.j2k": (415, "unsupported_media_type"),
+    "crash-5762152299364352.fli": (415, "unsupported_media_type"),
+    "cross_scan_line_truncated.tga": (415, "unsupported_media_type"),
+    "decompression_bomb.gif": (422, "image_too_large"),
+    "decompression_bomb.ico": (415, "unsupported_media_type"),
+    "oom-225817ca0f8c663be7ab4b9e717b02c661e66834.tif": (415, "unsupported_media_type"),
+    "truncated_end_chunk.png": (422, "invalid_image"),
+    "truncated_image.png": (422, "invalid_image"),
+    "truncated_jpeg.jpg": (422, "invalid_image"),
+}
+
+
+#: Tricky samples a limit refuses over HTTP: (status, code); every other one is accepted.
+#: Every frame is decoded, and this GIF's second frame claims 4.3 billion pixels.
+TRICKY_REFUSED_OUTCOMES = {"decompression_bomb_extents.gif": (422, "image_too_large")}
+
+
+def sample_format(path: Path) -> str:
+    """The format Pillow reads in a sample file (JPEG, PNG, TIFF...)."""
+    with Image.open(path) as image:
+        return image.format
+
+
 def make_image(fmt: str = "PNG", size: tuple[int, int] = (64, 48), color="teal", **save) -> bytes:
     """A small real image, made on the spot."""
     out = io.BytesIO()
     Image.new("RGB", size, color).save(out, fmt, **save)
     return out.getvalue()
+
+
+class ImagesClient:
+    """Drives the images API through a test client, as flaskr's `AuthActions` drives login.
+
+    The `images` fixture wraps the `client` fixture; wrap any other client (one from
+    `make_app`, or one per thread) with `ImagesClient(app.test_client())`.
+    """
+
+    def __init__(self, client):
+        self.client = client
+
+    def upload(
+        self,
+        data: bytes | None = None,
+        filename: str = "a.png",
+        field: str = "image",
+        content_type: str | None = None,
+        headers: dict | None = None,
+    ):
+        """POST `data` (a small PNG made on the spot if None) in multipart `field`."""
+        file = _file(data, filename, content_type)
+        return self.client.post("/api/images/upload", data={field: file}, headers=headers)
+
+    def create(self, data: bytes | None = None, filename: str = "a.png", **options) -> dict:
+        """Upload, assert 201, and return the image's JSON."""
+        response = self.upload(data, filename, **options)
+        assert response.status_code == 201, response.get_data(as_text=True)
+        return response.get_json()["image"]
+
+    def replace(
+        self,
+        image_id: str,
+        data: bytes | None = None,
+        filename: str = "b.png",
+        headers: dict | None = None,
+    ):
+        """PUT `data` (a small PNG made on the spot if None) as the image's new file."""
+        file = _file(data, filename, None)
+        return self.client.put(f"/api/images/{image_id}", data={"image": file}, headers=headers)
+
+
+def _file(data: bytes | None, filename: str, content_type: str | None) -> FileStorage:
+    data = make_image() if data is None else data
+    return FileStorage(io.BytesIO(data), filename=filename, content_type=content_type)
+
+
+@contextlib.contextmanager
+def one_s3_attempt():
+    """S3 calls in the block get one attempt and no back-off: a fault test waits on one
+    timeout, not three and the back-off between them (test_faults checks the retries)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(s3, "ATTEMPTS", 1)
+        yield
+
+
+def assert_replaced(service, image_id: str, old_key: str) -> None:
+    """After a replace: the record uses a new blob; the old one is kept, retired (deleted
+    once no download can still want it); and there is no other blob."""
+    new_key = service.repository.get(image_id).key
+    assert new_key != old_key
+    assert sorted(b.key for b in service.storage.list()) == sorted([new_key, old_key])
+    assert service.repository.retired_until(old_key) is not None
+    assert service.repository.retired_until(new_key) is None
+
+
+def exact_match(service) -> bool:
+    """Every record is active with its blob, and every blob belongs to a record."""
+    records = list(scan_all(service.repository))
+    blobs = sorted(blob.key for blob in service.storage.list())
+    return all(r.status == "active" for r in records) and sorted(r.key for r in records) == blobs
 
 
 class FakeClock:

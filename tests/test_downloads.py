@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from datetime import datetime, timedelta
 
 import pytest
@@ -10,16 +9,14 @@ import requests
 from werkzeug.http import http_date
 
 from image_api.records import new_id
-from tests.helpers import FAKE_AWS, make_image
+from tests.helpers import FAKE_AWS, ImagesClient, make_image
 
 
 @pytest.fixture
-def image(client):
+def image(images):
     """An uploaded image: (its JSON, its bytes, its download path)."""
     data = make_image("PNG", (300, 200), color=None)
-    body = client.post(
-        "/api/images/upload", data={"image": (io.BytesIO(data), "pic.png")}
-    ).get_json()["image"]
+    body = images.create(data, filename="pic.png")
     return body, data, f"/api/images/{body['_id']}/download"
 
 
@@ -143,10 +140,10 @@ def test_disposition_inline_and_bad_values(client, image):
     assert bad.status_code == 400 and bad.get_json()["code"] == "bad_request"
 
 
-def test_a_range_after_replace_with_an_old_if_range_gets_the_new_image(client, image):
+def test_a_range_after_replace_with_an_old_if_range_gets_the_new_image(client, images, image):
     body, _, url = image
     new = make_image("JPEG", (20, 20))
-    client.put(f"/api/images/{body['_id']}", data={"image": (io.BytesIO(new), "n.jpg")})
+    assert images.replace(body["_id"], new, "n.jpg").status_code == 200
     response = client.get(url, headers={"Range": "bytes=0-3", "If-Range": f'"{body["sha256"]}"'})
     assert response.status_code == 200 and response.data == new
 
@@ -172,17 +169,11 @@ def s3_app(make_app, tmp_path, moto_server):
     return build
 
 
-def upload(client, data, name="photo été.png"):
-    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), name)})
-    assert response.status_code == 201
-    return response.get_json()["image"]
-
-
 def test_redirect_mode_sends_a_presigned_url_with_the_right_headers(s3_app):
     app = s3_app(DOWNLOAD_MODE="redirect", PRESIGN_TTL="120")
     client = app.test_client()
     data = make_image("PNG", (50, 40))
-    image = upload(client, data)
+    image = ImagesClient(client).create(data, filename="photo été.png")
     response = client.get(f"/api/images/{image['_id']}/download?disposition=inline")
     assert response.status_code == 302
     location = response.headers["Location"]
@@ -216,7 +207,7 @@ def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app):
     app = s3_app()
     service = app.extensions["image_api"]
     data = make_image("PNG", (400, 300), color=None)
-    image = upload(app.test_client(), data)
+    image = ImagesClient(app.test_client()).create(data)
     opened = []
     real_open = service.storage.open
 

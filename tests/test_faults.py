@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import http.server
 import socket
 import threading
 import time
@@ -11,7 +11,7 @@ import pytest
 
 from image_api.errors import BackendUnavailable
 from image_api.repository import scan_all
-from tests.helpers import make_image
+from tests.helpers import ImagesClient, assert_replaced, exact_match, make_image
 
 
 class Faulty:
@@ -34,12 +34,20 @@ class Faulty:
         return failing
 
 
-def upload(client, data):
-    return client.post("/api/images/upload", data={"image": (io.BytesIO(data), "a.png")})
+class Recording:
+    """Wraps a backend and notes the name of every method called."""
 
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
 
-def replace(client, image_id, data):
-    return client.put(f"/api/images/{image_id}", data={"image": (io.BytesIO(data), "b.png")})
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+
+        return call
 
 
 def state(service):
@@ -59,24 +67,31 @@ def assert_unavailable(response):
     assert int(response.headers["Retry-After"]) > 0
 
 
-def test_metadata_insert_failure_removes_the_new_blob(client, service):
+def test_pending_insert_failure_stores_nothing(images, service):
+    """The pending record is the first write: when it fails, no blob is ever written."""
     service.repository = Faulty(service.repository, "insert")
-    assert_unavailable(upload(client, make_image()))
+    service.storage = Recording(service.storage)
+    assert_unavailable(images.upload())
+    assert service.storage.calls == []
+    service.storage = service.storage.inner
     assert state(service) == ({}, [])
+    assert pending(service) == []
 
 
-def test_blob_write_failure_on_upload_stores_nothing(client, service):
+def test_blob_write_failure_on_upload_stores_nothing(images, service):
     service.storage = Faulty(service.storage, "put", after=True)
-    assert_unavailable(upload(client, make_image()))
+    assert_unavailable(images.upload())
+    service.storage = service.storage.inner
     assert state(service) == ({}, [])
+    assert pending(service) == []
 
 
-def test_blob_write_failure_on_replace_keeps_the_old_image(client, service):
+def test_blob_write_failure_on_replace_keeps_the_old_image(client, images, service):
     data = make_image(color="red")
-    image_id = upload(client, data).get_json()["image"]["_id"]
+    image_id = images.create(data)["_id"]
     before = state(service)
     service.storage = Faulty(service.storage, "put", after=True)
-    assert_unavailable(replace(client, image_id, make_image(color="blue")))
+    assert_unavailable(images.replace(image_id, make_image(color="blue")))
     assert state(service) == before
     assert client.get(f"/api/images/{image_id}").get_json()["version"] == 1
     assert client.get(f"/api/images/{image_id}/download").data == data
@@ -87,26 +102,28 @@ def assert_every_record_has_its_blob(service):
     assert set(records.values()) <= set(blobs)
 
 
-def test_metadata_update_failure_on_replace_keeps_the_old_image(client, service):
+def test_metadata_update_failure_on_replace_keeps_the_old_image(client, images, service):
     data = make_image(color="red")
-    image_id = upload(client, data).get_json()["image"]["_id"]
+    image_id = images.create(data)["_id"]
     before = state(service)
     service.repository = Faulty(service.repository, "update")
-    assert_unavailable(replace(client, image_id, make_image(color="blue")))
+    assert_unavailable(images.replace(image_id, make_image(color="blue")))
+    service.repository = service.repository.inner
     assert state(service) == before
+    assert client.get(f"/api/images/{image_id}").get_json()["version"] == 1
     assert client.get(f"/api/images/{image_id}/download").data == data
 
 
-def test_pending_insert_in_doubt_leaves_nothing_visible(client, service):
+def test_pending_insert_in_doubt_leaves_nothing_visible(client, images, service):
     service.repository = Faulty(service.repository, "insert", after=True)
-    assert_unavailable(upload(client, make_image()))
+    assert_unavailable(images.upload())
     assert state(service) == ({}, [])
     assert client.get("/api/images").get_json()["total"] == 0
 
 
-def test_activation_that_landed_despite_an_error_is_a_success(client, service):
+def test_activation_that_landed_despite_an_error_is_a_success(images, service):
     service.repository = Faulty(service.repository, "activate", after=True)
-    response = upload(client, make_image())
+    response = images.upload()
     assert response.status_code == 201
     records, blobs = state(service)
     assert list(records) == [response.get_json()["image"]["_id"]]
@@ -114,14 +131,15 @@ def test_activation_that_landed_despite_an_error_is_a_success(client, service):
     assert pending(service) == []
 
 
-def test_update_that_landed_despite_an_error_is_a_success(client, service):
-    image_id = upload(client, make_image(color="red")).get_json()["image"]["_id"]
+def test_update_that_landed_despite_an_error_is_a_success(client, images, service):
+    image_id = images.create(make_image(color="red"))["_id"]
+    old_key = service.repository.get(image_id).key
     service.repository = Faulty(service.repository, "update", after=True)
     new = make_image(color="blue")
-    response = replace(client, image_id, new)
+    response = images.replace(image_id, new)
     assert response.status_code == 200 and response.get_json()["image"]["version"] == 2
-    records, blobs = state(service)
-    assert [records[image_id]] == blobs  # the old blob is gone, the new one is live
+    service.repository = service.repository.inner
+    assert_replaced(service, image_id, old_key)  # the new blob is live, the old one retired
     assert client.get(f"/api/images/{image_id}/download").data == new
 
 
@@ -151,15 +169,15 @@ class DownAfter:
 
 @pytest.mark.parametrize("operation", ["activate", "update"])
 def test_a_write_in_doubt_keeps_the_new_blob_rather_than_risk_a_dangling_record(
-    client, service, operation
+    images, service, operation
 ):
-    image_id = upload(client, make_image(color="red")).get_json()["image"]["_id"]
+    image_id = images.create(make_image(color="red"))["_id"]
     real = service.repository
     service.repository = DownAfter(real, operation)
     if operation == "activate":
-        response = upload(client, make_image(color="blue"))
+        response = images.upload(make_image(color="blue"))
     else:
-        response = replace(client, image_id, make_image(color="blue"))
+        response = images.replace(image_id, make_image(color="blue"))
     assert_unavailable(response)
     service.repository = real
     assert_every_record_has_its_blob(service)
@@ -168,17 +186,20 @@ def test_a_write_in_doubt_keeps_the_new_blob_rather_than_risk_a_dangling_record(
     assert len(blobs) == len(records) + (1 if operation == "update" else 0)
 
 
-def test_blob_delete_failure_after_the_record_is_gone_still_deletes(client, service):
-    image_id = upload(client, make_image()).get_json()["image"]["_id"]
+def test_blob_delete_failure_after_the_record_is_gone_still_deletes(client, images, service):
+    image_id = images.create()["_id"]
+    key = service.repository.get(image_id).key
     service.storage = Faulty(service.storage, "delete")
     assert client.delete(f"/api/images/{image_id}").status_code == 200
     assert client.get(f"/api/images/{image_id}").status_code == 404
+    service.storage = service.storage.inner
     # The blob is left for `repair`; no record points at it.
-    assert state(service)[0] == {}
+    assert state(service) == ({}, [key])
 
 
-def test_concurrent_replaces_leave_no_orphan(client, service):
-    image_id = upload(client, make_image()).get_json()["image"]["_id"]
+def test_concurrent_replaces_leave_no_orphan(client, images, service):
+    image_id = images.create()["_id"]
+    old_key = service.repository.get(image_id).key
     real = service.repository
     both_read = threading.Barrier(2, timeout=10)
 
@@ -191,7 +212,8 @@ def test_concurrent_replaces_leave_no_orphan(client, service):
     statuses = []
 
     def put(color):
-        response = replace(client.application.test_client(), image_id, make_image(color=color))
+        own_client = ImagesClient(client.application.test_client())
+        response = own_client.replace(image_id, make_image(color=color))
         statuses.append(response.status_code)
 
     threads = [threading.Thread(target=put, args=(c,)) for c in ("red", "blue")]
@@ -201,8 +223,7 @@ def test_concurrent_replaces_leave_no_orphan(client, service):
         thread.join()
     service.repository = real
     assert sorted(statuses) == [200, 409]
-    records, blobs = state(service)
-    assert blobs == [records[image_id]]
+    assert_replaced(service, image_id, old_key)  # the loser's blob is gone
     assert client.get(f"/api/images/{image_id}").get_json()["version"] == 2
 
 
@@ -241,8 +262,13 @@ def stalled_server():
     server.close()
 
 
-FAST = {"BACKEND_CONNECT_TIMEOUT": "0.3", "BACKEND_READ_TIMEOUT": "0.3", "PROBE_TIMEOUT": "0.5"}
+#: Short timeouts: every call to these backends fails, so nothing waits on a timeout that
+#: could have succeeded, and each failure costs a fraction of a second.
+FAST = {"BACKEND_CONNECT_TIMEOUT": "0.1", "BACKEND_READ_TIMEOUT": "0.1", "PROBE_TIMEOUT": "0.1"}
 AWS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+#: Far above what these requests take (well under a second), far below gunicorn's worker
+#: timeout: only a request that waits on nothing in particular would exceed it.
+BOUNDED = 10
 
 
 def timed(call):
@@ -252,19 +278,72 @@ def timed(call):
 
 
 @pytest.mark.parametrize("kind", ["refused", "stalled"])
-def test_unreachable_s3_is_503_within_bounded_time(make_app, tmp_path, stalled_server, kind):
+def test_unreachable_s3_is_503_within_bounded_time(
+    make_app, tmp_path, stalled_server, one_attempt, kind
+):
     address = f"127.0.0.1:{closed_port()}" if kind == "refused" else stalled_server
     env = {"DATA_DIR": str(tmp_path), "S3_BUCKET_NAME": "b", "S3_ENDPOINT_URL": f"http://{address}"}
     app = make_app({**env, **AWS, **FAST})
     client = app.test_client()
-    response, seconds = timed(lambda: upload(client, make_image()))
+    response, seconds = timed(lambda: ImagesClient(client).upload())
     assert_unavailable(response)
-    # Three attempts of 0.3 s each plus backoff: far below gunicorn's worker timeout.
-    assert seconds < 10
+    assert seconds < BOUNDED
     assert list(scan_all(app.extensions["image_api"].repository)) == []
     ready, seconds = timed(lambda: client.get("/readyz"))
     assert ready.status_code == 503 and "s3" in ready.get_json()["message"]
-    assert seconds < 2  # one attempt within PROBE_TIMEOUT, no retries
+    assert seconds < BOUNDED
+
+
+@pytest.fixture
+def failing_s3():
+    """An S3 endpoint that answers every request 503 (retryable), noting its method first:
+    by the time a client has its answer, the request is counted."""
+    methods = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` at once
+
+        def fail(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            methods.append(self.command)
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = fail
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address
+    yield f"http://{host}:{port}", methods
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_s3_retries_a_failing_call_then_gives_503_and_probes_once(make_app, tmp_path, failing_s3):
+    url, methods = failing_s3
+    env = {"DATA_DIR": str(tmp_path), "S3_BUCKET_NAME": "b", "S3_ENDPOINT_URL": url}
+    app = make_app({**env, **AWS, **FAST})
+    client = app.test_client()
+    assert_unavailable(ImagesClient(client).upload())
+    # The put, tried three times (s3.ATTEMPTS); then one attempt to remove whatever part of
+    # it landed, as compensations get.
+    assert methods == ["PUT", "PUT", "PUT", "DELETE"]
+    assert list(scan_all(app.extensions["image_api"].repository)) == []
+    methods.clear()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "s3" in ready.get_json()["message"]
+    assert methods == ["HEAD"]  # a probe is never retried
 
 
 @pytest.mark.parametrize("kind", ["refused", "stalled"])
@@ -273,15 +352,15 @@ def test_unreachable_mongodb_is_503_within_bounded_time(make_app, tmp_path, stal
     url = f"mongodb://{address}/images?directConnection=true"
     app = make_app({"DATA_DIR": str(tmp_path), "MONGODB_URL": url, **FAST})
     client = app.test_client()
-    response, seconds = timed(lambda: upload(client, make_image()))
+    response, seconds = timed(lambda: ImagesClient(client).upload())
     assert_unavailable(response)
-    assert seconds < 10
+    assert seconds < BOUNDED
     # The pending record could not be written, so no blob was either.
     assert list(app.extensions["image_api"].storage.list()) == []
     assert_unavailable(client.get("/api/images"))
     ready, seconds = timed(lambda: client.get("/readyz"))
     assert ready.status_code == 503 and "mongodb" in ready.get_json()["message"]
-    assert seconds < 2
+    assert seconds < BOUNDED
 
 
 def test_locked_sqlite_is_503(make_app, tmp_path):
@@ -293,7 +372,7 @@ def test_locked_sqlite_is_503(make_app, tmp_path):
     locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
-        assert_unavailable(upload(app.test_client(), make_image()))
+        assert_unavailable(ImagesClient(app.test_client()).upload())
     finally:
         locker.execute("ROLLBACK")
         locker.close()
@@ -303,33 +382,33 @@ def test_locked_sqlite_is_503(make_app, tmp_path):
 @pytest.mark.parametrize("after", [False, True], ids=["before-write", "after-write"])
 @pytest.mark.parametrize("operation", ["insert", "activate", "update", "delete"])
 def test_repository_faults_then_repair_leave_an_exact_match(
-    client, service, clock, operation, after
+    client, images, service, clock, operation, after
 ):
     from datetime import timedelta
 
     from image_api.repair import repair
 
     data = make_image(color="red")
-    image_id = upload(client, data).get_json()["image"]["_id"]
+    image_id = images.create(data)["_id"]
     real = service.repository
     service.repository = Faulty(real, operation, after=after)
     if operation in ("insert", "activate"):
-        response = upload(client, make_image(color="blue"))
+        response = images.upload(make_image(color="blue"))
     elif operation == "update":
-        response = replace(client, image_id, make_image(color="blue"))
+        response = images.replace(image_id, make_image(color="blue"))
     else:
         response = client.delete(f"/api/images/{image_id}")
     service.repository = real
     # A write that landed despite its error is read back and reported as done.
-    landed_ok = after and operation in ("activate", "update", "delete")
-    assert response.status_code in ((200, 201) if landed_ok else (503,))
+    if after and operation in ("activate", "update", "delete"):
+        assert response.status_code == (201 if operation == "activate" else 200)
+    else:
+        assert_unavailable(response)
 
     # Repair runs a day later on the service's clock: everything left is old enough for a
     # grace of 0, however fast this machine is.
     clock.advance(timedelta(days=1))
     repair(service, timedelta(0), apply=True)
-    records = list(scan_all(service.repository))
-    assert all(r.status == "active" for r in records)
-    assert sorted(r.key for r in records) == sorted(b.key for b in service.storage.list())
+    assert exact_match(service)
     if operation != "delete":
         assert client.get(f"/api/images/{image_id}/download").status_code == 200

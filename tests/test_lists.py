@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import re
-import threading
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 from tests.helpers import make_image
 
 
-def upload(client, fmt="PNG"):
-    data = make_image(fmt, (8, 8))
-    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), "x")})
-    assert response.status_code == 201
-    return response.get_json()["image"]
+def upload(images, fmt="PNG"):
+    return images.create(make_image(fmt, (8, 8)), filename="x")
 
 
-def walk(client, url):
-    """Follow nextCursor to the end; return every image id seen, in order."""
+def walk(client, url, between_pages=lambda: None):
+    """Follow nextCursor to the end, calling `between_pages()` after each page; return every
+    image id seen, in order."""
     seen = []
     while url:
         response = client.get(url)
         assert response.status_code == 200
         body = response.get_json()
         seen += [image["_id"] for image in body["images"]]
+        between_pages()
         url = None
         if body["nextCursor"]:
             link = re.fullmatch(r'<([^>]+)>; rel="next"', response.headers["Link"])
@@ -34,39 +31,34 @@ def walk(client, url):
     return seen
 
 
-def test_walking_pages_while_others_upload_never_skips_or_repeats(app, client):
-    existing = [upload(client)["_id"] for _ in range(23)]
-    stop, added = threading.Event(), []
+def test_walking_pages_while_others_upload_never_skips_or_repeats(client, images):
+    existing = [upload(images)["_id"] for _ in range(23)]
+    added = []
 
-    def keep_uploading():
-        other = app.test_client()
-        while not stop.is_set():
-            added.append(upload(other)["_id"])
+    def others_upload():
+        # Between every two pages, as if from other clients: images newer than any seen.
+        added.extend(upload(images)["_id"] for _ in range(2))
 
-    uploader = threading.Thread(target=keep_uploading)
-    uploader.start()
-    try:
-        seen = walk(client, "/api/images?limit=4")
-    finally:
-        stop.set()
-        uploader.join()
-    assert added, "the uploader never ran"
+    seen = walk(client, "/api/images?limit=4", between_pages=others_upload)
+    assert len(added) == 2 * 6  # 23 images in pages of 4
     assert len(seen) == len(set(seen))  # no repeats
     # Newest first: the images that existed are all there, in order, after any newer ones.
     assert [i for i in seen if i in existing] == existing[::-1]
     assert set(seen) <= set(existing) | set(added)
+    # Everything added arrived after the first page, so is newer than every cursor.
+    assert seen == existing[::-1]
 
 
-def test_last_page_has_no_cursor_and_no_link(client):
-    upload(client)
+def test_last_page_has_no_cursor_and_no_link(client, images):
+    upload(images)
     response = client.get("/api/images?limit=1")
     assert response.get_json()["nextCursor"] is None
     assert "Link" not in response.headers
 
 
-def test_filters_and_total(client):
-    pngs = [upload(client, "PNG")["_id"] for _ in range(3)]
-    jpeg = upload(client, "JPEG")
+def test_filters_and_total(client, images):
+    pngs = [upload(images, "PNG")["_id"] for _ in range(3)]
+    jpeg = upload(images, "JPEG")
     body = client.get("/api/images?contentType=image/png&limit=2").get_json()
     assert body["total"] == 3
     assert walk(client, "/api/images?contentType=image/png&limit=2") == pngs[::-1]

@@ -14,25 +14,11 @@ from image_api.records import new_id, new_key
 from image_api.repair import MISSING_BLOB, ORPHAN_BLOB, STALE_PENDING, repair
 from image_api.repository import scan_all
 from tests import faultproxy
-from tests.helpers import FAKE_AWS, make_image
+from tests.helpers import FAKE_AWS, ImagesClient, exact_match, make_image, one_s3_attempt
 
 #: Repair with a grace of 0 runs this much later on the service's clock than the uploads,
 #: so that the blobs' modification times (the file system's clock) are surely before it.
 LATER = timedelta(days=1)
-
-
-def upload(client, data=None):
-    data = data or make_image()
-    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), "a.png")})
-    assert response.status_code == 201, response.get_json()
-    return response.get_json()["image"]["_id"]
-
-
-def exact_match(service) -> bool:
-    """Every record is active with its blob, and every blob belongs to a record."""
-    records = list(scan_all(service.repository))
-    blobs = sorted(blob.key for blob in service.storage.list())
-    return all(r.status == "active" for r in records) and sorted(r.key for r in records) == blobs
 
 
 def make_drift(service):
@@ -55,16 +41,16 @@ def upload_record_id(service):
     return next(r.id for r in scan_all(service.repository) if r.status == "active")
 
 
-def test_a_clean_store_has_no_findings(client, service, clock):
+def test_a_clean_store_has_no_findings(images, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
-    upload(client)
+    images.create()
     report = repair(service, timedelta(0), apply=True)
     assert (report.records, report.blobs, report.findings) == (1, 1, [])
 
 
-def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service, clock):
+def test_dry_run_names_every_kind_of_drift_and_changes_nothing(images, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
-    upload(client)
+    images.create()
     drift = make_drift(service)
     before = (list(scan_all(service.repository)), list(service.storage.list()))
     report = repair(service, timedelta(0))
@@ -73,9 +59,9 @@ def test_dry_run_names_every_kind_of_drift_and_changes_nothing(client, service, 
     assert (list(scan_all(service.repository)), list(service.storage.list())) == before
 
 
-def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service, clock):
+def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, images, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
-    kept = upload(client, make_image(color="red"))
+    kept = images.create(make_image(color="red"))["_id"]
     drift = make_drift(service)
     report = repair(service, timedelta(0), apply=True)
     assert {f.kind: f.key for f in report.findings} == drift
@@ -90,10 +76,10 @@ def test_apply_fixes_everything_and_a_second_run_finds_nothing(client, service, 
     assert repair(service, timedelta(0), apply=True).findings == []
 
 
-def test_the_grace_period_boundary_is_inclusive(client, service, clock):
+def test_the_grace_period_boundary_is_inclusive(images, service, clock):
     """Stamped at or before `now - grace` is old enough; a millisecond later is not."""
     grace = timedelta(minutes=10)
-    template = service.repository.get(upload(client))
+    template = service.repository.get(images.create()["_id"])
     clock.advance(LATER)
     cutoff = clock.now + timedelta(milliseconds=1) - grace  # repair's reading, minus grace
     at, after = (
@@ -109,8 +95,8 @@ def test_the_grace_period_boundary_is_inclusive(client, service, clock):
     assert {r.id for r in scan_all(service.repository)} == {template.id, after.id}
 
 
-def test_the_grace_period_protects_uploads_in_flight(client, service):
-    upload(client)
+def test_the_grace_period_protects_uploads_in_flight(images, service):
+    images.create()
     fresh_orphan = new_key()
     service.storage.put(fresh_orphan, io.BytesIO(b"being uploaded"), "image/png")
     record = next(iter(scan_all(service.repository)))
@@ -120,9 +106,9 @@ def test_the_grace_period_protects_uploads_in_flight(client, service):
     assert fresh_orphan in {b.key for b in service.storage.list()}
 
 
-def test_a_record_whose_blob_reappears_is_left_alone(client, service, clock):
+def test_a_record_whose_blob_reappears_is_left_alone(client, images, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
-    image_id = upload(client)
+    image_id = images.create()["_id"]
 
     class HidesBlobs:
         """A listing that missed a blob (written after it ran)."""
@@ -143,11 +129,10 @@ def test_a_record_whose_blob_reappears_is_left_alone(client, service, clock):
     assert client.get(f"/api/images/{image_id}").status_code == 200
 
 
-def test_cli_reports_in_text_and_json(app, client, service, clock):
+def test_cli_reports_in_text_and_json(images, runner, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
-    upload(client)
+    images.create()
     drift = make_drift(service)
-    runner = app.test_cli_runner()
     text = runner.invoke(args=["repair", "--grace", "0"])
     assert text.exit_code == 0, text.output
     assert "dry run" in text.output
@@ -160,8 +145,9 @@ def test_cli_reports_in_text_and_json(app, client, service, clock):
     assert report["applied"] is True
     assert {f["kind"]: f["key"] for f in report["findings"]} == drift
     assert exact_match(service)
-    again = json.loads(runner.invoke(args=["repair", "--grace", "0", "--json"]).output)
-    assert again["findings"] == []
+    again = runner.invoke(args=["repair", "--grace", "0", "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["findings"] == []
 
 
 # --- network faults between the service and S3, then repair --------------------------------
@@ -200,20 +186,18 @@ def test_s3_faults_give_503_and_repair_restores_an_exact_match(
 ):
     clock.advance(LATER)
     client, service = proxied_app.test_client(), proxied_app.extensions["image_api"]
+    images = ImagesClient(client)
     original = make_image(color="red")
-    image_id = upload(client, original)
+    image_id = images.create(original)["_id"]
 
     proxy.mode = fault
-    if operation == "upload":
-        response = client.post(
-            "/api/images/upload", data={"image": (io.BytesIO(make_image()), "b.png")}
-        )
-    elif operation == "replace":
-        response = client.put(
-            f"/api/images/{image_id}", data={"image": (io.BytesIO(make_image()), "b.png")}
-        )
-    else:
-        response = client.delete(f"/api/images/{image_id}")
+    with one_s3_attempt():  # one timeout to wait on; the calls around it may retry
+        if operation == "upload":
+            response = images.upload(filename="b.png")
+        elif operation == "replace":
+            response = images.replace(image_id)
+        else:
+            response = client.delete(f"/api/images/{image_id}")
     proxy.mode = faultproxy.PASS
 
     if operation == "delete":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from datetime import UTC, datetime, timedelta
 
 import mongomock
+import pymongo
 import pytest
 
-from image_api.errors import Conflict, NotFound
+from image_api.errors import BackendUnavailable, Conflict, NotFound
 from image_api.records import RECORD_FIELDS, Filters, ImageRecord, new_id, utc_now
 from image_api.repository import scan_all
 from image_api.repository.mongodb import MongoRepository
@@ -129,8 +131,33 @@ def test_all_yields_every_record(repository):
     assert sorted(scan_all(repository), key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
 
 
-def test_ping_answers(repository):
-    repository.ping()
+def test_ping_answers_when_the_database_does(repository):
+    assert repository.ping() is None
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ping_raises_backend_unavailable_when_the_database_cannot_answer(repository, tmp_path):
+    if isinstance(repository, SqliteRepository):
+        broken = SqliteRepository(tmp_path)  # a directory, not a database file
+    else:
+        # mongomock cannot fail: the same class on the real driver, with no server there.
+        client = pymongo.MongoClient(
+            f"mongodb://127.0.0.1:{closed_port()}/?directConnection=true",
+            serverSelectionTimeoutMS=200,
+            connectTimeoutMS=200,
+        )
+        broken = MongoRepository(client["test"], probe_timeout=0.2)
+    try:
+        with pytest.raises(BackendUnavailable):
+            broken.ping()
+    finally:
+        broken.close()
+    assert repository.ping() is None  # the working database next to it is unaffected
 
 
 # --- pending records ---------------------------------------------------------------------

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import secrets
+import threading
 
 import boto3
 import pytest
 from moto import mock_aws
 
-from image_api.errors import NotFound
+from image_api.errors import BackendUnavailable, NotFound
 from image_api.records import new_key
 from image_api.storage.filesystem import FilesystemStorage
 from image_api.storage.s3 import S3Storage
@@ -100,12 +102,94 @@ def test_list_names_every_blob_with_its_size(storage):
     assert all(b.modified.tzinfo is not None for b in storage.list())
 
 
+#: Every backend reads an upload in chunks of at most this (the filesystem's write chunk,
+#: s3transfer's read size), so a put that has read this much is part-way through its write.
+HALFWAY = 1024 * 1024
+#: A generous bound on waiting for another thread, so that a bug fails rather than hangs.
+WAIT = 30
+
+
+class HeldStream(io.BytesIO):
+    """Bytes to `put` that stop after the first `HALFWAY` bytes until `resume` is set:
+    `held` says the backend's write was caught half done; `paused` is set then (or when
+    the put ends without that happening)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.held, self.paused, self.resume = False, threading.Event(), threading.Event()
+
+    def read(self, size=-1):
+        if not self.resume.is_set():
+            if self.tell() >= HALFWAY:
+                self.held = True
+                self.paused.set()
+                self.resume.wait(WAIT)
+            elif size is None or size < 0 or self.tell() + size > HALFWAY:
+                size = HALFWAY - self.tell()  # a short read, as a socket would give
+        return super().read(size)
+
+
+def contents(storage, key, byte_range=None) -> bytes:
+    with storage.open(key, byte_range) as stream:
+        return stream.read()
+
+
 def test_put_overwrites_atomically(storage):
+    """While an overwrite is half written, readers get the previous bytes whole (never a
+    part, nothing, or NotFound) and the listing its size; then the new bytes whole."""
     key = new_key()
-    storage.put(key, io.BytesIO(b"first"), "image/png")
-    storage.put(key, io.BytesIO(b"second"), "image/png")
-    with storage.open(key) as stream:
-        assert stream.read() == b"second"
+    # Sizes differ so that a listing shows which version it saw.
+    versions = [secrets.token_bytes(HALFWAY * 2 + n) for n in (0, 1000, 2000)]
+    names = {data: f"version {i}" for i, data in enumerate(versions)}
+
+    def which(data: bytes) -> str:
+        return names.get(data, f"{len(data)} other bytes")
+
+    storage.put(key, io.BytesIO(versions[0]), "image/png")
+    for previous, data in itertools.pairwise(versions):
+        stream, failures = HeldStream(data), []
+
+        def write(stream=stream, failures=failures):
+            try:
+                storage.put(key, stream, "image/png")
+            except BaseException as error:  # noqa: BLE001 - reported by the test thread
+                failures.append(error)
+            finally:
+                stream.paused.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            assert stream.paused.wait(WAIT) and stream.held, "the put was never caught halfway"
+            for _ in range(3):
+                assert which(contents(storage, key)) == which(previous)
+            assert (
+                contents(storage, key, (HALFWAY - 10, HALFWAY + 10))
+                == previous[HALFWAY - 10 : HALFWAY + 10]
+            )
+            assert [(b.key, b.size) for b in storage.list()] == [(key, len(previous))]
+        finally:
+            stream.resume.set()
+            writer.join(WAIT)
+        assert not writer.is_alive() and failures == []
+        assert which(contents(storage, key)) == which(data)
+        assert [(b.key, b.size) for b in storage.list()] == [(key, len(data))]
+
+
+def test_a_failed_overwrite_leaves_the_previous_bytes(storage):
+    key, old = new_key(), secrets.token_bytes(HALFWAY * 2)
+    storage.put(key, io.BytesIO(old), "image/png")
+
+    class Broken(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() >= HALFWAY:
+                raise RuntimeError("client went away")
+            return super().read(min(size, HALFWAY) if size and size > 0 else HALFWAY)
+
+    with pytest.raises(RuntimeError):
+        storage.put(key, Broken(secrets.token_bytes(HALFWAY * 3)), "image/png")
+    assert contents(storage, key) == old
+    assert [(b.key, b.size) for b in storage.list()] == [(key, len(old))]
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "ABC", "", "a" * 31, "g" * 32])
@@ -116,8 +200,20 @@ def test_keys_not_made_by_the_service_are_refused(storage, key):
         storage.open(key)
 
 
-def test_ping_answers(storage):
-    storage.ping()
+def test_ping_answers_when_the_store_does(storage):
+    assert storage.ping() is None
+
+
+def test_ping_raises_backend_unavailable_when_the_store_cannot_answer(storage, tmp_path):
+    if isinstance(storage, FilesystemStorage):
+        not_a_directory = tmp_path / "a-file"
+        not_a_directory.write_bytes(b"")
+        broken = FilesystemStorage(not_a_directory)
+    else:
+        broken = S3Storage(storage.clients, f"missing-{secrets.token_hex(6)}")
+    with pytest.raises(BackendUnavailable):
+        broken.ping()
+    assert storage.ping() is None  # the working store next to it is unaffected
 
 
 def test_filesystem_put_leaves_no_temporary_file_when_the_stream_fails(tmp_path):

@@ -29,7 +29,8 @@ def uploaded_file(required: bool = True) -> Upload | None:
         # body that does not (gunicorn raises OSErrors for bad chunk sizes, terminators and
         # trailers while the form is read).
         raise BadRequest(
-            "The request body is not valid multipart/form-data (part headers must be UTF-8)"
+            "The request body is not valid multipart/form-data"
+            " (cut short, or with part headers that are not UTF-8)"
         ) from None
     if file is None:
         if not required:

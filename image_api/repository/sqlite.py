@@ -173,7 +173,10 @@ class SqliteRepository:
     def _connection(self) -> sqlite3.Connection:
         pid = os.getpid()
         if getattr(self._local, "pid", None) != pid:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise sqlite3.OperationalError(f"cannot create {self.path.parent}") from error
             connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             connection.row_factory = sqlite3.Row
             # FULL: a commit survives power loss, not only a process crash.
