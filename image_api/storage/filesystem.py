@@ -43,10 +43,14 @@ class FilesystemStorage:
     def put(self, key: str, stream: BinaryIO, content_type: str) -> None:
         target = self.path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             # Write a temporary file beside the target, fsync it, rename it into place and
             # fsync the directory: after a crash the blob is either whole or absent.
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+            except FileNotFoundError:
+                # The shard's first blob (a mkdir on every put costs a metadata operation).
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
                     while chunk := stream.read(_WRITE_CHUNK):
