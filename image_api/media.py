@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import threading
 import unicodedata
@@ -225,7 +226,36 @@ def sanitize_filename(raw: str | None, image_format: str) -> str:
     name = unicodedata.normalize("NFKC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " ")
-    return _complete(name, EXTENSIONS[image_format])
+    return _typed(_complete(name, EXTENSIONS[image_format]), image_format)
+
+
+#: Extensions that name each format; a filename with another one gets the format's own
+#: appended, so a PNG sent as `x.html` is saved by a browser as `x.html.png`, never as HTML.
+_KNOWN_EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "PNG": {".png", ".apng"},
+    "GIF": {".gif"},
+    "WEBP": {".webp"},
+    "AVIF": {".avif"},
+}
+#: Names Windows reserves for devices, whatever the extension.
+_RESERVED = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(10)),
+    *(f"LPT{i}" for i in range(10)),
+}
+
+
+def _typed(name: str, image_format: str) -> str:
+    stem, ext = os.path.splitext(name)
+    if stem.split(".")[0].upper() in _RESERVED:
+        stem = f"_{stem}"
+    if ext.lower() not in _KNOWN_EXTENSIONS[image_format]:
+        stem, ext = stem + ext, EXTENSIONS[image_format]
+    return stem[: _MAX_FILENAME - len(ext)] + ext
 
 
 def ascii_filename(name: str, content_type: str) -> str:

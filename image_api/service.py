@@ -23,12 +23,13 @@ import dataclasses
 import enum
 import functools
 import logging
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import BinaryIO
 
 from flask import current_app
+from werkzeug.datastructures import ETags
 
 from . import deadline, media
 from .config import Settings
@@ -68,6 +69,28 @@ class Download:
 
     redirect: str | None = None
     open: Callable[[tuple[int, int] | None], BinaryIO] | None = None
+
+
+@dataclass(frozen=True)
+class Preconditions:
+    """A write's If-Match and If-None-Match (werkzeug `ETags`; a star matches any image),
+    checked against the version the write applies to."""
+
+    if_match: ETags | None = None
+    if_none_match: ETags | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.if_match is not None or self.if_none_match is not None
+
+    def check(self, current: ImageRecord) -> None:
+        if self.if_match is not None and not self.if_match.contains(current.sha256):
+            raise PreconditionFailed()
+        if self.if_none_match is not None and self.if_none_match.contains_weak(current.sha256):
+            raise PreconditionFailed("The image matches If-None-Match; nothing was changed")
+
+
+NO_PRECONDITIONS = Preconditions()
 
 
 class ReadBack(enum.Enum):
@@ -144,7 +167,7 @@ class ImageService:
         self,
         image_id: str,
         upload: media.Upload | None,
-        if_match: Container[str] | None = None,
+        preconditions: Preconditions = NO_PRECONDITIONS,
         idempotency_key: str | None = None,
     ) -> ImageRecord:
         """Replace an image's bytes; the old image stays intact unless this succeeds.
@@ -160,8 +183,8 @@ class ImageService:
             # If-Match is checked here, inside the idempotent part: a retry of a replace
             # that already happened gets the first response, not a 412 against the ETag
             # it changed.
-            _check(current, if_match)
-            return self._replace(current, upload, info, conditional=if_match is not None)
+            preconditions.check(current)
+            return self._replace(current, upload, info, conditional=preconditions.given)
 
         def find_result(first: str):
             # `first` names the image and the version the first request would have made.
@@ -178,7 +201,7 @@ class ImageService:
         )
         return self.idempotency.run(idempotency_key, request, replace_once)
 
-    def delete(self, image_id: str, if_match: Container[str] | None = None) -> None:
+    def delete(self, image_id: str, preconditions: Preconditions = NO_PRECONDITIONS) -> None:
         """Delete the record, then its blob.
 
         Without If-Match, whatever version is current is deleted, even while replaces race
@@ -186,11 +209,11 @@ class ImageService:
         """
         for _ in range(_DELETE_TRIES):
             current = self.repository.get(image_id)
-            _check(current, if_match)
+            preconditions.check(current)
             try:
                 self.repository.delete(image_id, expected_version=current.version)
             except Conflict:
-                if if_match is not None:
+                if preconditions.given:
                     raise PreconditionFailed() from None
                 continue  # replaced since we read it: delete the new version
             except BackendUnavailable as error:
@@ -382,11 +405,6 @@ class ImageService:
             max_animation_pixels=self.settings.max_animation_pixels,
             budget=self.decode_budget,
         )
-
-
-def _check(current: ImageRecord, if_match: Container[str] | None) -> None:
-    if if_match is not None and current.sha256 not in if_match:
-        raise PreconditionFailed()
 
 
 def _described(info: media.ImageInfo, filename: str | None) -> dict:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from werkzeug.http import parse_options_header
+from werkzeug.http import http_date, parse_options_header
 
 from image_api.repository import scan_all
 from tests.helpers import make_image
@@ -155,12 +155,12 @@ def test_malformed_multipart_is_400(client, body):
 @pytest.mark.parametrize(
     ("sent", "stored", "fallback"),
     [
-        ("．．／．．／etc／cron.d／x", "x", "x"),  # noqa: RUF001 - the look-alikes are the test
-        ("..\\..\\boot.ini", "boot.ini", "boot.ini"),
+        ("．．／．．／etc／cron.d／x", "x.png", "x.png"),  # noqa: RUF001 - the look-alikes are the test
+        ("..\\..\\boot.ini", "boot.ini.png", "boot.ini.png"),
         ("﹤script﹥.png", "<script>.png", "_script_.png"),
         ("😀.png", "😀.png", "image.png"),
-        ("😀", "😀", "image.png"),
-        (".htaccess", "image.htaccess", "image.htaccess"),
+        ("😀", "😀.png", "image.png"),
+        (".htaccess", "image.htaccess.png", "image.htaccess.png"),
         ("...", "image.png", "image.png"),
         ("chat noir é.png", "chat noir é.png", "chat noir e.png"),
     ],
@@ -520,3 +520,133 @@ def test_a_request_without_a_host_is_400(make_app, tmp_path):
     environ = {"HTTP_HOST": ""}
     response = app.test_client().get("/api/images", environ_overrides=environ)
     assert_error(response, 400, "bad_request")
+
+
+# --- what a second attack found --------------------------------------------------------------
+
+
+def test_a_later_version_on_a_whole_second_after_the_change_is_trusted_by_date(client, clock):
+    image = upload(client)
+    clock.advance(timedelta(seconds=5))
+    replaced = client.put(
+        f"/api/images/{image['_id']}",
+        data={"image": (io.BytesIO(make_image(color="blue")), "b.png")},
+    )
+    url = f"/api/images/{image['_id']}/download"
+    last_modified = client.get(url).last_modified
+    assert replaced.get_json()["image"]["version"] == 2
+    ims = client.get(url, headers={"If-Modified-Since": http_date(last_modified)})
+    assert ims.status_code == (304 if clock.now.microsecond == 0 else 200)
+    later = http_date(last_modified + timedelta(seconds=1))
+    assert client.get(url, headers={"If-Modified-Since": later}).status_code == 304
+
+
+def test_if_unmodified_since_on_a_download(client):
+    image = upload(client)
+    url = f"/api/images/{image['_id']}/download"
+    last_modified = client.get(url).last_modified
+    stale = http_date(last_modified - timedelta(days=1))
+    assert_error(
+        client.get(url, headers={"If-Unmodified-Since": stale}), 412, "precondition_failed"
+    )
+    assert (
+        client.get(url, headers={"If-Unmodified-Since": http_date(last_modified)}).status_code
+        == 200
+    )
+    # If-Match, when sent, decides alone.
+    both = {"If-Match": f'"{image["sha256"]}"', "If-Unmodified-Since": stale}
+    assert client.get(url, headers=both).status_code == 200
+
+
+def test_if_none_match_on_writes(client, service):
+    image = upload(client)
+    new = {"image": (io.BytesIO(make_image(color="blue")), "b.png")}
+    response = client.put(f"/api/images/{image['_id']}", data=new, headers={"If-None-Match": "*"})
+    assert_error(response, 412, "precondition_failed")
+    etag = f'"{image["sha256"]}"'
+    assert_error(
+        client.delete(f"/api/images/{image['_id']}", headers={"If-None-Match": etag}),
+        412,
+        "precondition_failed",
+    )
+    assert client.get(f"/api/images/{image['_id']}").get_json()["version"] == 1
+    new = {"image": (io.BytesIO(make_image(color="blue")), "b.png")}
+    response = client.put(
+        f"/api/images/{image['_id']}", data=new, headers={"If-None-Match": '"other"'}
+    )
+    assert response.status_code == 200
+
+
+def test_metadata_answers_if_none_match_with_304(client):
+    image = upload(client)
+    etag = f'"{image["sha256"]}"'
+    response = client.get(f"/api/images/{image['_id']}", headers={"If-None-Match": etag})
+    assert response.status_code == 304 and response.data == b""
+    assert response.headers["ETag"] == etag
+    other = client.get(f"/api/images/{image['_id']}", headers={"If-None-Match": '"x"'})
+    assert other.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.com/x", "a b", "a@evil.com", 'evil.com"><script>', "evil.com:99999999", "-x"]
+)
+def test_a_malformed_host_is_400_and_stores_nothing(client, service, host):
+    response = client.post(
+        "/api/images/upload",
+        data={"image": (io.BytesIO(make_image()), "a.png")},
+        headers={"Host": host},
+    )
+    assert_error(response, 400, "bad_request")
+    assert list(scan_all(service.repository)) == []
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "img.example.com:8080", "127.0.0.1:5000", "[::1]:5000"]
+)
+def test_well_formed_hosts_are_served(client, host):
+    assert client.get("/api/images", headers={"Host": host}).status_code == 200
+
+
+def test_probes_answer_without_a_host(make_app, tmp_path):
+    client = make_app({"DATA_DIR": str(tmp_path)}).test_client()
+    for path in ("/healthz", "/readyz"):
+        assert client.get(path, environ_overrides={"HTTP_HOST": ""}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("x.html", "x.html.png"),
+        ("x.svg", "x.svg.png"),
+        ("x.png\x00.exe", "x.png.exe.png"),
+        ("\u202egnp.exe", "gnp.exe.png"),
+        ("CON.png", "_CON.png"),
+        ("nul", "_nul.png"),
+        ("photo.PNG", "photo.PNG"),
+        ("photo", "photo.png"),
+    ],
+)
+def test_a_download_name_always_ends_in_the_real_types_extension(client, sent, stored):
+    assert upload(client, filename=sent)["filename"] == stored
+
+
+@pytest.mark.parametrize("limit", ["5_0", "+5", " 1", "٣", "1.0", "0x10", "1e2"])
+def test_limit_is_ascii_digits_only(client, limit):
+    assert_error(client.get("/api/images", query_string={"limit": limit}), 400, "bad_request")
+
+
+def test_rfc_3339_lower_case_dates_are_accepted(client):
+    upload(client)
+    response = client.get("/api/images?uploadedAfter=2020-01-01t00:00:00z")
+    assert response.status_code == 200 and response.get_json()["total"] == 1
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_compressed_request_bodies_are_415(client, service, encoding):
+    response = client.post(
+        "/api/images/upload",
+        data={"image": (io.BytesIO(make_image()), "a.png")},
+        headers={"Content-Encoding": encoding},
+    )
+    assert_error(response, 415, "unsupported_media_type")
+    assert list(scan_all(service.repository)) == []

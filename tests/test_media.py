@@ -152,11 +152,12 @@ def test_inspect_leaves_the_stream_at_the_start():
     [
         ("cat.png", "cat.png"),
         ("C:\\Users\\me\\cat.png", "cat.png"),
-        ("../../etc/passwd", "passwd"),
-        ("chat\u00e9.jpg", "chat\u00e9.jpg"),
-        ("cafe\u0301.jpg", "caf\u00e9.jpg"),  # NFC
+        ("../../etc/passwd", "passwd.png"),  # the real type's extension added
+        ("chat\u00e9.png", "chat\u00e9.png"),
+        ("cafe\u0301.png", "caf\u00e9.png"),  # NFC
+        ("chat.jpg", "chat.jpg.png"),  # a PNG saved as .jpg would mislead
         ("evil\r\nX-Header: 1.png", "evilX-Header: 1.png"),
-        ("a\u202egnp.exe", "agnp.exe"),  # bidi override dropped
+        ("a\u202egnp.exe", "agnp.exe.png"),  # bidi override dropped, extension added
         ("...", "image.png"),
         ("", "image.png"),
         (None, "image.png"),

@@ -3,6 +3,8 @@ schema. Nothing here touches a backend's driver or decides what the service deci
 
 from __future__ import annotations
 
+import re
+
 from flask import Flask, Request, request
 
 from .. import deadline
@@ -22,18 +24,27 @@ class ApiRequest(Request):
 
 
 def check_host() -> None:
-    """Links are built from the Host a request names: only the ones configured are
-    accepted (ALLOWED_HOSTS), and one is required (HTTP/1.0 may send none)."""
+    """Links are built from the Host a request names: it must be a well-formed host[:port],
+    one of ALLOWED_HOSTS when that is set, and present (HTTP/1.0 may send none). Probes
+    (`/healthz`, `/readyz`) answer whatever the Host: load balancers often send none."""
     settings = current_service().settings
-    if settings.public_url:
+    if settings.public_url or request.blueprint == "health":
         return
     host = request.headers.get("Host")
     if not host:
         raise BadRequest("A Host header is required")
-    named = request.host.lower()
+    if not _HOST.fullmatch(host):
+        raise BadRequest("The Host header is not a host[:port]")
+    named = host.lower()
     allowed = settings.allowed_hosts
     if allowed and named not in allowed and named.rpartition(":")[0] not in allowed:
-        raise BadRequest(f"Host {request.host!r} is not served here")
+        raise BadRequest(f"Host {host!r} is not served here")
+
+
+#: A DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+)
 
 
 def start_budget() -> None:

@@ -40,8 +40,11 @@ def download_image(image_id: str):
     response.cache_control.no_cache = True  # the content changes when the image is replaced
     response.headers.set("Content-Disposition", disposition, **_filename_options(record))
     response.headers.update(_HEADERS)
-    if "If-Match" in request.headers and record.sha256 not in request.if_match:
-        raise PreconditionFailed("The image's ETag does not match If-Match")
+    if "If-Match" in request.headers:
+        if not request.if_match.contains(record.sha256):
+            raise PreconditionFailed("The image's ETag does not match If-Match")
+    elif (since := request.if_unmodified_since) is not None and not _current_at(record, since):
+        raise PreconditionFailed("The image was modified after If-Unmodified-Since")
     if _not_modified(record):
         response.status_code = 304
         return response
@@ -79,10 +82,15 @@ def requested_range(record: ImageRecord) -> tuple[int, int] | None:
         return None
     if_range = request.if_range
     if if_range.etag is not None or if_range.date is not None:
-        same_etag = if_range.etag == record.sha256
-        # RFC 9110 13.1.5: the date must be the Last-Modified, and a strong validator,
-        # which it is only if no other version can share it: a change on a whole second.
-        same_date = if_range.date == record.updated_at
+        # Strong comparison only (RFC 9110 13.1.5): a weak tag never matches, and a date
+        # only when it is the Last-Modified and no other version can share it.
+        weak = request.headers.get("If-Range", "").lstrip().startswith("W/")
+        same_etag = not weak and if_range.etag == record.sha256
+        same_date = (
+            if_range.date is not None
+            and if_range.date == record.updated_at.replace(microsecond=0)
+            and _current_at(record, if_range.date)
+        )
         if not (same_etag or same_date):
             return None
     start = ranges.ranges[0][0]
@@ -102,7 +110,20 @@ def _not_modified(record: ImageRecord) -> bool:
     if "If-None-Match" in request.headers:
         return request.if_none_match.contains_weak(record.sha256)
     since = request.if_modified_since
-    return since is not None and since >= _whole_seconds_after(record.updated_at)
+    return since is not None and _current_at(record, since)
+
+
+def _current_at(record: ImageRecord, date: datetime) -> bool:
+    """Whether a copy dated `date` (an HTTP date: whole seconds) is surely this version.
+
+    Two versions replaced within one second share a Last-Modified, so a date within the
+    second of a replace cannot tell them apart: only a date from the next whole second on
+    proves the copy current. The first version has no predecessor to be confused with: its
+    own Last-Modified is enough.
+    """
+    if record.version == 1:
+        return date >= record.updated_at.replace(microsecond=0)
+    return date >= _whole_seconds_after(record.updated_at)
 
 
 def _filename_options(record: ImageRecord) -> dict[str, str]:

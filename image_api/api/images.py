@@ -8,9 +8,15 @@ from flask import Blueprint, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
-from ..errors import BadRequest, FileTooLarge, FormTooLarge, MissingFile
+from ..errors import (
+    BadRequest,
+    FileTooLarge,
+    FormTooLarge,
+    MissingFile,
+    UnsupportedMediaType,
+)
 from ..media import Upload
-from ..service import current_service
+from ..service import Preconditions, current_service
 from .schemas import dump_image, dump_images, list_query_schema, next_page_query
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
@@ -18,6 +24,10 @@ bp = Blueprint("images", __name__, url_prefix="/api/images")
 
 def uploaded_file(required: bool = True) -> Upload | None:
     """The file in multipart field `image`; `MissingFile` if absent and `required`."""
+    if request.content_encoding not in (None, "", "identity"):
+        raise UnsupportedMediaType(
+            f"Request bodies with Content-Encoding {request.content_encoding!r} are not accepted"
+        )
     try:
         file = request.files.get("image")
     except RequestEntityTooLarge:
@@ -41,9 +51,12 @@ def uploaded_file(required: bool = True) -> Upload | None:
     return Upload(file.stream, file.filename)
 
 
-def if_match():
-    """The `If-Match` header's entity tags (`*` matches any), or None without the header."""
-    return request.if_match if "If-Match" in request.headers else None
+def preconditions() -> Preconditions:
+    """The request's If-Match and If-None-Match, when it has them."""
+    return Preconditions(
+        request.if_match if "If-Match" in request.headers else None,
+        request.if_none_match if "If-None-Match" in request.headers else None,
+    )
 
 
 def idempotency_key() -> str | None:
@@ -88,14 +101,17 @@ def list_images():
 def get_image(image_id: str):
     """One image's metadata."""
     record = current_service().get(image_id)
-    return dump_image(record), 200, {"ETag": quote_etag(record.sha256)}
+    headers = {"ETag": quote_etag(record.sha256)}
+    if request.if_none_match.contains_weak(record.sha256):
+        return "", 304, headers
+    return dump_image(record), 200, headers
 
 
 @bp.put("/<image_id>")
 def replace_image(image_id: str):
     """Replace an image's file."""
     record = current_service().replace(
-        image_id, uploaded_file(required=False), if_match(), idempotency_key()
+        image_id, uploaded_file(required=False), preconditions(), idempotency_key()
     )
     body = {"message": "Image updated successfully", "image": dump_image(record)}
     return body, 200, {"ETag": quote_etag(record.sha256)}
@@ -104,5 +120,5 @@ def replace_image(image_id: str):
 @bp.delete("/<image_id>")
 def delete_image(image_id: str):
     """Delete an image and its file."""
-    current_service().delete(image_id, if_match())
+    current_service().delete(image_id, preconditions())
     return {"message": "Image deleted successfully"}

@@ -41,10 +41,22 @@ class UtcDateTime(fields.AwareDateTime):
         super().__init__(default_timezone=UTC, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            value = value.upper()  # RFC 3339 allows a lower-case "t" and "z"
         try:
             return super()._deserialize(value, attr, data, **kwargs).astimezone(UTC)
         except OverflowError:
             raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from None
+
+
+class Digits(fields.Integer):
+    """A whole number written in ASCII digits only: not `5_0`, `+5`, ` 1` or `٣`, which
+    Python's int() would take."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not (isinstance(value, str) and value.isascii() and value.isdigit()):
+            raise self.make_error("invalid", input=value)
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class ListQuerySchema(Schema):
@@ -53,7 +65,7 @@ class ListQuerySchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=1000))
+    limit = Digits(load_default=50, validate=validate.Range(min=1, max=1000))
     cursor = fields.String(load_default=None, validate=validate.Length(max=200))
     content_type = fields.String(
         data_key="contentType", load_default=None, validate=validate.OneOf(CONTENT_TYPES.values())
