@@ -36,7 +36,10 @@ class ReadableBody:
         self.app = app
 
     def __call__(self, environ, start_response):
-        if "wsgi.input" in environ:
+        has_body = environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get(
+            "HTTP_TRANSFER_ENCODING"
+        )
+        if has_body and "wsgi.input" in environ:
             environ["wsgi.input"] = _Input(environ["wsgi.input"])
         return self.app(environ, start_response)
 

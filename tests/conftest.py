@@ -10,8 +10,16 @@ import pytest
 from flask.testing import FlaskClient
 from moto import mock_aws
 
-from image_api import create_app
+from image_api import create_app, deadline
 from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, one_s3_attempt
+
+
+@pytest.fixture(autouse=True)
+def _no_budget_left_behind():
+    """A request's time budget ends with it: one left in the test's context would make
+    later backend calls fail with "budget spent" (it happened with nested requests)."""
+    yield
+    assert deadline.current() is None, "a request's time budget outlived the request"
 
 
 @pytest.fixture(autouse=True)
