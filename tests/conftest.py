@@ -4,6 +4,9 @@ that upload images, and the CLI runner."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from urllib.parse import urlsplit
 
 import mongomock
 import pytest
@@ -11,6 +14,7 @@ from flask.testing import FlaskClient
 from moto import mock_aws
 
 from image_api import create_app, deadline
+from tests import faultproxy
 from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, one_s3_attempt
 
 
@@ -162,3 +166,36 @@ def images(client):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def proxy(moto_server):
+    """A fault-injecting proxy in front of the moto server (`proxy.mode` = PASS, STALL...)."""
+    parts = urlsplit(moto_server)
+    proxy = faultproxy.FaultProxy((parts.hostname, parts.port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def stalled_server():
+    """A TCP server that accepts connections and never answers: "127.0.0.1:port"."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()

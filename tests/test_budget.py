@@ -4,12 +4,9 @@ Retry-After well before gunicorn's or nginx's timeouts, and nothing is lost."""
 from __future__ import annotations
 
 import io
-import socket
 import sqlite3
-import threading
 import time
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -111,14 +108,6 @@ def test_the_budget_ends_with_the_request(make_app, tmp_path):
 
 
 @pytest.fixture
-def proxy(moto_server):
-    parts = urlsplit(moto_server)
-    proxy = faultproxy.FaultProxy((parts.hostname, parts.port))
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
 def s3_app(make_app, tmp_path, proxy):
     app = make_app(
         {
@@ -175,28 +164,8 @@ def test_stalled_s3_gives_503_within_the_budget_and_loses_nothing(s3_app, proxy,
 
 
 @pytest.fixture
-def stalled_mongodb():
-    """A TCP server that accepts connections and never answers."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    accepted, stop = [], threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    host, port = server.getsockname()
-    yield f"mongodb://{host}:{port}/images?directConnection=true"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
+def stalled_mongodb(stalled_server):
+    return f"mongodb://{stalled_server}/images?directConnection=true"
 
 
 ID = "0123456789abcdef01234567"

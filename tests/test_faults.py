@@ -236,32 +236,6 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def stalled_server():
-    """A TCP server that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted, stop = [], threading.Event()
-
-    def serve():
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
-
-
 #: Short timeouts: every call to these backends fails, so nothing waits on a timeout that
 #: could have succeeded, and each failure costs a fraction of a second.
 FAST = {"BACKEND_CONNECT_TIMEOUT": "0.1", "BACKEND_READ_TIMEOUT": "0.1", "PROBE_TIMEOUT": "0.1"}

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -151,14 +150,6 @@ def test_cli_reports_in_text_and_json(images, runner, service, clock):
 
 
 # --- network faults between the service and S3, then repair --------------------------------
-
-
-@pytest.fixture
-def proxy(moto_server):
-    parts = urlsplit(moto_server)
-    proxy = faultproxy.FaultProxy((parts.hostname, parts.port))
-    yield proxy
-    proxy.close()
 
 
 @pytest.fixture

@@ -86,34 +86,29 @@ class FilesystemStorage:
             raise BackendUnavailable("Cannot delete from the blob directory") from error
 
     def list(self) -> Iterator[StoredBlob]:
-        # Shards are the keys' first two characters, so shard by shard in name order is
-        # key order.
-        if not self.root.is_dir():
-            return
-        for shard in sorted(self.root.iterdir()):
-            if not shard.is_dir():
-                continue
-            for name in sorted(os.listdir(shard)):
-                if not valid_key(name):
-                    continue  # temporary files of writes in progress
-                with contextlib.suppress(FileNotFoundError):
-                    stat = os.stat(shard / name)
-                    modified = datetime.fromtimestamp(stat.st_mtime, UTC)
-                    yield StoredBlob(name, stat.st_size, modified)
+        for _, name, stat in self._entries():
+            if valid_key(name):  # not the temporary files of writes in progress
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                yield StoredBlob(name, stat.st_size, modified)
 
     def list_partial(self) -> Iterator[Partial]:
         # Writes go to ".tmp-*" beside their target and are renamed when whole; a process
         # killed mid-write leaves the temporary file.
+        for shard, name, stat in self._entries():
+            if name.startswith(_TMP_PREFIX):
+                yield Partial(f"{shard}/{name}", datetime.fromtimestamp(stat.st_mtime, UTC))
+
+    def _entries(self) -> Iterator[tuple[str, str, os.stat_result]]:
+        """(shard, name, stat) of every file, in name order. Shards are the keys' first two
+        characters, so shard by shard in name order is key order."""
         if not self.root.is_dir():
             return
         for shard in sorted(self.root.iterdir()):
             if not shard.is_dir():
                 continue
             for name in sorted(os.listdir(shard)):
-                if name.startswith(_TMP_PREFIX):
-                    with contextlib.suppress(FileNotFoundError):
-                        started = datetime.fromtimestamp(os.stat(shard / name).st_mtime, UTC)
-                        yield Partial(f"{shard.name}/{name}", started)
+                with contextlib.suppress(FileNotFoundError):  # deleted since the listing
+                    yield shard.name, name, os.stat(shard / name)
 
     def delete_partial(self, ref: str) -> None:
         if not _PARTIAL.fullmatch(ref):
