@@ -49,7 +49,9 @@ class FilesystemStorage:
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             except FileNotFoundError:
                 # The shard's first blob (a mkdir on every put costs a metadata operation).
+                # The new directory's own entry must survive a power cut too.
                 target.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.root)
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
