@@ -8,7 +8,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,31 +19,17 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.processes import free_port, worker_pids  # noqa: E402
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def big_png() -> bytes:
     out = io.BytesIO()
     Image.new("RGBA", (7071, 7071), (10, 20, 30, 255)).save(out, "PNG", optimize=True)
     return out.getvalue()
-
-
-def workers(master: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def peak_mib(pid: int) -> float:
@@ -90,7 +75,7 @@ def run(data: bytes, extra: dict[str, str], uploads: int = 16) -> tuple[list[flo
 
             with ThreadPoolExecutor(uploads) as pool:
                 statuses = list(pool.map(upload, range(uploads)))
-            peaks = sorted(peak_mib(pid) for pid in workers(proc.pid))
+            peaks = sorted(peak_mib(pid) for pid in worker_pids(proc.pid))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)

@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.decode_memory_bench import bench_decode_memory  # noqa: E402
+from bench.processes import free_port, worker_pids  # noqa: E402
 from bench.repair_bench import bench_repair  # noqa: E402
 from image_api.records import new_id  # noqa: E402
 from image_api.repository.sqlite import SqliteRepository  # noqa: E402
@@ -47,12 +47,6 @@ MiB = 1024 * 1024
 
 
 # --- processes -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(url: str, timeout: float = 30) -> None:
@@ -267,14 +261,10 @@ def upload(base: str, data: bytes, name: str = "bench.png") -> dict:
 
 
 def worker_pid(master: int) -> int:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            return int(stat.parent.name)
-    raise RuntimeError("no gunicorn worker")
+    pids = worker_pids(master)
+    if not pids:
+        raise RuntimeError("no gunicorn worker")
+    return pids[0]
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -56,23 +56,23 @@ def current() -> Deadline | None:
     return _current.get()
 
 
-@contextlib.contextmanager
-def budget(seconds: float, monotonic: Callable[[], float] = time.monotonic) -> Iterator[None]:
-    """Run the block under a budget of `seconds` (replacing any outer one)."""
-    token = _current.set(Deadline.after(seconds, monotonic))
-    try:
-        yield
-    finally:
-        _current.reset(token)
-
-
-def start(seconds: float) -> object:
-    """Start a budget for the current request; `stop(token)` ends it."""
-    return _current.set(Deadline.after(seconds))
+def start(seconds: float, monotonic: Callable[[], float] = time.monotonic) -> object:
+    """Start a budget of `seconds` (replacing any outer one); `stop(token)` ends it."""
+    return _current.set(Deadline.after(seconds, monotonic))
 
 
 def stop(token) -> None:
     _current.reset(token)
+
+
+@contextlib.contextmanager
+def budget(seconds: float, monotonic: Callable[[], float] = time.monotonic) -> Iterator[None]:
+    """Run the block under a budget of `seconds`."""
+    token = start(seconds, monotonic)
+    try:
+        yield
+    finally:
+        stop(token)
 
 
 @contextlib.contextmanager
