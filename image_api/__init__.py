@@ -29,7 +29,9 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     settings = (
         Settings.from_mapping(overrides) if overrides is not None else Settings.from_environment()
     )
-    app = Flask(__name__)
+    app = Flask(
+        __name__, static_folder=None
+    )  # no /static route: the API serves no files of its own
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + _MULTIPART_OVERHEAD
     app.json.sort_keys = False
     app.wsgi_app = ReadableBody(app.wsgi_app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
-from marshmallow import ValidationError
+from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,34 @@ _HTTP_CODES = {
 }
 
 
+def api_errors() -> list[type[ApiError]]:
+    """`ApiError` and every subclass of it, base first."""
+    found, todo = [], [ApiError]
+    while todo:
+        cls = todo.pop(0)
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def error_codes() -> list[str]:
+    """Every `code` an error response can carry, from the classes above and Werkzeug's."""
+    codes = [cls.code for cls in api_errors()] + [*_HTTP_CODES.values(), "http_error"]
+    return sorted(set(codes))
+
+
+class ErrorSchema(Schema):
+    """Every error's body: a message for people and a stable code for programs."""
+
+    message = fields.String(required=True)
+    code = fields.String(required=True, metadata={"description": "One of `error_codes()`"})
+
+
+error_schema = ErrorSchema()
+
+
 def error_response(status: int, code: str, message: str):
-    response = jsonify(message=message, code=code)
+    response = jsonify(error_schema.dump({"message": message, "code": code}))
     response.status_code = status
     return response
 

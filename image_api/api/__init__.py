@@ -10,7 +10,7 @@ from flask import Flask, Request, request
 from .. import deadline
 from ..errors import BadRequest
 from ..service import current_service
-from . import downloads, health, images
+from . import docs, downloads, health, images
 
 
 class ApiRequest(Request):
@@ -71,6 +71,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(images.bp)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
     app.before_request(check_host)
     app.before_request(start_budget)
     app.teardown_request(end_budget)

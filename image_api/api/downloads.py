@@ -10,10 +10,12 @@ from flask import Blueprint, Response, request
 from werkzeug.datastructures import ContentRange
 from werkzeug.wsgi import wrap_file
 
-from ..errors import BadRequest, PreconditionFailed, RangeNotSatisfiable
+from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
 from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
+from .openapi import DOWNLOAD_HEADERS, Reply, describe
+from .schemas import download_query_schema
 
 bp = Blueprint("downloads", __name__, url_prefix="/api/images")
 
@@ -27,11 +29,33 @@ _HEADERS = {
 
 
 @bp.get("/<image_id>/download")
+@describe(
+    query=download_query_schema,
+    headers=(
+        "If-Match",
+        "If-None-Match",
+        "If-Modified-Since",
+        "If-Unmodified-Since",
+        "Range",
+        "If-Range",
+    ),
+    head=True,
+    replies={
+        200: Reply("The whole image", binary=True, headers=DOWNLOAD_HEADERS),
+        206: Reply(
+            "The requested byte range", binary=True, headers=(*DOWNLOAD_HEADERS, "Content-Range")
+        ),
+        302: Reply(
+            "In redirect mode (S3): a presigned URL to the bytes",
+            headers=(*DOWNLOAD_HEADERS, "Location"),
+        ),
+        304: Reply("The client's copy is current", headers=DOWNLOAD_HEADERS),
+    },
+    errors=(NotFound, PreconditionFailed, RangeNotSatisfiable),
+)
 def download_image(image_id: str):
     """The image's bytes (attachment, or inline with ?disposition=inline)."""
-    disposition = request.args.get("disposition", "attachment")
-    if disposition not in ("attachment", "inline"):
-        raise BadRequest("disposition must be 'attachment' or 'inline'")
+    disposition = download_query_schema.load(request.args)["disposition"]
     service = current_service()
     record = service.get(image_id)
     response = Response(mimetype=record.content_type)

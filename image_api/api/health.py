@@ -5,17 +5,21 @@ from __future__ import annotations
 from flask import Blueprint
 
 from ..service import current_service
+from .openapi import Reply, describe
+from .schemas import health_schema, ready_schema
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@describe(backends=False, replies={200: Reply("The process answers", health_schema)})
 def liveness():
     """The process answers; no backend is called."""
-    return {"status": "ok"}
+    return health_schema.dump({})
 
 
 @bp.get("/readyz")
+@describe(replies={200: Reply("Both backends answer", ready_schema)})
 def readiness():
     """Both backends answer; 503 naming the one that does not."""
-    return {"status": "ready", "backends": current_service().ping()}
+    return ready_schema.dump({"backends": current_service().ping()})

@@ -10,14 +10,33 @@ from werkzeug.http import quote_etag
 
 from ..errors import (
     BadRequest,
+    Conflict,
+    DecoderBusy,
+    EmptyFile,
     FileTooLarge,
     FormTooLarge,
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    InvalidImage,
     MissingFile,
+    NotFound,
+    PreconditionFailed,
+    TooManyPixels,
     UnsupportedMediaType,
 )
 from ..media import Upload
 from ..service import Preconditions, current_service
-from .schemas import dump_image, dump_images, list_query_schema, next_page_query
+from .openapi import Reply, describe
+from .schemas import (
+    deleted_schema,
+    dump_image,
+    image_schema,
+    list_query_schema,
+    next_page_query,
+    page_schema,
+    updated_schema,
+    uploaded_schema,
+)
 
 bp = Blueprint("images", __name__, url_prefix="/api/images")
 
@@ -69,26 +88,53 @@ def idempotency_key() -> str | None:
     return key
 
 
+#: What an uploaded file can be refused for.
+UPLOAD_ERRORS = (
+    MissingFile,
+    EmptyFile,
+    FileTooLarge,
+    FormTooLarge,
+    UnsupportedMediaType,
+    InvalidImage,
+    TooManyPixels,
+    DecoderBusy,
+    IdempotencyKeyReused,
+    IdempotencyInProgress,
+)
+
+
 @bp.post("/upload")
+@describe(
+    upload=True,
+    headers=("Idempotency-Key", "Content-Encoding"),
+    replies={
+        201: Reply(
+            "Stored; Location is its metadata",
+            uploaded_schema,
+            headers=("Location", "ETag"),
+            image_id="/image/_id",
+        )
+    },
+    errors=UPLOAD_ERRORS,
+)
 def create_image():
     """Upload a new image."""
     record = current_service().create(uploaded_file(), idempotency_key())
     location = url_for(".get_image", image_id=record.id, _external=True)
-    body = {"message": "Image uploaded successfully", "image": dump_image(record)}
+    body = uploaded_schema.dump({"image": record})
     return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
 
 
 @bp.get("")
+@describe(
+    query=list_query_schema,
+    replies={200: Reply("One page, newest first", page_schema, headers=("Link",))},
+)
 def list_images():
     """List images, newest first, a page at a time."""
     query = list_query_schema.load(request.args)
     page = current_service().list(query["limit"], query["cursor"], query["filters"])
-    body = {
-        "message": "Images fetched successfully",
-        "total": page.total,
-        "images": dump_images(page.images),
-        "nextCursor": page.next_cursor,
-    }
+    body = page_schema.dump(page)
     headers = {}
     if page.next_cursor:
         query_string = urlencode(next_page_query(query, page.next_cursor))
@@ -98,6 +144,14 @@ def list_images():
 
 
 @bp.get("/<image_id>")
+@describe(
+    headers=("If-None-Match",),
+    replies={
+        200: Reply("The image's metadata", image_schema, headers=("ETag",), image_id="/_id"),
+        304: Reply("If-None-Match names the current ETag", headers=("ETag",)),
+    },
+    errors=(NotFound,),
+)
 def get_image(image_id: str):
     """One image's metadata."""
     record = current_service().get(image_id)
@@ -108,17 +162,31 @@ def get_image(image_id: str):
 
 
 @bp.put("/<image_id>")
+@describe(
+    upload=True,
+    headers=("If-Match", "If-None-Match", "Idempotency-Key", "Content-Encoding"),
+    replies={
+        200: Reply(
+            "Replaced; version is one up", updated_schema, headers=("ETag",), image_id="/image/_id"
+        )
+    },
+    errors=(NotFound, PreconditionFailed, Conflict, *UPLOAD_ERRORS),
+)
 def replace_image(image_id: str):
     """Replace an image's file."""
     record = current_service().replace(
         image_id, uploaded_file(required=False), preconditions(), idempotency_key()
     )
-    body = {"message": "Image updated successfully", "image": dump_image(record)}
-    return body, 200, {"ETag": quote_etag(record.sha256)}
+    return updated_schema.dump({"image": record}), 200, {"ETag": quote_etag(record.sha256)}
 
 
 @bp.delete("/<image_id>")
+@describe(
+    headers=("If-Match", "If-None-Match"),
+    replies={200: Reply("Deleted, with its file", deleted_schema)},
+    errors=(NotFound, PreconditionFailed, Conflict),
+)
 def delete_image(image_id: str):
     """Delete an image and its file."""
     current_service().delete(image_id, preconditions())
-    return {"message": "Image deleted successfully"}
+    return deleted_schema.dump({})

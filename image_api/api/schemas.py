@@ -20,17 +20,100 @@ def _download_url(record) -> str:
 class ImageSchema(Schema):
     """An image's metadata, in the seed's camelCase shape."""
 
-    id = fields.String(data_key="_id")
-    image_url = fields.Function(_download_url, data_key="imageUrl")
-    uploaded_at = fields.AwareDateTime(data_key="uploadedAt")
-    updated_at = fields.AwareDateTime(data_key="updatedAt")
-    filename = fields.String()
-    content_type = fields.String(data_key="contentType")
-    size = fields.Integer()
-    width = fields.Integer()
-    height = fields.Integer()
-    sha256 = fields.String()
-    version = fields.Integer()
+    id = fields.String(data_key="_id", required=True, metadata={"pattern": "^[0-9a-f]{24}$"})
+    image_url = fields.Function(
+        _download_url,
+        data_key="imageUrl",
+        required=True,
+        metadata={"type": "string", "format": "uri", "description": "Where to download it"},
+    )
+    uploaded_at = fields.AwareDateTime(data_key="uploadedAt", required=True)
+    updated_at = fields.AwareDateTime(
+        data_key="updatedAt", required=True, metadata={"description": "The last replace"}
+    )
+    filename = fields.String(
+        required=True, metadata={"description": "The client's name, sanitised, real extension"}
+    )
+    content_type = fields.String(
+        data_key="contentType", required=True, validate=validate.OneOf(CONTENT_TYPES.values())
+    )
+    size = fields.Integer(required=True, validate=validate.Range(min=1))
+    width = fields.Integer(required=True, validate=validate.Range(min=1))
+    height = fields.Integer(required=True, validate=validate.Range(min=1))
+    sha256 = fields.String(
+        required=True,
+        metadata={"pattern": "^[0-9a-f]{64}$", "description": "Of the bytes; also the ETag"},
+    )
+    version = fields.Integer(
+        required=True, validate=validate.Range(min=1), metadata={"description": "+1 per replace"}
+    )
+
+
+def constant(value: str) -> fields.Constant:
+    """A string field that always dumps `value` (and is documented as that one value)."""
+    return fields.Constant(value, required=True, metadata={"type": "string", "enum": [value]})
+
+
+class ImageField(fields.Nested):
+    """An `ImageSchema` inside an envelope, dumped through `dump_image`'s memo."""
+
+    def __init__(self, **kwargs):
+        super().__init__(ImageSchema, **kwargs)
+
+    def _serialize(self, nested_obj, attr, obj, **kwargs):
+        if nested_obj is None:
+            return None
+        if self.many:
+            return dump_images(nested_obj)
+        return dump_image(nested_obj)
+
+
+class UploadedSchema(Schema):
+    """The body of a 201 from `POST /api/images/upload`."""
+
+    message = constant("Image uploaded successfully")
+    image = ImageField(required=True)
+
+
+class UpdatedSchema(Schema):
+    """The body of a 200 from `PUT /api/images/<id>`."""
+
+    message = constant("Image updated successfully")
+    image = ImageField(required=True)
+
+
+class DeletedSchema(Schema):
+    """The body of a 200 from `DELETE /api/images/<id>`."""
+
+    message = constant("Image deleted successfully")
+
+
+class PageSchema(Schema):
+    """One page of `GET /api/images`."""
+
+    message = constant("Images fetched successfully")
+    total = fields.Integer(required=True, metadata={"description": "How many images match"})
+    images = ImageField(many=True, required=True)
+    next_cursor = fields.String(
+        data_key="nextCursor",
+        required=True,
+        allow_none=True,
+        metadata={"description": "Pass as `cursor` for the next page; null on the last"},
+    )
+
+
+class HealthSchema(Schema):
+    status = constant("ok")
+
+
+class ReadySchema(Schema):
+    status = constant("ready")
+    backends = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={"description": "The backend behind each role, e.g. sqlite and filesystem"},
+    )
 
 
 class UtcDateTime(fields.AwareDateTime):
@@ -57,6 +140,19 @@ class Digits(fields.Integer):
         if not (isinstance(value, str) and value.isascii() and value.isdigit()):
             raise self.make_error("invalid", input=value)
         return super()._deserialize(value, attr, data, **kwargs)
+
+
+class DownloadQuerySchema(Schema):
+    """Query parameters of `GET /api/images/<id>/download`."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    disposition = fields.String(
+        load_default="attachment",
+        validate=validate.OneOf(["attachment", "inline"]),
+        metadata={"description": "`inline` to show the image in a browser tab"},
+    )
 
 
 class ListQuerySchema(Schema):
@@ -98,6 +194,13 @@ def next_page_query(query: dict, cursor: str) -> dict[str, str]:
 
 image_schema = ImageSchema()
 list_query_schema = ListQuerySchema()
+download_query_schema = DownloadQuerySchema()
+uploaded_schema = UploadedSchema()
+updated_schema = UpdatedSchema()
+deleted_schema = DeletedSchema()
+page_schema = PageSchema()
+health_schema = HealthSchema()
+ready_schema = ReadySchema()
 
 
 def dump_image(record) -> dict:

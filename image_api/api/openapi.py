@@ -1,0 +1,366 @@
+"""The OpenAPI 3.1 description, built from what the views declare.
+
+Each view carries `@describe(...)`: the schemas it loads and dumps, the request headers it
+reads, the headers it sets, and the `ApiError` classes it may raise. `build_document` walks
+the app's URL map and turns those into paths with apispec's marshmallow plugin, so a route
+without a description stops the build, and an error's status, code and message come from its
+class. Responses carry examples dumped by the same schemas from one real image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask
+from marshmallow import Schema
+
+from ..errors import ApiError, BackendUnavailable, BadRequest, error_codes, error_schema
+from ..media import CONTENT_TYPES
+from ..records import ImageRecord
+from . import schemas
+
+TITLE = "image-api"
+VERSION = "1.0.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """One documented non-error response of an operation."""
+
+    description: str
+    schema: Schema | dict | None = None  # a JSON body dumped by this schema (or a JSON Schema)
+    binary: bool = False  # the image's own bytes
+    headers: tuple[str, ...] = ()  # names in RESPONSE_HEADERS
+    image_id: str | None = None  # JSON pointer to an image id in the body: links follow it
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """What one view takes and gives."""
+
+    replies: dict[int, Reply]
+    errors: tuple[type[ApiError], ...] = ()
+    query: Schema | None = None
+    headers: tuple[str, ...] = ()  # request headers it reads, names in REQUEST_HEADERS
+    upload: bool = False  # a multipart body with the file in field `image`
+    head: bool = False  # HEAD is answered on purpose (Flask answers it for every GET)
+    backends: bool = True  # it calls a backend, so it may answer 503
+
+
+def describe(**operation) -> Callable:
+    """Declare what a view takes and gives (see `Operation`)."""
+
+    def decorate(view):
+        view.openapi = Operation(**operation)
+        return view
+
+    return decorate
+
+
+def undocumented(view):
+    """Leave a route out of the document on purpose (the docs page and its assets)."""
+    view.openapi = None
+    return view
+
+
+#: Raised by every operation: a bad Host, an unreadable body; and a bug is a 500.
+COMMON_ERRORS = (BadRequest, ApiError)
+
+PATH_PARAMETERS = {
+    "image_id": {
+        "description": "The image's `_id`; a malformed one is simply not found (404)",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"},
+    },
+}
+
+_ETAG = {"type": "string", "pattern": '^(W/)?"[^"]*"$'}
+_HTTP_DATE = {"type": "string", "description": "An HTTP date (RFC 9110 5.6.7)"}
+
+REQUEST_HEADERS = {
+    "If-Match": {
+        "description": "Act only if the image's current ETag is listed (or `*`); else 412",
+        "schema": {"type": "string"},
+    },
+    "If-None-Match": {
+        "description": "A GET answers 304 when the current ETag is listed; a write with "
+        "`*` or a listed ETag answers 412",
+        "schema": {"type": "string"},
+    },
+    "If-Modified-Since": {
+        "description": "304 if the image was not replaced since (ignored with If-None-Match)",
+        "schema": _HTTP_DATE,
+    },
+    "If-Unmodified-Since": {
+        "description": "412 if the image was replaced since (ignored with If-Match)",
+        "schema": _HTTP_DATE,
+    },
+    "Range": {
+        "description": "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-100`): 206. "
+        "Several ranges get the whole image",
+        "schema": {"type": "string"},
+    },
+    "If-Range": {
+        "description": "Honour Range only if this strong ETag or HTTP date is current",
+        "schema": {"type": "string"},
+    },
+    "Idempotency-Key": {
+        "description": "Retry safely: the same key and request within IDEMPOTENCY_TTL get "
+        "the first response; the same key with another request gets 422",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+    },
+    "Content-Encoding": {
+        "description": "Compressed request bodies are refused (415)",
+        "schema": {"type": "string", "enum": ["identity"]},
+    },
+}
+
+RESPONSE_HEADERS = {
+    "ETag": {"description": "The image's sha256, a strong validator", "schema": _ETAG},
+    "Location": {"description": "Where the resource is", "schema": {"type": "string"}},
+    "Link": {
+        "description": 'The next page: `<url>; rel="next"` (absent on the last page)',
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}},
+    "Last-Modified": {"description": "When the image was last replaced", "schema": _HTTP_DATE},
+    "Cache-Control": {"description": "`no-cache`: revalidate", "schema": {"type": "string"}},
+    "Content-Disposition": {
+        "description": "attachment or inline, with the original filename (RFC 6266)",
+        "schema": {"type": "string"},
+    },
+    "Accept-Ranges": {"description": "`bytes`", "schema": {"type": "string"}},
+    "Content-Range": {"description": "`bytes start-end/size`", "schema": {"type": "string"}},
+    "X-Content-Type-Options": {"description": "`nosniff`", "schema": {"type": "string"}},
+    "Content-Security-Policy": {
+        "description": "Stored bytes never run as a page",
+        "schema": {"type": "string"},
+    },
+}
+
+#: Headers of every download response, full, partial or not modified.
+DOWNLOAD_HEADERS = (
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "Content-Disposition",
+    "Accept-Ranges",
+    "X-Content-Type-Options",
+    "Content-Security-Policy",
+)
+
+#: The headers an error response may carry, by status.
+ERROR_HEADERS = {503: ("Retry-After",), 416: ("Content-Range",)}
+
+#: The image every example shows: what uploading ../shared/samples/valid/hopper.jpg answered.
+EXAMPLE_IMAGE = ImageRecord(
+    id="6b074b12492739cfcab89a3e",
+    key="0" * 32,
+    filename="hopper.jpg",
+    content_type="image/jpeg",
+    size=6412,
+    width=128,
+    height=128,
+    sha256="ffe89a0ab0e94114e10777e7313d7fa83d634e34ebc2ea7479085cffa504c920",
+    version=1,
+    uploaded_at=datetime(2026, 11, 25, 20, 54, 42, 589000, tzinfo=UTC),
+    updated_at=datetime(2026, 11, 25, 20, 54, 42, 589000, tzinfo=UTC),
+)
+EXAMPLE_HOST = "https://images.example.com"
+
+#: What each response schema is handed to dump its example (schemas of constants need none).
+EXAMPLES = {
+    schemas.ImageSchema: EXAMPLE_IMAGE,
+    schemas.UploadedSchema: {"image": EXAMPLE_IMAGE},
+    schemas.UpdatedSchema: {"image": EXAMPLE_IMAGE},
+    schemas.PageSchema: {"total": 1, "images": [EXAMPLE_IMAGE], "next_cursor": None},
+    schemas.ReadySchema: {"backends": {"repository": "sqlite", "storage": "filesystem"}},
+}
+
+
+def build_document(app: Flask) -> dict:
+    """The OpenAPI document of every route `app` serves."""
+    spec = APISpec(
+        title=TITLE,
+        version=VERSION,
+        openapi_version="3.1.0",
+        plugins=[MarshmallowPlugin(schema_name_resolver=_schema_name)],
+        info={
+            "description": "Stores images for web clients, curl scripts and other services. "
+            'Every error is JSON: `{"message", "code"}`.',
+            "license": {"name": "Proprietary", "identifier": "LicenseRef-Proprietary"},
+        },
+    )
+    spec.components.schema("Error", schema=type(error_schema))
+    with app.test_request_context(base_url=EXAMPLE_HOST):
+        for rule in sorted(app.url_map.iter_rules(), key=lambda rule: rule.rule):
+            view = app.view_functions[rule.endpoint]
+            if not hasattr(view, "openapi"):
+                raise LookupError(
+                    f"{rule.rule} ({rule.endpoint}) has no @describe: every route is documented"
+                )
+            if view.openapi is None:
+                continue
+            operations = {
+                method.lower(): _operation(view, rule, method)
+                for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
+            }
+            if view.openapi.head:
+                operations["head"] = _operation(view, rule, "HEAD")
+            spec.path(path=_PATH_VARIABLE.sub(r"{\1}", rule.rule), operations=operations)
+    document = spec.to_dict()
+    document["components"]["schemas"]["Error"]["properties"]["code"]["enum"] = error_codes()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation["parameters"]:
+                if parameter["in"] == "query":
+                    _not_null(parameter["schema"])
+    return document
+
+
+def _not_null(schema: dict) -> None:
+    """A query parameter is absent or a string: marshmallow's `load_default=None` (which
+    implies `allow_none`) is not a `null` a client can send."""
+    if isinstance(schema.get("type"), list):
+        schema["type"] = next(kind for kind in schema["type"] if kind != "null")
+    if "enum" in schema:
+        schema["enum"] = [value for value in schema["enum"] if value is not None]
+    if schema.get("default", "") is None:
+        del schema["default"]
+
+
+_PATH_VARIABLE = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]+)>")
+
+
+def operation_id(view, method: str) -> str:
+    """`create_image` -> `createImage`; a HEAD gets its own id: `downloadImageHead`."""
+    first, *rest = view.__name__.split("_")
+    name = first + "".join(word.title() for word in rest)
+    return name + "Head" if method == "HEAD" else name
+
+
+def _operation(view, rule, method: str) -> dict:
+    spec: Operation = view.openapi
+    summary, _, description = (inspect.getdoc(view) or "").partition("\n")
+    parameters = [
+        {"name": name, "in": "path", "required": True, **PATH_PARAMETERS[name]}
+        for name in sorted(rule.arguments)
+    ]
+    if spec.query is not None:
+        parameters.append({"in": "query", "schema": spec.query})
+    parameters += [
+        {"name": name, "in": "header", "required": False, **REQUEST_HEADERS[name]}
+        for name in spec.headers
+    ]
+    operation = {
+        "operationId": operation_id(view, method),
+        "summary": summary,
+        "tags": [view.__module__.rpartition(".")[2]],
+        "parameters": parameters,
+        "responses": {
+            str(status): _reply(reply, method) for status, reply in sorted(spec.replies.items())
+        }
+        | _error_responses(spec),
+    }
+    if description.strip():
+        operation["description"] = description.strip()
+    if spec.upload:
+        operation["requestBody"] = _UPLOAD_BODY
+    return operation
+
+
+def _reply(reply: Reply, method: str) -> dict:
+    response: dict = {"description": reply.description}
+    if reply.headers:
+        response["headers"] = {name: RESPONSE_HEADERS[name] for name in reply.headers}
+    if method != "HEAD" and isinstance(reply.schema, dict):
+        response["content"] = {"application/json": {"schema": reply.schema}}
+    elif method != "HEAD" and reply.schema is not None:
+        example = reply.schema.dump(EXAMPLES.get(type(reply.schema), {}))
+        response["content"] = {"application/json": {"schema": reply.schema, "example": example}}
+    elif method != "HEAD" and reply.binary:
+        binary = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
+        response["content"] = {content_type: binary for content_type in CONTENT_TYPES.values()}
+    if reply.image_id is not None:
+        response["links"] = {
+            name: {
+                "operationId": target,
+                "parameters": {"image_id": f"$response.body#{reply.image_id}"},
+            }
+            for name, target in _IMAGE_LINKS.items()
+        }
+    return response
+
+
+#: Where an image id in a response leads.
+_IMAGE_LINKS = {
+    "GetImage": "getImage",
+    "ReplaceImage": "replaceImage",
+    "DownloadImage": "downloadImage",
+    "DeleteImage": "deleteImage",
+}
+
+
+def _error_responses(spec: Operation) -> dict:
+    errors = [*COMMON_ERRORS, *spec.errors]
+    if spec.backends:
+        errors.append(BackendUnavailable)
+    by_status = defaultdict(dict)
+    for error in errors:
+        by_status[error.status].setdefault(error.code, error)
+    responses = {}
+    for status, classes in sorted(by_status.items()):
+        codes = sorted(classes)
+        response = {
+            "description": "; ".join(f"`{code}`: {classes[code].message}" for code in codes),
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "allOf": [{"$ref": "#/components/schemas/Error"}],
+                        "properties": {"code": {"enum": codes}},
+                    },
+                    "examples": {
+                        code: {"value": {"message": classes[code].message, "code": code}}
+                        for code in codes
+                    },
+                }
+            },
+        }
+        if status in ERROR_HEADERS:
+            response["headers"] = {name: RESPONSE_HEADERS[name] for name in ERROR_HEADERS[status]}
+        responses[str(status)] = response
+    return responses
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "description": "JPEG, PNG, GIF, WebP or AVIF, told by its bytes "
+                        "(not by the part's Content-Type or filename); the filename is "
+                        "kept for downloads",
+                    }
+                },
+            },
+            "encoding": {"image": {"contentType": ", ".join(CONTENT_TYPES.values())}},
+        }
+    },
+}
+
+
+def _schema_name(schema) -> str:
+    cls = schema if isinstance(schema, type) else type(schema)
+    return cls.__name__.removesuffix("Schema") or cls.__name__
