@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from moto import mock_aws
 
 from image_api import create_app, deadline
-from tests import faultproxy
+from tests import contract, faultproxy
 from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, one_s3_attempt
 
 
@@ -24,6 +24,23 @@ def _no_budget_left_behind():
     later backend calls fail with "budget spent" (it happened with nested requests)."""
     yield
     assert deadline.current() is None, "a request's time budget outlived the request"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watch_contract():
+    contract.watch()
+    yield
+    contract.unwatch()
+
+
+@pytest.fixture(autouse=True)
+def _contract():
+    """Every request a test makes in-process is held to the app's OpenAPI document
+    (`tests.contract`): an undocumented status, header, parameter or body fails the test."""
+    contract.problems.clear()
+    yield
+    problems, contract.problems[:] = list(contract.problems), []
+    assert not problems, "responses outside the OpenAPI document:\n" + "\n".join(problems)
 
 
 @pytest.fixture(autouse=True)
