@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from werkzeug.datastructures import FileStorage
 
+from image_api.errors import BackendUnavailable
 from image_api.records import utc_now
 from image_api.repository import scan_all
 from image_api.storage import s3
@@ -170,3 +171,23 @@ class FakeClock:
     def advance(self, delta: timedelta) -> None:
         with self._lock:
             self.now += delta
+
+
+class Faulty:
+    """Wraps a backend; the named methods raise `error` (after running, if `after`)."""
+
+    def __init__(self, inner, *methods, error=None, after=False):
+        self.inner, self.methods, self.after = inner, set(methods), after
+        self.error = error or BackendUnavailable()
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name not in self.methods:
+            return attr
+
+        def failing(*args, **kwargs):
+            if self.after:
+                attr(*args, **kwargs)
+            raise self.error
+
+        return failing

@@ -11,27 +11,7 @@ import pytest
 
 from image_api.errors import BackendUnavailable
 from image_api.repository import scan_all
-from tests.helpers import ImagesClient, assert_replaced, exact_match, make_image
-
-
-class Faulty:
-    """Wraps a backend; the named methods raise `error` (after running, if `after`)."""
-
-    def __init__(self, inner, *methods, error=None, after=False):
-        self.inner, self.methods, self.after = inner, set(methods), after
-        self.error = error or BackendUnavailable()
-
-    def __getattr__(self, name):
-        attr = getattr(self.inner, name)
-        if name not in self.methods:
-            return attr
-
-        def failing(*args, **kwargs):
-            if self.after:
-                attr(*args, **kwargs)
-            raise self.error
-
-        return failing
+from tests.helpers import Faulty, ImagesClient, assert_replaced, exact_match, make_image
 
 
 class Recording:

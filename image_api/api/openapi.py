@@ -52,6 +52,7 @@ class Operation:
     upload: bool = False  # a multipart body with the file in field `image`
     head: bool = False  # HEAD is answered on purpose (Flask answers it for every GET)
     backends: bool = True  # it calls a backend, so it may answer 503
+    checks_host: bool = True  # a bad Host is a 400 (probes answer whatever the Host)
 
 
 def describe(**operation) -> Callable:
@@ -70,8 +71,6 @@ def undocumented(view):
     return view
 
 
-#: Raised by every operation: a bad Host, an unreadable body; and a bug is a 500.
-COMMON_ERRORS = (BadRequest, ApiError)
 
 PATH_PARAMETERS = {
     "image_id": {
@@ -308,7 +307,9 @@ _IMAGE_LINKS = {
 
 
 def _error_responses(spec: Operation) -> dict:
-    errors = [*COMMON_ERRORS, *spec.errors]
+    errors = [ApiError, *spec.errors]  # ApiError itself is the 500 of a bug
+    if spec.checks_host:
+        errors.append(BadRequest)
     if spec.backends:
         errors.append(BackendUnavailable)
     by_status = defaultdict(dict)
