@@ -16,7 +16,9 @@ from bson import ObjectId
 #: Where the service reads the time: `utc_now` in production, a fake one in tests.
 Clock = Callable[[], datetime]
 
-_ID = re.compile(r"[0-9a-f]{24}")
+#: What an image id looks like (a lower-case ObjectId): routes match only these.
+ID_PATTERN = "[0-9a-f]{24}"
+_ID = re.compile(ID_PATTERN)
 _KEY = re.compile(r"[0-9a-f]{32}")
 
 

@@ -152,6 +152,7 @@ def test_upload_links_lead_to_the_image_operations(document):
         "getImage",
         "replaceImage",
         "downloadImage",
+        "downloadImageHead",
         "deleteImage",
     }
     assert all(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 
 from flask import Flask, Request, request
+from werkzeug.routing import BaseConverter
 
 from .. import deadline
 from ..errors import BadRequest
+from ..records import ID_PATTERN
 from ..service import current_service
 from . import docs, downloads, health, images
 
@@ -21,6 +23,13 @@ class ApiRequest(Request):
         parser = super().make_form_data_parser()
         parser.silent = False
         return parser
+
+
+class ImageIdConverter(BaseConverter):
+    """`<id:image_id>`: only an id can name an image, so `PUT /api/images/upload` is a 405
+    (the upload route's path), not a 404 for an image called "upload"."""
+
+    regex = ID_PATTERN
 
 
 def check_host() -> None:
@@ -68,6 +77,7 @@ def init_app(app: Flask) -> None:
     # `//api/images//<id>` is not a route: Werkzeug would answer a 308 to a URL built from
     # the request's Host.
     app.url_map.merge_slashes = False
+    app.url_map.converters["id"] = ImageIdConverter
     app.register_blueprint(images.bp)
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)

@@ -14,6 +14,7 @@ from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
 from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
+from .conditions import etags
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -28,7 +29,7 @@ _HEADERS = {
 }
 
 
-@bp.get("/<image_id>/download")
+@bp.get("/<id:image_id>/download")
 @describe(
     query=download_query_schema,
     headers=(
@@ -64,8 +65,9 @@ def download_image(image_id: str):
     response.cache_control.no_cache = True  # the content changes when the image is replaced
     response.headers.set("Content-Disposition", disposition, **_filename_options(record))
     response.headers.update(_HEADERS)
-    if "If-Match" in request.headers:
-        if not request.if_match.contains(record.sha256):
+    if_match = etags("If-Match")
+    if if_match is not None:
+        if not if_match.contains(record.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
     elif (since := request.if_unmodified_since) is not None and not _current_at(record, since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
@@ -131,8 +133,9 @@ def _not_modified(record: ImageRecord) -> bool:
     """Whether the client's copy is current (RFC 9110 13.2.2: If-None-Match, when sent,
     decides alone; else If-Modified-Since). Werkzeug's `is_resource_modified` also reads
     If-Match, and answered a matching or a stale one with 304."""
-    if "If-None-Match" in request.headers:
-        return request.if_none_match.contains_weak(record.sha256)
+    if_none_match = etags("If-None-Match")
+    if if_none_match is not None:
+        return if_none_match.contains_weak(record.sha256)
     since = request.if_modified_since
     return since is not None and _current_at(record, since)
 

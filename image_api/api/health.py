@@ -12,7 +12,9 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-@describe(backends=False, checks_host=False, replies={200: Reply("The process answers", health_schema)})
+@describe(
+    backends=False, checks_host=False, replies={200: Reply("The process answers", health_schema)}
+)
 def liveness():
     """The process answers; no backend is called."""
     return health_schema.dump({})

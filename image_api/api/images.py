@@ -25,7 +25,8 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..media import Upload
-from ..service import Preconditions, current_service
+from ..service import current_service
+from .conditions import etags, preconditions
 from .openapi import Reply, describe
 from .schemas import (
     deleted_schema,
@@ -68,14 +69,6 @@ def uploaded_file(required: bool = True) -> Upload | None:
         hint = f" (got {others})" if others else ""
         raise MissingFile(f"No file in multipart field 'image'{hint}")
     return Upload(file.stream, file.filename)
-
-
-def preconditions() -> Preconditions:
-    """The request's If-Match and If-None-Match, when it has them."""
-    return Preconditions(
-        request.if_match if "If-Match" in request.headers else None,
-        request.if_none_match if "If-None-Match" in request.headers else None,
-    )
 
 
 def idempotency_key() -> str | None:
@@ -143,7 +136,7 @@ def list_images():
     return body, 200, headers
 
 
-@bp.get("/<image_id>")
+@bp.get("/<id:image_id>")
 @describe(
     headers=("If-None-Match",),
     replies={
@@ -156,12 +149,13 @@ def get_image(image_id: str):
     """One image's metadata."""
     record = current_service().get(image_id)
     headers = {"ETag": quote_etag(record.sha256)}
-    if request.if_none_match.contains_weak(record.sha256):
+    if_none_match = etags("If-None-Match")
+    if if_none_match is not None and if_none_match.contains_weak(record.sha256):
         return "", 304, headers
     return dump_image(record), 200, headers
 
 
-@bp.put("/<image_id>")
+@bp.put("/<id:image_id>")
 @describe(
     upload=True,
     headers=("If-Match", "If-None-Match", "Idempotency-Key", "Content-Encoding"),
@@ -180,7 +174,7 @@ def replace_image(image_id: str):
     return updated_schema.dump({"image": record}), 200, {"ETag": quote_etag(record.sha256)}
 
 
-@bp.delete("/<image_id>")
+@bp.delete("/<id:image_id>")
 @describe(
     headers=("If-Match", "If-None-Match"),
     replies={200: Reply("Deleted, with its file", deleted_schema)},

@@ -23,8 +23,9 @@ from marshmallow import Schema
 
 from ..errors import ApiError, BackendUnavailable, BadRequest, error_codes, error_schema
 from ..media import CONTENT_TYPES
-from ..records import ImageRecord
+from ..records import ID_PATTERN, ImageRecord
 from . import schemas
+from .conditions import ETAG_LIST
 
 TITLE = "image-api"
 VERSION = "1.0.0"
@@ -71,48 +72,62 @@ def undocumented(view):
     return view
 
 
-
 PATH_PARAMETERS = {
     "image_id": {
         "description": "The image's `_id`; a malformed one is simply not found (404)",
-        "schema": {"type": "string", "pattern": "^[0-9a-f]{24}$"},
+        "schema": {"type": "string", "pattern": f"^{ID_PATTERN}$"},
     },
 }
 
 _ETAG = {"type": "string", "pattern": '^(W/)?"[^"]*"$'}
 _HTTP_DATE = {"type": "string", "description": "An HTTP date (RFC 9110 5.6.7)"}
+_ETAG_LIST = {
+    "type": "string",
+    "pattern": f"^{ETAG_LIST}$",
+    "examples": ['"ffe89a0ab0e94114e10777e7313d7fa83d634e34ebc2ea7479085cffa504c920"', "*"],
+}
 
 REQUEST_HEADERS = {
     "If-Match": {
-        "description": "Act only if the image's current ETag is listed (or `*`); else 412",
-        "schema": {"type": "string"},
+        "description": "Act only if the image's current ETag is listed (or `*`); else 412. "
+        "Not `*` or a list of quoted entity tags: 400",
+        "schema": _ETAG_LIST,
     },
     "If-None-Match": {
         "description": "A GET answers 304 when the current ETag is listed; a write with "
-        "`*` or a listed ETag answers 412",
-        "schema": {"type": "string"},
+        "`*` or a listed ETag answers 412. Not `*` or a list of quoted entity tags: 400",
+        "schema": _ETAG_LIST,
     },
     "If-Modified-Since": {
-        "description": "304 if the image was not replaced since (ignored with If-None-Match)",
+        "description": "304 if the image was not replaced since (ignored with If-None-Match, "
+        "and when not an HTTP date, as RFC 9110 requires)",
         "schema": _HTTP_DATE,
     },
     "If-Unmodified-Since": {
-        "description": "412 if the image was replaced since (ignored with If-Match)",
+        "description": "412 if the image was replaced since (ignored with If-Match, and "
+        "when not an HTTP date)",
         "schema": _HTTP_DATE,
     },
     "Range": {
-        "description": "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-100`): 206. "
-        "Several ranges get the whole image",
+        "description": "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-100`): 206; "
+        "past the end: 416. Several ranges, or one that does not parse, get the whole image",
         "schema": {"type": "string"},
     },
     "If-Range": {
-        "description": "Honour Range only if this strong ETag or HTTP date is current",
+        "description": "Honour Range only if this strong ETag or HTTP date is current "
+        "(else, or when it does not parse, the whole image)",
         "schema": {"type": "string"},
     },
     "Idempotency-Key": {
         "description": "Retry safely: the same key and request within IDEMPOTENCY_TTL get "
         "the first response; the same key with another request gets 422",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 255,
+            "pattern": "^[ -~]+$",
+            "examples": ["4f9c2a7e-upload-cat"],
+        },
     },
     "Content-Encoding": {
         "description": "Compressed request bodies are refused (415)",
@@ -302,6 +317,7 @@ _IMAGE_LINKS = {
     "GetImage": "getImage",
     "ReplaceImage": "replaceImage",
     "DownloadImage": "downloadImage",
+    "DownloadImageHead": "downloadImageHead",
     "DeleteImage": "deleteImage",
 }
 

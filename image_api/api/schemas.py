@@ -9,7 +9,7 @@ from flask import request, url_for
 from marshmallow import EXCLUDE, Schema, fields, post_load, validate
 
 from ..media import CONTENT_TYPES
-from ..records import Filters
+from ..records import ID_PATTERN, Filters
 
 
 def _download_url(record) -> str:
@@ -20,7 +20,7 @@ def _download_url(record) -> str:
 class ImageSchema(Schema):
     """An image's metadata, in the seed's camelCase shape."""
 
-    id = fields.String(data_key="_id", required=True, metadata={"pattern": "^[0-9a-f]{24}$"})
+    id = fields.String(data_key="_id", required=True, metadata={"pattern": f"^{ID_PATTERN}$"})
     image_url = fields.Function(
         _download_url,
         data_key="imageUrl",
