@@ -20,86 +20,7 @@ import pytest
 import requests
 from urllib3 import encode_multipart_formdata
 
-from tests.helpers import FAKE_AWS, ROOT, make_image
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Service:
-    """gunicorn serving wsgi:app as `make run` starts it: on the embedded default, or on
-    what `env` (variables set over the defaults below) names."""
-
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
-        self.log = data_dir.parent / "gunicorn.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "DATA_DIR": str(data_dir),
-            "WEB_CONCURRENCY": "2",
-            # Empty wins over a developer's .env: force the embedded default.
-            "S3_BUCKET_NAME": "",
-            "MONGODB_URL": "",
-            **(env or {}),
-        }
-        self.process = None
-
-    def init(self):
-        """`flask init` on the service's environment (the bucket, tables and indexes)."""
-        result = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "image_api", "init"],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def start(self):
-        gunicorn = Path(sys.executable).with_name("gunicorn")
-        with self.log.open("ab") as log:  # a file, not a pipe nobody drains
-            self.process = subprocess.Popen(
-                [str(gunicorn), "--config", "gunicorn.conf.py", "wsgi:app"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()  # never leave a gunicorn running behind a failed start
-            raise
-
-    def wait_ready(self):
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"gunicorn exited: {self.log.read_text()}")
-            try:
-                # Longer than PROBE_TIMEOUT: a worker's first probe of S3 also builds its
-                # boto3 client, which can take over a second on a busy machine.
-                if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except (requests.ConnectionError, requests.Timeout):
-                time.sleep(0.1)
-        pytest.fail("gunicorn did not become ready")
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+from tests.helpers import FAKE_AWS, ROOT, Service, make_image
 
 
 @pytest.fixture
@@ -477,3 +398,15 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
     assert ignored.status_code == 200
     service.stop()
     assert_log_has_no_traceback(service)
+
+
+def test_an_overlong_request_line_is_the_documented_414(service):
+    """gunicorn refuses a request line over 4094 bytes before the app sees it; the document
+    lists that 414 (with gunicorn's own HTML page) on operations that take a query."""
+    response = requests.get(f"{service.url}/api/images?cursor={'x' * 5000}", timeout=10)
+    assert response.status_code == 414
+    document = requests.get(f"{service.url}/api/openapi.json", timeout=10).json()
+    assert "414" in document["paths"]["/api/images"]["get"]["responses"]
+    assert (
+        requests.get(f"{service.url}/api/images?cursor={'x' * 3000}", timeout=10).status_code == 400
+    )

@@ -13,7 +13,7 @@ import pytest
 from werkzeug.http import http_date, parse_options_header
 
 from image_api.repository import scan_all
-from tests.helpers import make_image
+from tests.helpers import ImagesClient, make_image
 
 
 def upload(client, data=None, filename="a.png"):
@@ -650,3 +650,62 @@ def test_compressed_request_bodies_are_415(client, service, encoding):
     )
     assert_error(response, 415, "unsupported_media_type")
     assert list(scan_all(service.repository)) == []
+
+
+# --- found by schemathesis (tests/test_fuzz.py) ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "", "abc", '"unterminated', "W/abc", '"a" "b"', '"a",,'])
+def test_a_malformed_entity_tag_list_is_400_not_a_failed_precondition(client, value):
+    """Werkzeug read these as tags that match nothing: a 412 ("changed by someone else")
+    for a typo, or a needless 200. Every operation that reads the headers says 400."""
+    image = ImagesClient(client).create()
+    url = f"/api/images/{image['_id']}"
+    requests = [
+        lambda: client.get(url, headers={"If-None-Match": value}),
+        lambda: client.get(url + "/download", headers={"If-Match": value}),
+        lambda: client.get(url + "/download", headers={"If-None-Match": value}),
+        lambda: client.put(
+            url, data={"image": (io.BytesIO(make_image()), "b.png")}, headers={"If-Match": value}
+        ),
+        lambda: client.delete(url, headers={"If-None-Match": value}),
+        lambda: client.delete(url, headers={"If-Match": value}),
+    ]
+    for request in requests:
+        response = request()
+        assert_error(response, 400, "bad_request")
+        assert "entity tags" in response.get_json()["message"]
+    assert client.get(url).get_json()["version"] == 1  # nothing was changed
+
+
+@pytest.mark.parametrize("value", ["*", ' "x" ', '"x", W/"y"', 'W/"x"', '""'])
+def test_well_formed_entity_tag_lists_are_evaluated(client, value):
+    image = ImagesClient(client).create()
+    response = client.get(f"/api/images/{image['_id']}", headers={"If-None-Match": value})
+    assert response.status_code == (304 if value == "*" else 200)
+
+
+def test_the_upload_path_answers_405_for_other_methods_and_allows_only_post(client):
+    """`upload` is not an image id: PUT and DELETE of it are 405, not a 404 for an image
+    called "upload", and OPTIONS does not advertise the image routes' methods."""
+    for method in ("put", "delete", "patch"):
+        response = getattr(client, method)("/api/images/upload")
+        assert_error(response, 405, "method_not_allowed")
+        assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert set(client.options("/api/images/upload").headers["Allow"].split(", ")) == {
+        "POST",
+        "OPTIONS",
+    }
+    assert_error(client.get("/api/images/upload"), 405, "method_not_allowed")
+
+
+def test_a_malformed_image_id_is_a_404_from_routing(client):
+    for image_id in ("ABCDEF0123456789abcdef01", "0" * 23, "0" * 25, "upload2"):
+        assert_error(client.get(f"/api/images/{image_id}"), 404, "not_found")
+        assert_error(client.delete(f"/api/images/{image_id}"), 404, "not_found")
+
+
+def test_dates_longer_than_the_documented_64_characters_are_400(client):
+    long_date = "2026-11-25T21:00:00." + "1" * 45 + "Z"
+    assert len(long_date) > 64
+    assert_error(client.get(f"/api/images?uploadedAfter={long_date}"), 400, "bad_request")

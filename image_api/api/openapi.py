@@ -282,6 +282,8 @@ def _operation(view, rule, method: str) -> dict:
         }
         | _error_responses(spec),
     }
+    if spec.query is not None:
+        operation["responses"]["414"] = _URI_TOO_LONG
     if description.strip():
         operation["description"] = description.strip()
     if spec.upload:
@@ -355,6 +357,14 @@ def _error_responses(spec: Operation) -> dict:
     return responses
 
 
+#: gunicorn (and nginx in front of it) refuse a long request line before the service sees
+#: it, with a page of their own; documented query parameters stay far below the limit.
+_URI_TOO_LONG = {
+    "description": "The request line is over 4094 bytes (gunicorn's limit_request_line): "
+    "refused by the HTTP server with its own HTML page, not JSON",
+    "content": {"text/html": {"schema": {"type": "string"}}},
+}
+
 _UPLOAD_BODY = {
     "required": True,
     "content": {
@@ -372,7 +382,6 @@ _UPLOAD_BODY = {
                     }
                 },
             },
-            "encoding": {"image": {"contentType": ", ".join(CONTENT_TYPES.values())}},
         }
     },
 }

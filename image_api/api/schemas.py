@@ -120,11 +120,17 @@ class UtcDateTime(fields.AwareDateTime):
     """An ISO 8601 date-time in UTC (a bare one is taken as UTC); one that cannot be told
     in UTC (`9999-12-31T23:59:59-23:59`) is invalid, not an overflow."""
 
+    #: Longer than any date-time written sensibly: a bound the document can state.
+    MAX_LENGTH = 64
+
     def __init__(self, **kwargs):
-        super().__init__(default_timezone=UTC, **kwargs)
+        metadata = {"maxLength": self.MAX_LENGTH, **kwargs.pop("metadata", {})}
+        super().__init__(default_timezone=UTC, metadata=metadata, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):
+            if len(value) > self.MAX_LENGTH:
+                raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE)
             value = value.upper()  # RFC 3339 allows a lower-case "t" and "z"
         try:
             return super()._deserialize(value, attr, data, **kwargs).astimezone(UTC)
