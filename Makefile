@@ -22,6 +22,7 @@ run: $(VENV)/.runtime  ## serve on the embedded default (or what .env configures
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 test: $(VENV)/.dev  ## lint, format check and the whole test suite
+	bash tools/test-packages.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
