@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, cli, errors
+from . import access, api, cli, errors
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
 from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
 from .storage import storage_from_settings
+
+log = logging.getLogger(__name__)
 
 # Room for the multipart envelope around a file of the maximum size.
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -50,6 +53,10 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
         storage.create()
     if settings.metadata_backend == "sqlite":
         repository.create()
+        if settings.auth:
+            access.ensure_admin_key(repository, settings.data_dir, clock)
+    if not settings.auth:
+        log.warning("AUTH=off: every client may read, replace and delete every image")
     app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock)
 
     errors.init_app(app)

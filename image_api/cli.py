@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app image_api init | repair`."""
+"""Operator commands: `flask --app image_api init | keys | repair`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import click
 from flask import Flask
 from flask.cli import with_appcontext
 
+from . import access
+from .errors import Conflict, NotFound
 from .repair import repair
 from .service import current_service
 
@@ -22,6 +24,75 @@ def init_command():
     service.storage.create()
     service.repository.create()
     click.echo(f"Initialised {service.storage.name} storage and {service.repository.name} metadata")
+    if not service.settings.auth:
+        click.echo("AUTH=off: no API key is needed (trusted networks only)")
+        return
+    path = access.ensure_admin_key(service.repository, service.settings.data_dir, service.clock)
+    if path is not None:
+        # For the operator at the terminal (`make run` shows it); never logged.
+        click.echo(f"Admin API key (kept in {path}): {path.read_text().strip()}")
+
+
+@click.group("keys")
+def keys_group():
+    """Create, list and revoke API keys."""
+
+
+@keys_group.command("create")
+@click.option("--name", required=True, help="A unique name for the key.")
+@click.option("--owner", required=True, help="Whose images the key sees (keys may share one).")
+@click.option(
+    "--scope",
+    "scopes",
+    type=click.Choice([str(scope) for scope in access.Scope]),
+    multiple=True,
+    default=["read"],
+    show_default=True,
+    help="read; write (includes read); admin (includes both, and every owner). Repeatable.",
+)
+@with_appcontext
+def create_key_command(name: str, owner: str, scopes: tuple[str, ...]):
+    """Create a key and print its secret, once: it is stored only as a hash."""
+    try:
+        key, secret = current_service().keys.create(name, owner, scopes)
+    except Conflict:
+        raise click.ClickException(f"An API key named {name!r} already exists") from None
+    click.echo(f"Created API key {key.name!r} for owner {key.owner!r} ({', '.join(key.scopes)}).")
+    click.echo("Its secret, shown only now:")
+    click.echo(secret)
+
+
+@keys_group.command("list")
+@with_appcontext
+def list_keys_command():
+    """Names, owners, scopes and times of every key (never secrets)."""
+    keys = current_service().repository.list_api_keys()
+    for key in keys:
+        used = key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else "never"
+        state = (
+            f"revoked {key.revoked_at.isoformat(timespec='seconds')}"
+            if key.revoked_at
+            else "active"
+        )
+        click.echo(
+            f"{key.name}\towner={key.owner}\tscopes={','.join(key.scopes)}"
+            f"\tcreated={key.created_at.isoformat(timespec='seconds')}\tlast_used={used}\t{state}"
+        )
+    if not keys:
+        click.echo("No API keys.")
+
+
+@keys_group.command("revoke")
+@click.argument("name")
+@with_appcontext
+def revoke_key_command(name: str):
+    """Revoke the key NAME: requests with it get 401 from now on."""
+    service = current_service()
+    try:
+        service.repository.revoke_api_key(name, service.clock())
+    except NotFound:
+        raise click.ClickException(f"No active API key named {name!r}") from None
+    click.echo(f"Revoked API key {name!r}.")
 
 
 @click.command("repair")
@@ -61,4 +132,5 @@ def repair_command(grace: float, apply: bool, as_json: bool):
 
 def init_app(app: Flask) -> None:
     app.cli.add_command(init_command)
+    app.cli.add_command(keys_group)
     app.cli.add_command(repair_command)

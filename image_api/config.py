@@ -73,6 +73,8 @@ class Settings:
     # says; and, without it, the Host values accepted (empty: any).
     public_url: str | None = None
     allowed_hosts: tuple[str, ...] = ()
+    # API keys are required (off only for trusted networks: every start logs a warning).
+    auth: bool = True
 
     @property
     def bind(self) -> str:
@@ -123,6 +125,7 @@ class Settings:
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
             public_url=reader.url("PUBLIC_URL", schemes=("http", "https")),
             allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
+            auth=reader.choice("AUTH", ("on", "off"), "on") == "on",
         )
         if settings.request_timeout >= settings.gunicorn_timeout:
             raise ConfigError(

@@ -32,6 +32,7 @@ from flask import current_app
 from werkzeug.datastructures import ETags
 
 from . import deadline, media
+from .access import Keys
 from .config import Settings
 from .errors import (
     ApiError,
@@ -121,6 +122,7 @@ class ImageService:
             wait=settings.idempotency_wait,
             request_timeout=settings.request_timeout,
         )
+        self.keys = Keys(repository, clock)
         self.repository = repository
         self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
 
@@ -131,7 +133,7 @@ class ImageService:
     @repository.setter
     def repository(self, repository: Repository) -> None:
         # One repository for records and keys, also when a test swaps in a faulty one.
-        self._repository = self.idempotency.repository = repository
+        self._repository = self.idempotency.repository = self.keys.repository = repository
 
     # --- use-cases ------------------------------------------------------------------------
 

@@ -108,8 +108,24 @@ def cloud_env(tmp_path):
     }
 
 
+def admin_key(app) -> str | None:
+    """The secret of the admin key the app made at its first start, if it did."""
+    path = app.extensions["image_api"].settings.data_dir / "admin-key"
+    return path.read_text().strip() if path.exists() else None
+
+
 class ClosingClient(FlaskClient):
-    """A test client that, like a WSGI server, closes every response (and its open file)."""
+    """A test client that, like a WSGI server, closes every response (and its open file).
+
+    It sends the app's admin key unless given another (`app.test_client(key="iak_...")`)
+    or none (`key=None`); a request's own Authorization header wins."""
+
+    def __init__(self, *args, key: str | bool | None = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if key is True:
+            key = admin_key(self.application)
+        if key:
+            self.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
 
     def open(self, *args, **kwargs):
         kwargs.setdefault("buffered", True)

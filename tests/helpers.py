@@ -226,6 +226,14 @@ class Service:
             **(env or {}),
         }
         self.process = None
+        self.key: str | None = None
+        #: Requests with the service's admin key (when it has one).
+        self.http = requests.Session()
+
+    @property
+    def auth_header(self) -> bytes:
+        """The Authorization header line, for raw-socket requests."""
+        return f"Authorization: Bearer {self.key}\r\n".encode() if self.key else b""
 
     def init(self):
         """`flask init` on the service's environment (the bucket, tables and indexes)."""
@@ -254,6 +262,11 @@ class Service:
         except BaseException:
             self.stop()  # never leave a gunicorn running behind a failed start
             raise
+        # The admin key the first start made (none with AUTH=off or a key made before).
+        key_file = Path(self.env["DATA_DIR"]) / "admin-key"
+        if key_file.exists():
+            self.key = key_file.read_text().strip()
+            self.http.headers["Authorization"] = f"Bearer {self.key}"
 
     def wait_ready(self):
         deadline = time.monotonic() + 30

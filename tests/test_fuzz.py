@@ -44,7 +44,11 @@ def test_schemathesis_finds_nothing(running):
             "all",
         ],
         cwd=FUZZ,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(FUZZ), str(ROOT)])},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(FUZZ), str(ROOT)]),
+            "IMAGE_API_KEY": running.key,
+        },
         capture_output=True,
         text=True,
         timeout=240,

@@ -36,7 +36,7 @@ def test_upload_list_download_replace_delete_and_restart(service):
     payloads = [make_image("PNG", (20 + i, 20), color=(i * 20, 0, 0)) for i in range(8)]
 
     def upload(data):
-        return requests.post(f"{api}/upload", files={"image": ("pic.png", data)}, timeout=10)
+        return service.http.post(f"{api}/upload", files={"image": ("pic.png", data)}, timeout=10)
 
     # Concurrent uploads across two workers sharing one SQLite file.
     with ThreadPoolExecutor(4) as pool:
@@ -44,38 +44,38 @@ def test_upload_list_download_replace_delete_and_restart(service):
     assert [r.status_code for r in responses] == [201] * len(payloads)
     images = [r.json()["image"] for r in responses]
     for image, data in zip(images, payloads, strict=True):
-        download = requests.get(image["imageUrl"], timeout=10)
+        download = service.http.get(image["imageUrl"], timeout=10)
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == image["sha256"]
         assert download.headers["Content-Length"] == str(len(data))
-    listing = requests.get(api, timeout=10).json()
+    listing = service.http.get(api, timeout=10).json()
     assert listing["total"] == len(payloads)
 
     # Through gunicorn's sendfile(): a range starts at the right offset and stops in time.
     image, data = images[0], payloads[0]
-    ranged = requests.get(image["imageUrl"], headers={"Range": "bytes=7-20"}, timeout=10)
+    ranged = service.http.get(image["imageUrl"], headers={"Range": "bytes=7-20"}, timeout=10)
     assert ranged.status_code == 206 and ranged.content == data[7:21]
     etag = ranged.headers["ETag"]
-    cached = requests.get(image["imageUrl"], headers={"If-None-Match": etag}, timeout=10)
+    cached = service.http.get(image["imageUrl"], headers={"If-None-Match": etag}, timeout=10)
     assert cached.status_code == 304 and cached.content == b""
 
     first, second = images[0]["_id"], images[1]["_id"]
     new = make_image("JPEG", (33, 44))
-    replaced = requests.put(f"{api}/{first}", files={"image": ("n.jpg", new)}, timeout=10)
+    replaced = service.http.put(f"{api}/{first}", files={"image": ("n.jpg", new)}, timeout=10)
     assert replaced.status_code == 200 and replaced.json()["image"]["version"] == 2
-    assert requests.delete(f"{api}/{second}", timeout=10).status_code == 200
+    assert service.http.delete(f"{api}/{second}", timeout=10).status_code == 200
 
-    bad = requests.post(f"{api}/upload", files={"image": ("x.png", b"nope")}, timeout=10)
+    bad = service.http.post(f"{api}/upload", files={"image": ("x.png", b"nope")}, timeout=10)
     assert bad.status_code == 415 and bad.json()["code"] == "unsupported_media_type"
-    assert requests.get(f"{service.url}/missing", timeout=10).json()["code"] == "not_found"
+    assert service.http.get(f"{service.url}/missing", timeout=10).json()["code"] == "not_found"
 
     service.stop()
     service.start()
 
-    listing = requests.get(api, timeout=10).json()
+    listing = service.http.get(api, timeout=10).json()
     assert listing["total"] == len(payloads) - 1
-    assert requests.get(f"{api}/{second}", timeout=10).status_code == 404
-    download = requests.get(f"{api}/{first}/download", timeout=10)
+    assert service.http.get(f"{api}/{second}", timeout=10).status_code == 404
+    download = service.http.get(f"{api}/{first}/download", timeout=10)
     assert download.content == new
     assert download.headers["Content-Type"] == "image/jpeg"
 
@@ -119,9 +119,11 @@ def test_workers_killed_mid_write_leave_nothing_broken_after_repair(service):
             try:
                 if acknowledged and n % 3 == 0:
                     image_id = sorted(acknowledged)[n % len(acknowledged)]
-                    requests.put(f"{api}/{image_id}", files={"image": ("r.png", data)}, timeout=10)
+                    service.http.put(
+                        f"{api}/{image_id}", files={"image": ("r.png", data)}, timeout=10
+                    )
                 else:
-                    response = requests.post(
+                    response = service.http.post(
                         f"{api}/upload", files={"image": ("u.png", data)}, timeout=10
                     )
                     if response.status_code == 201:
@@ -160,10 +162,10 @@ def test_workers_killed_mid_write_leave_nothing_broken_after_repair(service):
     run_repair("--grace", "0", "--apply")
     assert run_repair("--grace", "0")["findings"] == []
 
-    listed = requests.get(f"{api}?limit=1000", timeout=10).json()["images"]
+    listed = service.http.get(f"{api}?limit=1000", timeout=10).json()["images"]
     assert set(acknowledged) <= {image["_id"] for image in listed}
     for image in listed:
-        download = requests.get(image["imageUrl"], timeout=10)
+        download = service.http.get(image["imageUrl"], timeout=10)
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == image["sha256"]
 
@@ -205,7 +207,8 @@ def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_servi
     form, content_type = encode_multipart_formdata({"image": ("k.png", data, "image/png")})
     upload = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
     try:
-        upload.request("POST", "/api/images/upload", form, {"Content-Type": content_type})
+        auth = {"Authorization": f"Bearer {service.key}"}
+        upload.request("POST", "/api/images/upload", form, {"Content-Type": content_type, **auth})
         uploaded = upload.getresponse()
         assert uploaded.status == 201, uploaded.read()
         path = f"/api/images/{json.loads(uploaded.read())['image']['_id']}/download"
@@ -219,7 +222,9 @@ def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_servi
 
     def send(step: str, method: str = "GET", headers: dict[str, str] | None = None):
         try:
-            conn.request(method, path, headers=headers or {})
+            conn.request(
+                method, path, headers={"Authorization": f"Bearer {service.key}", **(headers or {})}
+            )
             response = conn.getresponse()
             body = response.read()
         except (http.client.HTTPException, OSError) as error:
@@ -294,10 +299,11 @@ def raw_exchange(service: Service, request: bytes) -> tuple[int, dict, bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-def chunked_upload(chunks: bytes) -> bytes:
+def chunked_upload(service: Service, chunks: bytes) -> bytes:
     return (
         b"POST /api/images/upload HTTP/1.1\r\nHost: localhost\r\n"
-        b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+        + service.auth_header
+        + b"Content-Type: multipart/form-data; boundary=xyz\r\n"
         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks
     )
 
@@ -321,7 +327,7 @@ def assert_log_has_no_traceback(service: Service):
     ids=["size", "terminator", "trailer", "short"],
 )
 def test_malformed_chunked_bodies_are_a_400_and_no_traceback(service, chunks):
-    status, headers, body = raw_exchange(service, chunked_upload(chunks))
+    status, headers, body = raw_exchange(service, chunked_upload(service, chunks))
     assert status == 400, body
     assert headers.get("content-type", "").startswith("application/json") or not body
     service.stop()
@@ -337,6 +343,7 @@ def test_a_well_formed_chunked_upload_works(service):
     )
     request = (
         b"POST /api/images/upload HTTP/1.1\r\nHost: localhost\r\n"
+        + service.auth_header
         + f"Content-Type: {content_type}\r\n".encode()
         + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         + chunks
@@ -348,7 +355,7 @@ def test_a_well_formed_chunked_upload_works(service):
 
 def test_a_local_client_cannot_switch_links_to_https_without_proxy_hops(service):
     data = make_image()
-    response = requests.post(
+    response = service.http.post(
         f"{service.url}/api/images/upload",
         files={"image": ("a.png", data)},
         headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
@@ -368,7 +375,7 @@ def test_http_1_0_without_a_host_is_a_400_not_a_link_to_0_0_0_0(service):
 def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
     """The inputs an attack on `make run` tried, through gunicorn: each a JSON 4xx."""
     api = f"{service.url}/api/images"
-    created = requests.post(
+    created = service.http.post(
         f"{api}/upload", files={"image": ("a.png", make_image())}, timeout=10
     ).json()["image"]
     download = f"{api}/{created['_id']}/download"
@@ -387,14 +394,16 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
         ("POST", f"{api}/upload", {"Content-Type": "multipart/form-data; boundary="}, None),
     ]
     for method, url, headers, files in crafted:
-        response = requests.request(method, url, headers=headers, files=files, timeout=10)
+        response = service.http.request(method, url, headers=headers, files=files, timeout=10)
         assert 400 <= response.status_code < 500, (method, url, response.status_code)
         assert response.headers["Content-Type"] == "application/json", (url, response.text)
         assert response.json()["code"], url
     # Names url_for reserves are ignored, and never reach a link.
-    listing = requests.get(f"{api}?limit=1&_external=0&_scheme=javascript", timeout=10)
+    listing = service.http.get(f"{api}?limit=1&_external=0&_scheme=javascript", timeout=10)
     assert listing.status_code == 200 and "javascript" not in listing.headers.get("Link", "")
-    ignored = requests.get(download, headers={"If-Modified-Since": "x", "Range": "y"}, timeout=10)
+    ignored = service.http.get(
+        download, headers={"If-Modified-Since": "x", "Range": "y"}, timeout=10
+    )
     assert ignored.status_code == 200
     service.stop()
     assert_log_has_no_traceback(service)
@@ -403,10 +412,11 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
 def test_an_overlong_request_line_is_the_documented_414(service):
     """gunicorn refuses a request line over 4094 bytes before the app sees it; the document
     lists that 414 (with gunicorn's own HTML page) on operations that take a query."""
-    response = requests.get(f"{service.url}/api/images?cursor={'x' * 5000}", timeout=10)
+    response = service.http.get(f"{service.url}/api/images?cursor={'x' * 5000}", timeout=10)
     assert response.status_code == 414
-    document = requests.get(f"{service.url}/api/openapi.json", timeout=10).json()
+    document = service.http.get(f"{service.url}/api/openapi.json", timeout=10).json()
     assert "414" in document["paths"]["/api/images"]["get"]["responses"]
     assert (
-        requests.get(f"{service.url}/api/images?cursor={'x' * 3000}", timeout=10).status_code == 400
+        service.http.get(f"{service.url}/api/images?cursor={'x' * 3000}", timeout=10).status_code
+        == 400
     )

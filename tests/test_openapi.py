@@ -178,6 +178,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
     missing = "0" * 24
     etag = client.get(url).headers["ETag"]
     bad_host = {"Host": "bad host"}
+    nobody = client.application.test_client(key=None)
+    reader = client.application.test_client(key=_reader_key(service))
 
     def big():
         return {"image": (io.BytesIO(b"\0" * (service.settings.max_upload_bytes + 1)), "a.png")}
@@ -188,6 +190,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
     return {
         ("post", "/api/images/upload"): [
             lambda: client.post("/api/images/upload", data=_png()),
+            lambda: nobody.post("/api/images/upload", data=_png()),
+            lambda: reader.post("/api/images/upload", data=_png()),
             lambda: client.post("/api/images/upload", data={}),
             lambda: client.post("/api/images/upload", data=big()),
             lambda: client.post(
@@ -201,11 +205,13 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ],
         ("get", "/api/images"): [
             lambda: client.get("/api/images"),
+            lambda: nobody.get("/api/images"),
             lambda: client.get("/api/images?limit=0"),
             ("broken", "list_page", lambda: client.get("/api/images")),
         ],
         ("get", "/api/images/{image_id}"): [
             lambda: client.get(url),
+            lambda: nobody.get(url),
             lambda: client.get(url, headers={"If-None-Match": etag}),
             lambda: client.get(url, headers=bad_host),
             lambda: client.get(f"/api/images/{missing}"),
@@ -213,6 +219,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ],
         ("put", "/api/images/{image_id}"): [
             lambda: client.put(url, data=_png()),
+            lambda: nobody.put(url, data=_png()),
+            lambda: reader.put(url, data=_png()),
             lambda: client.put(url, data={}),
             lambda: client.put(f"/api/images/{missing}", data=_png()),
             ("in_progress", url),
@@ -224,6 +232,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ],
         ("get", "/api/images/{image_id}/download"): [
             lambda: client.get(download),
+            lambda: nobody.get(download),
             lambda: client.get(download, headers={"Range": "bytes=0-9"}),
             lambda: redirect_client.get(f"/api/images/{redirect_id}/download"),
             lambda: client.get(download, headers={"If-None-Match": etag}),
@@ -235,6 +244,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ],
         ("head", "/api/images/{image_id}/download"): [
             lambda: client.head(download),
+            lambda: nobody.head(download),
             lambda: client.head(download, headers={"Range": "bytes=0-9"}),
             lambda: redirect_client.head(f"/api/images/{redirect_id}/download"),
             lambda: client.head(download, headers={"If-None-Match": etag}),
@@ -255,6 +265,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ],
         ("delete", "/api/images/{image_id}"): [
             lambda: client.delete(url, headers=bad_host),
+            lambda: nobody.delete(url),
+            lambda: reader.delete(url),
             lambda: client.delete(f"/api/images/{missing}"),
             lambda: client.delete(url, headers={"If-Match": '"stale"'}),
             ("conflict", lambda: client.delete(url)),
@@ -306,6 +318,11 @@ class Held:
 
     def claim(self, key, fingerprint, resource, now, expires_at):
         return Claim(key, fingerprint, resource, None, expires_at)
+
+
+def _reader_key(service) -> str:
+    """A key with the read scope alone."""
+    return service.keys.create("probe-reader", "probes", ["read"])[1]
 
 
 def _run(probe, client, service):

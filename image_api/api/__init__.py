@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask, Request, request
+from flask import Flask, Request, current_app, g, request
 from werkzeug.routing import BaseConverter
 
 from .. import deadline
+from ..access import Unauthorized
 from ..errors import BadRequest
 from ..records import ID_PATTERN
 from ..service import current_service
@@ -56,6 +57,29 @@ _HOST = re.compile(
 )
 
 
+def authenticate() -> None:
+    """Every operation names the scope a key needs (`@describe(scope=...)`; None: public).
+    CORS preflights (OPTIONS) carry no credentials, by the Fetch standard."""
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    operation = getattr(view, "openapi", None)
+    service = current_service()
+    if operation is None or operation.scope is None or request.method == "OPTIONS":
+        return
+    if service.settings.auth:
+        g.api_key = service.keys.authenticate(presented_key(), operation.scope)
+
+
+def presented_key() -> str | None:
+    """The secret in `Authorization: Bearer ...`, else in `X-API-Key`."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, secret = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized("Send the API key as Authorization: Bearer <key>")
+        return secret.strip()
+    return request.headers.get("X-API-Key")
+
+
 def start_budget() -> None:
     """Every request gets one time budget for all its backend calls."""
     # Kept with the request, not in `g`, which requests share when one runs inside another's
@@ -84,4 +108,5 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(docs.bp)
     app.before_request(check_host)
     app.before_request(start_budget)
+    app.before_request(authenticate)  # it reads the repository: within the budget
     app.teardown_request(end_budget)

@@ -38,7 +38,7 @@ _OPENAPI_OBJECT = {"type": "object", "required": ["openapi", "info", "paths"]}
 
 
 @bp.get("/openapi.json")
-@describe(backends=False, replies={200: Reply("This document", _OPENAPI_OBJECT)})
+@describe(scope=None, backends=False, replies={200: Reply("This document", _OPENAPI_OBJECT)})
 def openapi_document():
     """The OpenAPI 3.1 description of this API."""
     document = current_app.extensions.get(_DOCUMENT)

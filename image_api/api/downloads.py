@@ -10,6 +10,7 @@ from flask import Blueprint, Response, request
 from werkzeug.datastructures import ContentRange
 from werkzeug.wsgi import wrap_file
 
+from ..access import Scope
 from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
 from ..media import ascii_filename
 from ..records import ImageRecord
@@ -31,6 +32,7 @@ _HEADERS = {
 
 @bp.get("/<id:image_id>/download")
 @describe(
+    scope=Scope.READ,
     query=download_query_schema,
     headers=(
         "If-Match",

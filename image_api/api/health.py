@@ -13,7 +13,10 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 @describe(
-    backends=False, checks_host=False, replies={200: Reply("The process answers", health_schema)}
+    scope=None,
+    backends=False,
+    checks_host=False,
+    replies={200: Reply("The process answers", health_schema)},
 )
 def liveness():
     """The process answers; no backend is called."""
@@ -21,7 +24,7 @@ def liveness():
 
 
 @bp.get("/readyz")
-@describe(checks_host=False, replies={200: Reply("Both backends answer", ready_schema)})
+@describe(scope=None, checks_host=False, replies={200: Reply("Both backends answer", ready_schema)})
 def readiness():
     """Both backends answer; 503 naming the one that does not."""
     return ready_schema.dump({"backends": current_service().ping()})

@@ -8,6 +8,7 @@ from flask import Blueprint, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
+from ..access import Scope
 from ..errors import (
     BadRequest,
     Conflict,
@@ -98,6 +99,7 @@ UPLOAD_ERRORS = (
 
 @bp.post("/upload")
 @describe(
+    scope=Scope.WRITE,
     upload=True,
     headers=("Idempotency-Key", "Content-Encoding"),
     replies={
@@ -120,6 +122,7 @@ def create_image():
 
 @bp.get("")
 @describe(
+    scope=Scope.READ,
     query=list_query_schema,
     replies={200: Reply("One page, newest first", page_schema, headers=("Link",))},
 )
@@ -138,6 +141,7 @@ def list_images():
 
 @bp.get("/<id:image_id>")
 @describe(
+    scope=Scope.READ,
     headers=("If-None-Match",),
     replies={
         200: Reply("The image's metadata", image_schema, headers=("ETag",), image_id="/_id"),
@@ -157,6 +161,7 @@ def get_image(image_id: str):
 
 @bp.put("/<id:image_id>")
 @describe(
+    scope=Scope.WRITE,
     upload=True,
     headers=("If-Match", "If-None-Match", "Idempotency-Key", "Content-Encoding"),
     replies={
@@ -176,6 +181,7 @@ def replace_image(image_id: str):
 
 @bp.delete("/<id:image_id>")
 @describe(
+    scope=Scope.WRITE,
     headers=("If-Match", "If-None-Match"),
     replies={200: Reply("Deleted, with its file", deleted_schema)},
     errors=(NotFound, PreconditionFailed, Conflict),

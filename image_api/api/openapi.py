@@ -21,6 +21,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask
 from marshmallow import Schema
 
+from ..access import Forbidden, Scope, Unauthorized
 from ..errors import ApiError, BackendUnavailable, BadRequest, error_codes, error_schema
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, ImageRecord
@@ -44,8 +45,9 @@ class Reply:
 
 @dataclasses.dataclass(frozen=True)
 class Operation:
-    """What one view takes and gives."""
+    """What one view takes and gives, and the scope a key needs for it (None: public)."""
 
+    scope: Scope | None
     replies: dict[int, Reply]
     errors: tuple[type[ApiError], ...] = ()
     query: Schema | None = None
@@ -150,12 +152,24 @@ RESPONSE_HEADERS = {
         "schema": {"type": "string"},
     },
     "Accept-Ranges": {"description": "`bytes`", "schema": {"type": "string"}},
+    "WWW-Authenticate": {"description": "`Bearer`: send an API key", "schema": {"type": "string"}},
     "Content-Range": {"description": "`bytes start-end/size`", "schema": {"type": "string"}},
     "X-Content-Type-Options": {"description": "`nosniff`", "schema": {"type": "string"}},
     "Content-Security-Policy": {
         "description": "Stored bytes never run as a page",
         "schema": {"type": "string"},
     },
+}
+
+#: Two ways to send an API key; `flask --app image_api keys create` makes one.
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer iak_...`. Scopes: read; write (includes "
+        "read); admin (includes both, and sees every owner's images)",
+    },
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 
 #: Headers of every download response, full, partial or not modified.
@@ -170,7 +184,7 @@ DOWNLOAD_HEADERS = (
 )
 
 #: The headers an error response may carry, by status.
-ERROR_HEADERS = {503: ("Retry-After",), 416: ("Content-Range",)}
+ERROR_HEADERS = {503: ("Retry-After",), 416: ("Content-Range",), 401: ("WWW-Authenticate",)}
 
 #: The image every example shows: what uploading ../shared/samples/valid/hopper.jpg answered.
 EXAMPLE_IMAGE = ImageRecord(
@@ -212,6 +226,8 @@ def build_document(app: Flask) -> dict:
         },
     )
     spec.components.schema("Error", schema=type(error_schema))
+    for name, scheme in SECURITY_SCHEMES.items():
+        spec.components.security_scheme(name, scheme)
     with app.test_request_context(base_url=EXAMPLE_HOST):
         for rule in sorted(app.url_map.iter_rules(), key=lambda rule: rule.rule):
             view = app.view_functions[rule.endpoint]
@@ -284,6 +300,9 @@ def _operation(view, rule, method: str) -> dict:
     }
     if spec.query is not None:
         operation["responses"]["414"] = _URI_TOO_LONG
+    if spec.scope is not None:
+        # OpenAPI 3.1 lets a requirement of any scheme list roles: the scope a key needs.
+        operation["security"] = [{name: [str(spec.scope)]} for name in SECURITY_SCHEMES]
     if description.strip():
         operation["description"] = description.strip()
     if spec.upload:
@@ -326,6 +345,10 @@ _IMAGE_LINKS = {
 
 def _error_responses(spec: Operation) -> dict:
     errors = [ApiError, *spec.errors]  # ApiError itself is the 500 of a bug
+    if spec.scope is not None:
+        errors.append(Unauthorized)
+    if spec.scope not in (None, Scope.READ):  # every key holds read
+        errors.append(Forbidden)
     if spec.checks_host:
         errors.append(BadRequest)
     if spec.backends:

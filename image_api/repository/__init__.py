@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Protocol
 
+from ..access import ApiKey
 from ..config import Settings
 from ..records import NO_FILTERS, Claim, Cursor, Filters, ImageRecord, Status
 
@@ -48,6 +49,13 @@ class Repository(Protocol):
       request failed (a retry may run it again); a finished key is kept until it expires.
     - `purge_expired_keys(now, limit)` deletes up to `limit` keys expired at `now` and
       says how many went.
+
+    API keys (never their secrets; see `access`):
+    - `insert_api_key(key)` stores a new key; `Conflict` if its id or name is taken.
+    - `get_api_key(key_id)` returns the key (revoked ones too) or None; `list_api_keys()`
+      returns every key by name.
+    - `revoke_api_key(name, moment)` marks the active key of that name revoked and returns
+      it; `NotFound` if there is none. `touch_api_key(key_id, moment)` notes a use.
 
     Housekeeping: `create()` makes or upgrades tables and indexes (idempotent, safe when
     many processes start at once); `ping()` checks the database answers; `close()` releases
@@ -102,6 +110,16 @@ class Repository(Protocol):
     def finish(self, key: str, response: dict) -> None: ...
 
     def release(self, key: str) -> None: ...
+
+    def insert_api_key(self, key: ApiKey) -> None: ...
+
+    def get_api_key(self, key_id: str) -> ApiKey | None: ...
+
+    def list_api_keys(self) -> list[ApiKey]: ...
+
+    def revoke_api_key(self, name: str, moment: datetime) -> ApiKey: ...
+
+    def touch_api_key(self, key_id: str, moment: datetime) -> None: ...
 
     def ping(self) -> None: ...
 

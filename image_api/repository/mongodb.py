@@ -12,6 +12,7 @@ from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
 
 from .. import deadline
+from ..access import ApiKey, Scope
 from ..config import Settings
 from ..errors import BackendUnavailable, Conflict, NotFound
 from ..records import (
@@ -51,6 +52,19 @@ def _from_document(document: dict) -> ImageRecord:
     values["updated_at"] = _aware(values["updated_at"])
     values["status"] = Status(values["status"])
     return ImageRecord(**values)
+
+
+def _key_from_document(document: dict) -> ApiKey:
+    return ApiKey(
+        id=document["_id"],
+        name=document["name"],
+        owner=document["owner"],
+        scopes=tuple(Scope(scope) for scope in document["scopes"]),
+        secret_hash=document["secret_hash"],
+        created_at=_aware(document["created_at"]),
+        last_used_at=document.get("last_used_at") and _aware(document["last_used_at"]),
+        revoked_at=document.get("revoked_at") and _aware(document["revoked_at"]),
+    )
 
 
 def _query(filters: Filters) -> tuple[dict, str]:
@@ -113,6 +127,7 @@ class MongoRepository:
         self.images = database.get_collection("images", write_concern=concern)
         self.keys = database.get_collection("idempotency_keys", write_concern=concern)
         self.retired = database.get_collection("retired_blobs", write_concern=concern)
+        self.api_keys = database.get_collection("api_keys", write_concern=concern)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MongoRepository:
@@ -151,6 +166,7 @@ class MongoRepository:
             # treats an expired key as free, so the exact moment does not matter.
             self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
             self.retired.create_index("delete_after", name="retired_blobs_due")
+            self.api_keys.create_index("name", unique=True, name="api_keys_by_name")
         self._indexed = True
 
     def insert(self, record: ImageRecord) -> None:
@@ -313,6 +329,37 @@ class MongoRepository:
     def release(self, key: str) -> None:
         with self._errors():
             self.keys.delete_one({"_id": key, "response": None})
+
+    def insert_api_key(self, key: ApiKey) -> None:
+        document = dataclasses.asdict(key)
+        document["_id"] = document.pop("id")
+        document["scopes"] = [str(scope) for scope in key.scopes]
+        with self._errors():
+            self.api_keys.insert_one(document)  # DuplicateKeyError -> Conflict
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        with self._errors():
+            document = self.api_keys.find_one({"_id": key_id})
+        return None if document is None else _key_from_document(document)
+
+    def list_api_keys(self) -> list[ApiKey]:
+        with self._errors():
+            return [_key_from_document(d) for d in self.api_keys.find().sort("name", 1)]
+
+    def revoke_api_key(self, name: str, moment: datetime) -> ApiKey:
+        with self._errors():
+            document = self.api_keys.find_one_and_update(
+                {"name": name, "revoked_at": None},
+                {"$set": {"revoked_at": moment}},
+                return_document=ReturnDocument.AFTER,
+            )
+        if document is None:
+            raise NotFound(f"No active API key named {name!r}")
+        return _key_from_document(document)
+
+    def touch_api_key(self, key_id: str, moment: datetime) -> None:
+        with self._errors():
+            self.api_keys.update_one({"_id": key_id}, {"$set": {"last_used_at": moment}})
 
     def ping(self) -> None:
         # pymongo.timeout bounds the whole call, server selection included.

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import deadline
+from ..access import ApiKey, Scope
 from ..errors import BackendUnavailable, Conflict, NotFound
 from ..records import (
     NO_FILTERS,
@@ -100,6 +101,18 @@ _MIGRATIONS: list[list[str]] = [
         # Expired idempotency keys are deleted a few at a time by later claims.
         "CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at)",
     ],
+    [
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            last_used_at TEXT,
+            revoked_at TEXT
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -123,6 +136,15 @@ def _to_row(record: ImageRecord) -> dict:
     values["updated_at"] = _to_text(record.updated_at)
     values["status"] = str(record.status)
     return values
+
+
+def _key_from_row(row: sqlite3.Row) -> ApiKey:
+    values = dict(row)
+    values["scopes"] = tuple(Scope(scope) for scope in values["scopes"].split(","))
+    for name in ("created_at", "last_used_at", "revoked_at"):
+        if values[name] is not None:
+            values[name] = datetime.fromisoformat(values[name])
+    return ApiKey(**values)
 
 
 def _where(filters: Filters) -> tuple[list[str], list]:
@@ -404,6 +426,41 @@ class SqliteRepository:
 
     def release(self, key: str) -> None:
         self._execute("DELETE FROM idempotency_keys WHERE key = ? AND response IS NULL", (key,))
+
+    def insert_api_key(self, key: ApiKey) -> None:
+        self._execute(
+            "INSERT INTO api_keys (id, name, owner, scopes, secret_hash, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key.id,
+                key.name,
+                key.owner,
+                ",".join(key.scopes),
+                key.secret_hash,
+                _to_text(key.created_at),
+            ),
+        )
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        row = self._execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _key_from_row(row)
+
+    def list_api_keys(self) -> list[ApiKey]:
+        return [_key_from_row(row) for row in self._execute("SELECT * FROM api_keys ORDER BY name")]
+
+    def revoke_api_key(self, name: str, moment: datetime) -> ApiKey:
+        row = self._execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING *",
+            (_to_text(moment), name),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"No active API key named {name!r}")
+        return _key_from_row(row)
+
+    def touch_api_key(self, key_id: str, moment: datetime) -> None:
+        self._execute(
+            "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (_to_text(moment), key_id)
+        )
 
     def ping(self) -> None:
         self._execute("SELECT 1").fetchone()

@@ -1,0 +1,180 @@
+"""API keys: what a key may do, how its secret is checked, and the first admin key.
+
+A secret reads `iak_<id>_<token>`. The id is public and names the stored key; only a
+SHA-256 of the token is stored (tokens are 256 random bits, so a slow hash adds nothing),
+and it is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from .errors import ApiError, Conflict
+
+log = logging.getLogger(__name__)
+
+
+class Scope(enum.StrEnum):
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+
+#: What each scope grants: `write` includes `read`, `admin` includes both.
+GRANTS = {
+    Scope.READ: {Scope.READ},
+    Scope.WRITE: {Scope.READ, Scope.WRITE},
+    Scope.ADMIN: {Scope.READ, Scope.WRITE, Scope.ADMIN},
+}
+
+#: The owner of the first admin key, and of images stored before owners existed.
+ADMIN_OWNER = "admin"
+#: `last_used_at` is written at most this often per key, not on every request.
+TOUCH_EVERY = timedelta(minutes=1)
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+    message = "A valid API key is required (Authorization: Bearer <key>, or X-API-Key)"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="image-api"'})
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+    message = "This API key does not have the scope this request needs"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    """A stored key: never its secret, only a hash of it."""
+
+    id: str
+    name: str
+    owner: str
+    scopes: tuple[Scope, ...]
+    secret_hash: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def grants(self, scope: Scope) -> bool:
+        return any(scope in GRANTS[held] for held in self.scopes)
+
+    def matches(self, token: str) -> bool:
+        return hmac.compare_digest(_hash(token), self.secret_hash)
+
+
+def new_key(name: str, owner: str, scopes, now: datetime) -> tuple[ApiKey, str]:
+    """A new key and its secret (shown once, never stored)."""
+    key_id, token = secrets.token_hex(6), secrets.token_urlsafe(32)
+    return key_from_secret(f"iak_{key_id}_{token}", name, owner, scopes, now), (
+        f"iak_{key_id}_{token}"
+    )
+
+
+def key_from_secret(secret: str, name: str, owner: str, scopes, now: datetime) -> ApiKey:
+    """The stored form of a key whose secret is already known (the bootstrap's file)."""
+    key_id, token = parse_secret(secret)
+    return ApiKey(
+        id=key_id,
+        name=name,
+        owner=owner,
+        scopes=tuple(Scope(scope) for scope in scopes),
+        secret_hash=_hash(token),
+        created_at=now,
+    )
+
+
+def parse_secret(secret: str) -> tuple[str, str]:
+    """`(id, token)` of a secret; `Unauthorized` if it is not shaped like one of ours."""
+    prefix, _, rest = secret.partition("_")
+    key_id, _, token = rest.partition("_")
+    if prefix != "iak" or len(key_id) != 12 or not token or not secret.isascii():
+        raise Unauthorized("The API key is malformed")
+    return key_id, token
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Keys:
+    """Checks presented secrets against the repository's keys."""
+
+    def __init__(self, repository, clock):
+        self.repository = repository
+        self.clock = clock
+
+    def authenticate(self, secret: str | None, scope: Scope) -> ApiKey:
+        """The key `secret` names, if it is valid and grants `scope`."""
+        if not secret:
+            raise Unauthorized()
+        key_id, token = parse_secret(secret)
+        key = self.repository.get_api_key(key_id)
+        if key is None or key.revoked_at is not None or not key.matches(token):
+            raise Unauthorized("The API key is not valid (unknown, revoked or mistyped)")
+        if not key.grants(scope):
+            raise Forbidden(f"This API key lacks the '{scope}' scope")
+        now = self.clock()
+        if key.last_used_at is None or now - key.last_used_at >= TOUCH_EVERY:
+            self.repository.touch_api_key(key.id, now)
+        return key
+
+    def create(self, name: str, owner: str, scopes) -> tuple[ApiKey, str]:
+        key, secret = new_key(name, owner, scopes, self.clock())
+        self.repository.insert_api_key(key)
+        return key, secret
+
+
+def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
+    """On a first start with no key at all, create an admin key and write its secret to
+    `data_dir/admin-key` (mode 0600); return that path when it exists.
+
+    Every gunicorn worker and `flask` command builds the app, so several processes may get
+    here at once: the secret is made in a private file and linked into place, which only
+    one process can do; the others read the winner's secret. Storing the key is idempotent
+    (its id comes from the secret), so a process that died between the two steps is
+    finished by the next start.
+    """
+    path = Path(data_dir) / "admin-key"
+    if repository.list_api_keys() and not path.exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _, secret = new_key("admin", ADMIN_OWNER, [Scope.ADMIN], clock())
+        _publish(path, secret)
+    secret = path.read_text().strip()
+    if repository.list_api_keys():
+        return path
+    try:
+        repository.insert_api_key(key_from_secret(secret, "admin", ADMIN_OWNER, ["admin"], clock()))
+    except Conflict:
+        return path  # another process stored it first
+    log.info("Created the first admin API key; its secret is in %s", path)
+    return path
+
+
+def _publish(path: Path, secret: str) -> None:
+    """Write `secret` to `path` unless some process already has: all or nothing."""
+    private = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        with contextlib.suppress(FileExistsError):  # another process linked first
+            os.link(private, path)
+    finally:
+        private.unlink(missing_ok=True)
