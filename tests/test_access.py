@@ -1,0 +1,250 @@
+"""API keys: the repository contract, every endpoint's answer to every kind of key, the
+keys CLI, and the first admin key made once however many processes start at once."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from image_api.access import Scope, key_from_secret, new_key
+from image_api.errors import Conflict, NotFound
+from image_api.repository.sqlite import SqliteRepository
+from tests.helpers import ROOT, ImagesClient, make_image
+from tests.test_repository import repository  # noqa: F401 (the contract fixture)
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+# --- the repository contract ------------------------------------------------------------------
+
+
+def test_keys_are_stored_found_listed_and_revoked(repository):  # noqa: F811
+    key, secret = new_key("ci", "alice", [Scope.WRITE], T0)
+    repository.insert_api_key(key)
+    found = repository.get_api_key(key.id)
+    assert found == key and secret not in repr(found)
+    assert found.grants(Scope.READ) and found.grants(Scope.WRITE)
+    assert not found.grants(Scope.ADMIN)
+    assert repository.get_api_key("000000000000") is None
+
+    other, _ = new_key("admin", "admin", [Scope.ADMIN], T0)
+    repository.insert_api_key(other)
+    assert [k.name for k in repository.list_api_keys()] == ["admin", "ci"]
+
+    repository.touch_api_key(key.id, T0 + timedelta(minutes=5))
+    assert repository.get_api_key(key.id).last_used_at == T0 + timedelta(minutes=5)
+
+    revoked = repository.revoke_api_key("ci", T0 + timedelta(hours=1))
+    assert revoked.revoked_at == T0 + timedelta(hours=1)
+    assert repository.get_api_key(key.id).revoked_at == T0 + timedelta(hours=1)
+    with pytest.raises(NotFound):
+        repository.revoke_api_key("ci", T0)  # already revoked
+    with pytest.raises(NotFound):
+        repository.revoke_api_key("nobody", T0)
+
+
+def test_a_key_name_is_unique(repository):  # noqa: F811
+    repository.insert_api_key(new_key("ci", "alice", [Scope.READ], T0)[0])
+    with pytest.raises(Conflict):
+        repository.insert_api_key(new_key("ci", "bob", [Scope.READ], T0)[0])
+
+
+def test_only_a_hash_of_the_secret_is_stored(tmp_path):
+    store = SqliteRepository(tmp_path / "images.sqlite3")
+    store.create()
+    key, secret = new_key("ci", "alice", [Scope.READ], T0)
+    store.insert_api_key(key)
+    token = secret.split("_", 2)[2]
+    assert token.encode() not in (tmp_path / "images.sqlite3").read_bytes()
+    assert key.matches(token) and not key.matches(token[:-1] + "x")
+
+
+# --- every endpoint, every kind of key ----------------------------------------------------------
+
+ENDPOINTS = {
+    "upload": ("write", lambda c, i: c.post("/api/images/upload", data=_png())),
+    "list": ("read", lambda c, i: c.get("/api/images")),
+    "get": ("read", lambda c, i: c.get(f"/api/images/{i}")),
+    "download": ("read", lambda c, i: c.get(f"/api/images/{i}/download")),
+    "head": ("read", lambda c, i: c.head(f"/api/images/{i}/download")),
+    "replace": ("write", lambda c, i: c.put(f"/api/images/{i}", data=_png())),
+    "delete": ("write", lambda c, i: c.delete(f"/api/images/{i}")),
+}
+
+
+def _png():
+    return {"image": (io.BytesIO(make_image()), "a.png")}
+
+
+@pytest.fixture
+def keyed(app):
+    """The app, one image, and secrets: read-only, write, admin, revoked."""
+    service = app.extensions["image_api"]
+    image_id = ImagesClient(app.test_client()).create()["_id"]
+    secrets = {
+        scope: service.keys.create(f"{scope}-key", "alice", [scope])[1]
+        for scope in ("read", "write", "admin")
+    }
+    secrets["revoked"] = service.keys.create("old", "alice", ["admin"])[1]
+    service.repository.revoke_api_key("old", service.clock())
+    return app, image_id, secrets
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_the_auth_matrix(keyed, endpoint):
+    app, image_id, secrets = keyed
+    needs, call = ENDPOINTS[endpoint]
+    malformed = ["nonsense", "iak_short_x", "iak_000000000000_" + "x" * 43]
+    for presented in [None, *malformed, secrets["revoked"]]:
+        response = call(app.test_client(key=presented), image_id)
+        assert response.status_code == 401, (presented, response.get_data())
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        if endpoint != "head":
+            assert response.get_json()["code"] == "unauthorized"
+    wrong_token = secrets["write"][:-4] + "abcd"
+    assert call(app.test_client(key=wrong_token), image_id).status_code == 401
+    read_only = call(app.test_client(key=secrets["read"]), image_id)
+    assert read_only.status_code == (403 if needs == "write" else 200)
+    if needs == "write":
+        assert read_only.get_json()["code"] == "forbidden"
+    for scope in ("write", "admin"):
+        target = ImagesClient(app.test_client()).create()["_id"]  # a delete takes its own
+        response = call(app.test_client(key=secrets[scope]), target)
+        assert response.status_code in (200, 201), response.get_data()
+
+
+def test_x_api_key_works_and_other_schemes_are_refused(keyed):
+    app, _, secrets = keyed
+    client = app.test_client(key=None)
+    assert client.get("/api/images", headers={"X-API-Key": secrets["read"]}).status_code == 200
+    basic = client.get("/api/images", headers={"Authorization": f"Basic {secrets['read']}"})
+    assert basic.status_code == 401 and "Bearer" in basic.get_json()["message"]
+    # Authorization wins over X-API-Key: one bad credential is not rescued by another.
+    both = {"Authorization": "Bearer nonsense", "X-API-Key": secrets["read"]}
+    assert client.get("/api/images", headers=both).status_code == 401
+
+
+def test_probes_and_the_description_need_no_key(app):
+    client = app.test_client(key=None)
+    for path in ("/healthz", "/readyz", "/api/openapi.json", "/api/docs"):
+        assert client.get(path).status_code == 200, path
+    assert client.options("/api/images").status_code == 200  # a CORS preflight has no key
+
+
+def test_last_used_is_written_at_most_once_a_minute(keyed, clock):
+    app, _, secrets = keyed
+    store = app.extensions["image_api"].repository
+    client = app.test_client(key=secrets["read"])
+    key_id = secrets["read"].split("_")[1]
+    assert store.get_api_key(key_id).last_used_at is None
+    client.get("/api/images")
+    first = store.get_api_key(key_id).last_used_at
+    assert first is not None
+    clock.advance(timedelta(seconds=30))
+    client.get("/api/images")
+    assert store.get_api_key(key_id).last_used_at == first
+    clock.advance(timedelta(seconds=31))
+    client.get("/api/images")
+    assert store.get_api_key(key_id).last_used_at > first
+
+
+def test_auth_off_serves_without_a_key_and_warns(make_app, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="image_api"):
+        app = make_app({"DATA_DIR": str(tmp_path), "AUTH": "off"})
+    assert "AUTH=off" in caplog.text
+    assert app.test_client(key=None).get("/api/images").status_code == 200
+    assert not (tmp_path / "admin-key").exists()
+
+
+# --- the keys CLI ---------------------------------------------------------------------------
+
+
+def test_keys_create_list_and_revoke(app, runner):
+    created = runner.invoke(
+        args=["keys", "create", "--name", "ci", "--owner", "bob", "--scope", "write"]
+    )
+    assert created.exit_code == 0, created.output
+    secret = created.output.strip().splitlines()[-1]
+    assert secret.startswith("iak_")
+    client = app.test_client(key=secret)
+    assert client.post("/api/images/upload", data=_png()).status_code == 201
+
+    listed = runner.invoke(args=["keys", "list"])
+    assert listed.exit_code == 0
+    line = next(line for line in listed.output.splitlines() if line.startswith("ci\t"))
+    assert "owner=bob" in line and "scopes=write" in line and "active" in line
+    assert "last_used=20" in line  # used once above
+    assert secret not in listed.output and secret.split("_")[2] not in listed.output
+
+    again = runner.invoke(args=["keys", "create", "--name", "ci", "--owner", "x"])
+    assert again.exit_code != 0 and "already exists" in again.output
+
+    revoked = runner.invoke(args=["keys", "revoke", "ci"])
+    assert revoked.exit_code == 0
+    assert client.get("/api/images").status_code == 401
+    assert "revoked" in runner.invoke(args=["keys", "list"]).output
+    assert runner.invoke(args=["keys", "revoke", "ci"]).exit_code != 0
+
+
+# --- the first admin key ----------------------------------------------------------------------
+
+_START = """
+import sys, time
+from image_api import create_app
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+create_app({"DATA_DIR": sys.argv[1]})
+"""
+
+
+def test_the_first_admin_key_is_made_once_however_many_processes_start(tmp_path):
+    """Like gunicorn workers and `flask` commands starting at once on a new DATA_DIR: one
+    key in the repository, one secret in the file, and it works."""
+    import time
+
+    data = tmp_path / "data"
+    start = time.time() + 2  # every process waits for the same moment, then builds the app
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _START, str(data), str(start)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    logs = [process.communicate(timeout=60)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 6, logs
+
+    secret = (data / "admin-key").read_text().strip()
+    assert oct((data / "admin-key").stat().st_mode & 0o777) == "0o600"
+    keys = SqliteRepository(data / "images.sqlite3").list_api_keys()
+    assert [(k.name, k.owner, k.scopes) for k in keys] == [("admin", "admin", (Scope.ADMIN,))]
+    assert keys[0].matches(secret.split("_", 2)[2])
+    assert sorted(p.name for p in data.iterdir()) == ["admin-key", "blobs", *_sqlite_files(data)]
+    assert all(secret not in log for log in logs)  # the location is logged, never the key
+
+
+def _sqlite_files(data):
+    return sorted(p.name for p in data.iterdir() if p.name.startswith("images.sqlite3"))
+
+
+def test_a_start_that_died_after_writing_the_secret_is_finished_by_the_next(tmp_path, make_app):
+    data = tmp_path / "data"
+    data.mkdir()
+    _, secret = new_key("admin", "admin", [Scope.ADMIN], T0)
+    (data / "admin-key").write_text(secret + "\n")
+    app = make_app({"DATA_DIR": str(data)})
+    assert app.test_client(key=secret).get("/api/images").status_code == 200
+    [stored] = app.extensions["image_api"].repository.list_api_keys()
+    expected = key_from_secret(secret, "admin", "admin", ["admin"], stored.created_at)
+    assert (stored.id, stored.secret_hash, stored.scopes) == (
+        expected.id,
+        expected.secret_hash,
+        expected.scopes,
+    )
