@@ -409,13 +409,16 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
     assert_log_has_no_traceback(service)
 
 
-def test_an_overlong_request_line_is_the_documented_414(service):
-    """gunicorn refuses a request line over 4094 bytes before the app sees it; the document
-    lists that 414 (with gunicorn's own HTML page) on operations that take a query."""
+def test_what_gunicorn_refuses_itself_is_documented(service):
+    """gunicorn refuses a request line over 4094 bytes (414) and a header over 8190 bytes
+    (431) before the app sees them; the document lists both, with gunicorn's HTML page."""
     response = service.http.get(f"{service.url}/api/images?cursor={'x' * 5000}", timeout=10)
     assert response.status_code == 414
     document = service.http.get(f"{service.url}/api/openapi.json", timeout=10).json()
-    assert "414" in document["paths"]["/api/images"]["get"]["responses"]
+    responses = document["paths"]["/api/images/{image_id}"]["get"]["responses"]
+    assert "text/html" in responses["414"]["content"] and "text/html" in responses["431"]["content"]
+    long_header = service.http.get(f"{service.url}/healthz", headers={"X-Big": "a" * 9000})
+    assert long_header.status_code == 431
     assert (
         service.http.get(f"{service.url}/api/images?cursor={'x' * 3000}", timeout=10).status_code
         == 400

@@ -10,7 +10,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from werkzeug.http import http_date, parse_options_header
+from werkzeug.http import http_date, parse_date, parse_options_header
 
 from image_api.repository import scan_all
 from tests.helpers import ImagesClient, make_image
@@ -588,7 +588,20 @@ def test_metadata_answers_if_none_match_with_304(client):
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.com/x", "a b", "a@evil.com", 'evil.com"><script>', "evil.com:99999999", "-x"]
+    "host",
+    [
+        "evil.com/x",
+        "a b",
+        "a@evil.com",
+        'evil.com"><script>',
+        "evil.com:99999999",
+        "-x",
+        # Werkzeug built links with no host at all from these ports ("http:///api/...").
+        "a.com:0",
+        "a.com:0080",
+        "a.com:65536",
+        "[::1]:0",
+    ],
 )
 def test_a_malformed_host_is_400_and_stores_nothing(client, service, host):
     response = client.post(
@@ -709,3 +722,81 @@ def test_dates_longer_than_the_documented_64_characters_are_400(client):
     long_date = "2026-11-25T21:00:00." + "1" * 45 + "Z"
     assert len(long_date) > 64
     assert_error(client.get(f"/api/images?uploadedAfter={long_date}"), 400, "bad_request")
+
+
+# --- found by an outside attack on the described API --------------------------------------
+
+
+def test_the_docs_files_answer_conditions_in_json_and_offer_no_ranges(client):
+    page = client.get("/api/docs")
+    tag = page.headers["ETag"]
+    assert client.get("/api/docs", headers={"If-None-Match": tag}).status_code == 304
+    failed = client.get("/api/docs/swagger-ui-bundle.js", headers={"If-Match": '"other"'})
+    assert_error(failed, 412, "precondition_failed")
+    ranged = client.get("/api/docs/docs.js", headers={"Range": "bytes=0-5", "If-Match": '"x"'})
+    assert_error(ranged, 412, "precondition_failed")
+    whole = client.get("/api/docs/docs.js", headers={"Range": "bytes=0-5"})
+    assert whole.status_code == 200 and "Accept-Ranges" not in whole.headers
+    # The page itself lives at /api/docs only: elsewhere its relative links would break.
+    assert_error(client.get("/api/docs/docs.html"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    "mangled",
+    [
+        "{date} junk",
+        "{date}, Mon, 01 Jan 2001 00:00:00 GMT",
+        "{date_no_zone} EST",
+        "{date_no_zone} +0000",
+        "{wrong_weekday}",
+        "{no_weekday}",
+    ],
+)
+def test_a_date_that_is_not_an_http_date_is_ignored(client, mangled):
+    """RFC 9110: a recipient ignores an If-Modified-Since, If-Unmodified-Since or If-Range
+    date that is not an HTTP-date; the email module's parser took all of these."""
+    image = ImagesClient(client).create()
+    url = f"/api/images/{image['_id']}/download"
+    current = client.get(url).headers["Last-Modified"]  # "Wed, 25 Nov 2026 21:31:43 GMT"
+    later = http_date(parse_date(current) + timedelta(days=1))
+    earlier = http_date(parse_date(current) - timedelta(days=1))
+    for date, status_if_honoured, header in [
+        (later, 304, "If-Modified-Since"),
+        (earlier, 412, "If-Unmodified-Since"),
+    ]:
+        value = mangled.format(
+            date=date,
+            date_no_zone=date.removesuffix(" GMT"),
+            wrong_weekday=("Mon" if not date.startswith("Mon") else "Tue") + date[3:],
+            no_weekday=date[5:],
+        )
+        response = client.get(url, headers={header: value})
+        assert response.status_code == 200, (header, value)
+        assert client.get(url, headers={header: date}).status_code == status_if_honoured
+    value = mangled.format(
+        date=current,
+        date_no_zone=current.removesuffix(" GMT"),
+        wrong_weekday=("Mon" if not current.startswith("Mon") else "Tue") + current[3:],
+        no_weekday=current[5:],
+    )
+    ranged = client.get(url, headers={"Range": "bytes=0-3", "If-Range": value})
+    assert ranged.status_code == 200  # not a validator: the whole image
+
+
+def test_the_three_http_date_forms_are_all_read():
+    from image_api.api.conditions import parse_http_date
+
+    expected = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT")
+    assert expected is not None
+    assert parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT") == expected
+    assert parse_http_date("Sun Nov  6 08:49:37 1994") == expected
+    assert parse_http_date("Sun, 31 Feb 1994 08:49:37 GMT") is None
+
+
+def test_an_empty_content_encoding_is_not_identity(client):
+    response = client.post(
+        "/api/images/upload",
+        data={"image": (io.BytesIO(make_image()), "a.png")},
+        headers={"Content-Encoding": ""},
+    )
+    assert_error(response, 415, "unsupported_media_type")

@@ -43,8 +43,9 @@ def check_host() -> None:
     host = request.headers.get("Host")
     if not host:
         raise BadRequest("A Host header is required")
-    if not _HOST.fullmatch(host):
-        raise BadRequest("The Host header is not a host[:port]")
+    match = _HOST.fullmatch(host)
+    if not match or (match["port"] is not None and not 0 < int(match["port"]) <= 65535):
+        raise BadRequest("The Host header is not a host[:port] (port 1 to 65535)")
     named = host.lower()
     allowed = settings.allowed_hosts
     if allowed and named not in allowed and named.rpartition(":")[0] not in allowed:
@@ -53,7 +54,8 @@ def check_host() -> None:
 
 #: A DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
 _HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>[1-9]\d{0,4}))?"
 )
 
 

@@ -1,13 +1,18 @@
-"""Conditional request headers: If-Match and If-None-Match, checked for syntax.
+"""Conditional request headers, read strictly.
 
-Werkzeug reads a malformed list (`If-Match: ffe8...` without quotes, or an empty value) as
-tags that match nothing, so a typo answered 412 "changed by someone else" or a needless 200.
-It is a 400 that says what is wrong instead.
+If-Match and If-None-Match: Werkzeug reads a malformed list (`If-Match: ffe8...` without
+quotes, or an empty value) as tags that match nothing, so a typo answered 412 "changed by
+someone else" or a needless 200. It is a 400 that says what is wrong instead.
+
+Dates (If-Modified-Since, If-Unmodified-Since, If-Range): RFC 9110 has a recipient ignore
+one that is not an HTTP-date. Werkzeug's parser (the email module's) takes far more (trailing
+junk, numeric zones, lists, no weekday), so a mangled date could answer 304 or 412.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 from flask import request
 from werkzeug.datastructures import ETags
@@ -36,3 +41,57 @@ def etags(header: str) -> ETags | None:
 def preconditions() -> Preconditions:
     """The request's If-Match and If-None-Match, when it has them."""
     return Preconditions(etags("If-Match"), etags("If-None-Match"))
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_LONG_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_TIME = r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d)"
+_MONTH = rf"(?P<month>{'|'.join(_MONTHS)})"
+#: The three forms of RFC 9110 5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime.
+_HTTP_DATES = [
+    re.compile(
+        rf"(?P<day>{'|'.join(_DAYS)}), (?P<mday>\d\d) {_MONTH} (?P<year>\d{{4}}) {_TIME} GMT"
+    ),
+    re.compile(
+        rf"(?P<day>{'|'.join(_LONG_DAYS)}), (?P<mday>\d\d)-{_MONTH}-(?P<year>\d\d) {_TIME} GMT"
+    ),
+    re.compile(rf"(?P<day>{'|'.join(_DAYS)}) {_MONTH} (?P<mday>[ \d]\d) {_TIME} (?P<year>\d{{4}})"),
+]
+
+
+def http_date(header: str) -> datetime | None:
+    """The HTTP-date in `header`, or None when it is absent or not one (then ignored)."""
+    value = request.headers.get(header)
+    return None if value is None else parse_http_date(value.strip())
+
+
+def parse_http_date(value: str) -> datetime | None:
+    """An HTTP-date in any of its three forms, checked to the weekday; else None."""
+    for form in _HTTP_DATES:
+        match = form.fullmatch(value)
+        if match is None:
+            continue
+        year = int(match["year"])
+        if len(match["year"]) == 2:
+            # RFC 9110: a two-digit year more than 50 years ahead is in the past century.
+            this_year = datetime.now(UTC).year
+            year += this_year // 100 * 100
+            if year > this_year + 50:
+                year -= 100
+        try:
+            moment = datetime(
+                year,
+                _MONTHS.index(match["month"]) + 1,
+                int(match["mday"]),
+                int(match["hour"]),
+                int(match["minute"]),
+                int(match["second"]),
+                tzinfo=UTC,
+            )
+        except ValueError:
+            return None  # 31 Feb, 25:00...
+        day = match["day"]
+        weekday = _DAYS.index(day) if day in _DAYS else _LONG_DAYS.index(day)
+        return moment if moment.weekday() == weekday else None
+    return None

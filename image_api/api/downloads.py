@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from werkzeug.datastructures import ContentRange
+from werkzeug.http import quote_etag
 from werkzeug.wsgi import wrap_file
 
 from ..access import Scope
@@ -15,7 +16,7 @@ from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
 from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
-from .conditions import etags
+from .conditions import etags, http_date, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -71,7 +72,7 @@ def download_image(image_id: str):
     if if_match is not None:
         if not if_match.contains(record.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
-    elif (since := request.if_unmodified_since) is not None and not _current_at(record, since):
+    elif (since := http_date("If-Unmodified-Since")) is not None and not _current_at(record, since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
     if _not_modified(record):
         response.status_code = 304
@@ -108,16 +109,17 @@ def requested_range(record: ImageRecord) -> tuple[int, int] | None:
     ranges = request.range
     if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
         return None
-    if_range = request.if_range
-    if if_range.etag is not None or if_range.date is not None:
+    if_range = request.headers.get("If-Range")
+    if if_range is not None:
         # Strong comparison only (RFC 9110 13.1.5): a weak tag never matches, and a date
-        # only when it is the Last-Modified and no other version can share it.
-        weak = request.headers.get("If-Range", "").lstrip().startswith("W/")
-        same_etag = not weak and if_range.etag == record.sha256
+        # only when it is the Last-Modified and no other version can share it. A value that
+        # is neither matches nothing: the whole image.
+        date = parse_http_date(if_range.strip())
+        same_etag = if_range.strip() == quote_etag(record.sha256)
         same_date = (
-            if_range.date is not None
-            and if_range.date == record.updated_at.replace(microsecond=0)
-            and _current_at(record, if_range.date)
+            date is not None
+            and date == record.updated_at.replace(microsecond=0)
+            and _current_at(record, date)
         )
         if not (same_etag or same_date):
             return None
@@ -138,7 +140,7 @@ def _not_modified(record: ImageRecord) -> bool:
     if_none_match = etags("If-None-Match")
     if if_none_match is not None:
         return if_none_match.contains_weak(record.sha256)
-    since = request.if_modified_since
+    since = http_date("If-Modified-Since")
     return since is not None and _current_at(record, since)
 
 

@@ -45,7 +45,7 @@ bp = Blueprint("images", __name__, url_prefix="/api/images")
 
 def uploaded_file(required: bool = True) -> Upload | None:
     """The file in multipart field `image`; `MissingFile` if absent and `required`."""
-    if request.content_encoding not in (None, "", "identity"):
+    if request.content_encoding is not None and request.content_encoding.lower() != "identity":
         raise UnsupportedMediaType(
             f"Request bodies with Content-Encoding {request.content_encoding!r} are not accepted"
         )

@@ -55,7 +55,6 @@ class Operation:
     upload: bool = False  # a multipart body with the file in field `image`
     head: bool = False  # HEAD is answered on purpose (Flask answers it for every GET)
     backends: bool = True  # it calls a backend, so it may answer 503
-    checks_host: bool = True  # a bad Host is a 400 (probes answer whatever the Host)
 
 
 def describe(**operation) -> Callable:
@@ -298,8 +297,11 @@ def _operation(view, rule, method: str) -> dict:
         }
         | _error_responses(spec),
     }
-    if spec.query is not None:
-        operation["responses"]["414"] = _URI_TOO_LONG
+    responses = operation["responses"]
+    # gunicorn (and nginx in front of it) refuse what is not valid HTTP before the service
+    # sees it, with pages of their own.
+    responses["400"]["content"]["text/html"] = _SERVER_PAGE
+    responses |= _SERVER_REFUSALS
     if spec.scope is not None:
         # OpenAPI 3.1 lets a requirement of any scheme list roles: the scope a key needs.
         operation["security"] = [{name: [str(spec.scope)]} for name in SECURITY_SCHEMES]
@@ -344,13 +346,13 @@ _IMAGE_LINKS = {
 
 
 def _error_responses(spec: Operation) -> dict:
-    errors = [ApiError, *spec.errors]  # ApiError itself is the 500 of a bug
+    # ApiError itself is the 500 of a bug; any request can be malformed (a bad Host, an
+    # unreadable body).
+    errors = [ApiError, BadRequest, *spec.errors]
     if spec.scope is not None:
         errors.append(Unauthorized)
     if spec.scope not in (None, Scope.READ):  # every key holds read
         errors.append(Forbidden)
-    if spec.checks_host:
-        errors.append(BadRequest)
     if spec.backends:
         errors.append(BackendUnavailable)
     by_status = defaultdict(dict)
@@ -380,12 +382,19 @@ def _error_responses(spec: Operation) -> dict:
     return responses
 
 
-#: gunicorn (and nginx in front of it) refuse a long request line before the service sees
-#: it, with a page of their own; documented query parameters stay far below the limit.
-_URI_TOO_LONG = {
-    "description": "The request line is over 4094 bytes (gunicorn's limit_request_line): "
-    "refused by the HTTP server with its own HTML page, not JSON",
-    "content": {"text/html": {"schema": {"type": "string"}}},
+#: A request that is not valid HTTP (a bad header, two Content-Lengths...) is a 400 from
+#: gunicorn or nginx, with their own HTML page.
+_SERVER_PAGE = {"schema": {"type": "string", "description": "gunicorn's or nginx's page"}}
+_SERVER_REFUSALS = {
+    str(status): {
+        "description": f"{what}: refused by gunicorn (or nginx) with its own HTML page",
+        "content": {"text/html": {"schema": {"type": "string"}}},
+    }
+    for status, what in [
+        (414, "A request line over 4094 bytes"),
+        (417, "An Expect header other than 100-continue"),
+        (431, "A header over 8190 bytes, or over 100 headers"),
+    ]
 }
 
 _UPLOAD_BODY = {
