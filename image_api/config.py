@@ -75,6 +75,8 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     # API keys are required (off only for trusted networks: every start logs a warning).
     auth: bool = True
+    # Browser origins (scheme://host[:port]) allowed to call the API across origins.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def bind(self) -> str:
@@ -126,6 +128,7 @@ class Settings:
             public_url=reader.url("PUBLIC_URL", schemes=("http", "https")),
             allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
             auth=reader.choice("AUTH", ("on", "off"), "on") == "on",
+            cors_origins=reader.origins("CORS_ORIGINS"),
         )
         if settings.request_timeout >= settings.gunicorn_timeout:
             raise ConfigError(
@@ -219,6 +222,20 @@ class _Reader:
         if bad:
             raise ConfigError(f"{name} must be comma-separated host[:port] values, got {raw!r}")
         return hosts
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+        for origin in origins:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ConfigError(
+                    f"{name} must be comma-separated origins like https://app.example.com, "
+                    f"got {origin!r}"
+                )
+        return origins
 
     def formats(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.text(name)

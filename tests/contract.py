@@ -22,7 +22,17 @@ from image_api.service import EXTENSION
 
 #: Headers any response or request may carry without being a documented parameter.
 GENERIC_RESPONSE_HEADERS = {"content-type", "content-length"}
-GENERIC_REQUEST_HEADERS = {"host", "content-type", "content-length", "transfer-encoding"}
+GENERIC_REQUEST_HEADERS = {
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    # The CORS protocol's (flask-cors reads them on every request when CORS_ORIGINS is set).
+    "origin",
+    "access-control-request-method",
+    "access-control-request-headers",
+    "access-control-request-private-network",
+}
 
 problems: list[str] = []
 _documents: dict[tuple, dict] = {}
@@ -149,6 +159,7 @@ def check(app: Flask, operation: dict, response) -> list[str]:
     if documented is None:
         return [*found, f"status {response.status_code} is not documented"]
     headers = {name.lower() for name in documented.get("headers", {})}
+    headers |= {name.lower() for name in document_of(app).get("x-every-response-headers", {})}
     # Iterating Werkzeug's Headers gives (name, value) pairs: keys() gives names.
     for name in sorted({name.lower() for name in response.headers.keys()}):  # noqa: SIM118
         if name not in headers and name not in GENERIC_RESPONSE_HEADERS:

@@ -248,3 +248,95 @@ def test_a_start_that_died_after_writing_the_secret_is_finished_by_the_next(tmp_
         expected.secret_hash,
         expected.scopes,
     )
+
+
+# --- browsers: CORS and security headers ----------------------------------------------------
+
+APP_ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture
+def cors_app(make_app, tmp_path):
+    return make_app(
+        {"DATA_DIR": str(tmp_path), "CORS_ORIGINS": f"{APP_ORIGIN}, http://localhost:3000"}
+    )
+
+
+def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(cors_app):
+    client = cors_app.test_client(key=None)
+    response = client.options(
+        "/api/images/upload",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, idempotency-key, x-evil",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    allowed = {
+        h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")
+    }
+    assert allowed == {"authorization", "idempotency-key"}  # not x-evil
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    assert "PATCH" not in response.headers["Access-Control-Allow-Methods"]
+    assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+def test_other_origins_get_no_cors_headers(cors_app):
+    client = cors_app.test_client()
+    for origin in ("https://evil.example.com", "https://app.example.com.evil.com", "null"):
+        preflight = client.options(
+            "/api/images", headers={"Origin": origin, "Access-Control-Request-Method": "GET"}
+        )
+        actual = client.get("/api/images", headers={"Origin": origin})
+        for response in (preflight, actual):
+            names = [h.lower() for h in response.headers.keys()]  # noqa: SIM118 (pairs otherwise)
+            assert not any(name.startswith("access-control-") for name in names)
+    assert "Access-Control-Allow-Origin" not in client.get("/api/images").headers
+
+
+def test_an_allowed_origin_may_read_the_headers_it_needs(cors_app):
+    client = cors_app.test_client()
+    created = client.post("/api/images/upload", data=_png(), headers={"Origin": APP_ORIGIN})
+    assert created.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
+    exposed = {h.strip() for h in created.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"ETag", "Location", "Link", "Content-Disposition", "Retry-After"} <= exposed
+    assert {"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= exposed
+    assert "Origin" in created.headers["Vary"]
+    # Vary: Origin on every response, so a cache never hands one origin's answer to another.
+    assert "Origin" in client.get("/api/images").headers["Vary"]
+
+
+def test_without_cors_origins_nobody_gets_cors_headers(app):
+    response = app.test_client().get("/api/images", headers={"Origin": APP_ORIGIN})
+    assert "Access-Control-Allow-Origin" not in response.headers
+    assert "Vary" not in response.headers
+
+
+def test_cors_origins_must_be_origins(make_app, tmp_path):
+    from image_api.config import ConfigError
+
+    for bad in ("app.example.com", "https://app.example.com/path", "ftp://x.com", "*"):
+        with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+            make_app({"DATA_DIR": str(tmp_path), "CORS_ORIGINS": bad})
+
+
+def test_every_response_carries_the_security_headers(app):
+    client = app.test_client()
+    image = ImagesClient(client).create()
+    responses = {
+        "json": client.get("/api/images"),
+        "error": client.get("/api/images/" + "0" * 24),
+        "unauthorized": app.test_client(key=None).get("/api/images"),
+        "download": client.get(f"/api/images/{image['_id']}/download"),
+        "docs": client.get("/api/docs"),
+        "probe": client.get("/healthz"),
+    }
+    for name, response in responses.items():
+        assert response.headers["X-Content-Type-Options"] == "nosniff", name
+        assert response.headers["Referrer-Policy"] == "no-referrer", name
+    for name in ("json", "error", "unauthorized", "probe"):
+        assert responses[name].headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert "sandbox" in responses["download"].headers["Content-Security-Policy"]
+    assert "script-src 'self'" in responses["docs"].headers["Content-Security-Policy"]

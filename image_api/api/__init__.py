@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 
 from flask import Flask, Request, current_app, g, request
+from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline
 from ..access import Unauthorized
 from ..errors import BadRequest
 from ..records import ID_PATTERN
-from ..service import current_service
+from ..service import EXTENSION, current_service
 from . import docs, downloads, health, images
 
 
@@ -98,6 +99,46 @@ def end_budget(_error=None) -> None:
 _BUDGET = "image_api.budget"
 
 
+#: Every response: never sniffed, never sends a Referer onward; JSON also never runs or
+#: frames as a page. (Downloads and the docs page set their own CSP.)
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+JSON_POLICY = "default-src 'none'; frame-ancestors 'none'"
+
+#: What a browser on an allowed origin may send and read (CORS_ORIGINS).
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "X-API-Key",
+    "If-Match",
+    "If-None-Match",
+    "Idempotency-Key",
+    "Range",
+    "Content-Type",
+    "X-Request-ID",
+]
+CORS_EXPOSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Link",
+    "Content-Disposition",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+]
+
+
+def secure(response):
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.mimetype == "application/json":
+        response.headers.setdefault("Content-Security-Policy", JSON_POLICY)
+    if current_service().settings.cors_origins:
+        # Allowed origins get CORS headers and others none: a cache must keep them apart
+        # (flask-cors leaves this out when only one origin is allowed).
+        response.vary.add("Origin")
+    return response
+
+
 def init_app(app: Flask) -> None:
     app.request_class = ApiRequest
     # `//api/images//<id>` is not a route: Werkzeug would answer a 308 to a URL built from
@@ -112,3 +153,16 @@ def init_app(app: Flask) -> None:
     app.before_request(start_budget)
     app.before_request(authenticate)  # it reads the repository: within the budget
     app.teardown_request(end_budget)
+    app.after_request(secure)
+    origins = app.extensions[EXTENSION].settings.cors_origins
+    if origins:
+        # flask-cors answers preflights and adds the headers to allowed origins only.
+        CORS(
+            app,
+            origins=list(origins),
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+            max_age=600,
+            always_send=False,  # no Origin, no CORS headers
+        )

@@ -171,6 +171,18 @@ SECURITY_SCHEMES = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 
+#: Headers any response may carry, listed once here rather than on every response.
+EVERY_RESPONSE_HEADERS = {
+    "X-Content-Type-Options": {"description": "`nosniff`"},
+    "Referrer-Policy": {"description": "`no-referrer`"},
+    "Content-Security-Policy": {
+        "description": "On JSON: `default-src 'none'`; downloads and the docs page have their own"
+    },
+    "Vary": {"description": "`Origin` when CORS_ORIGINS is set"},
+    "Access-Control-Allow-Origin": {"description": "An origin in CORS_ORIGINS, echoed"},
+    "Access-Control-Expose-Headers": {"description": "The headers a browser script may read"},
+}
+
 #: Headers of every download response, full, partial or not modified.
 DOWNLOAD_HEADERS = (
     "ETag",
@@ -244,6 +256,7 @@ def build_document(app: Flask) -> dict:
                 operations["head"] = _operation(view, rule, "HEAD")
             spec.path(path=_PATH_VARIABLE.sub(r"{\1}", rule.rule), operations=operations)
     document = spec.to_dict()
+    document["x-every-response-headers"] = EVERY_RESPONSE_HEADERS
     document["components"]["schemas"]["Error"]["properties"]["code"]["enum"] = error_codes()
     for operations in document["paths"].values():
         for operation in operations.values():
