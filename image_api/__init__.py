@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import access, api, cli, errors
+from . import access, api, cli, errors, limits
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
@@ -61,5 +61,6 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
 
     errors.init_app(app)
     api.init_app(app)
+    limits.init_app(app, settings)  # after the API's hooks: the key is known by then
     cli.init_app(app)
     return app

@@ -77,6 +77,11 @@ class Settings:
     auth: bool = True
     # Browser origins (scheme://host[:port]) allowed to call the API across origins.
     cors_origins: tuple[str, ...] = ()
+    # Per API key (per client address when anonymous), over any 60 s or other window.
+    rate_limit_write: str = "60/minute"
+    rate_limit_read: str = "1200/minute"
+    # memory:// (each worker counts alone) or redis://host:port/db (all workers share).
+    rate_limit_storage_uri: str = "memory://"
 
     @property
     def bind(self) -> str:
@@ -129,6 +134,13 @@ class Settings:
             allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
             auth=reader.choice("AUTH", ("on", "off"), "on") == "on",
             cors_origins=reader.origins("CORS_ORIGINS"),
+            rate_limit_write=reader.rate("RATE_LIMIT_WRITE", cls.rate_limit_write),
+            rate_limit_read=reader.rate("RATE_LIMIT_READ", cls.rate_limit_read),
+            rate_limit_storage_uri=(
+                cls.rate_limit_storage_uri
+                if reader.text("RATE_LIMIT_STORAGE_URI") in (None, "memory://")
+                else reader.url("RATE_LIMIT_STORAGE_URI", schemes=("redis", "rediss"))
+            ),
         )
         if settings.request_timeout >= settings.gunicorn_timeout:
             raise ConfigError(
@@ -222,6 +234,18 @@ class _Reader:
         if bad:
             raise ConfigError(f"{name} must be comma-separated host[:port] values, got {raw!r}")
         return hosts
+
+    def rate(self, name: str, default: str) -> str:
+        from limits import parse_many
+
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            parse_many(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a rate like 60/minute, got {raw!r}") from None
+        return raw
 
     def origins(self, name: str) -> tuple[str, ...]:
         raw = self.text(name)

@@ -112,6 +112,14 @@ class DecoderBusy(ApiError):
         super().__init__(message, headers={"Retry-After": "2"})
 
 
+class RateLimited(ApiError):
+    """Over RATE_LIMIT_READ or RATE_LIMIT_WRITE (raised by Flask-Limiter as Werkzeug's 429;
+    this class documents it)."""
+
+    status, code = 429, "rate_limited"
+    message = "Rate limit exceeded (60 per 1 minute); retry after Retry-After seconds"
+
+
 # Codes for errors Werkzeug raises before a view runs (routing, multipart parsing).
 _HTTP_CODES = {
     400: "bad_request",
@@ -120,6 +128,7 @@ _HTTP_CODES = {
     412: "precondition_failed",
     413: "file_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
 }
 
 
@@ -175,6 +184,8 @@ def handle_http_exception(error: HTTPException):
     status = error.code or 500
     code = _HTTP_CODES.get(status, "http_error")
     message = "Resource not found" if status == 404 else error.description or error.name
+    if status == 429:
+        message = f"Rate limit exceeded ({error.description}); retry after Retry-After seconds"
     response = error_response(status, code, message)
     # Keep what Werkzeug adds beside its HTML body, such as `Allow` on a 405.
     for name, value in error.get_headers():

@@ -223,6 +223,8 @@ class Service:
             # Empty wins over a developer's .env: force the embedded default.
             "S3_BUCKET_NAME": "",
             "MONGODB_URL": "",
+            "RATE_LIMIT_READ": "1000000/minute",
+            "RATE_LIMIT_WRITE": "1000000/minute",
             **(env or {}),
         }
         self.process = None
@@ -283,6 +285,8 @@ class Service:
         pytest.fail("gunicorn did not become ready")
 
     def stop(self):
+        # Pooled keep-alive connections would hold a stopping worker for its grace period.
+        self.http.close()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -7,6 +7,7 @@ set -euo pipefail
 # command  package  what is skipped without it
 needed=(
   "chromium chromium tests/test_docs_browser.py (the docs page in a headless browser)"
+  "redis-server redis-server the Redis tests of tests/test_limits.py (shared rate limits)"
 )
 
 missing=()

@@ -15,6 +15,7 @@ bp = Blueprint("health", __name__)
 @describe(
     scope=None,
     backends=False,
+    limited=False,
     replies={200: Reply("The process answers", health_schema)},
 )
 def liveness():
@@ -23,7 +24,7 @@ def liveness():
 
 
 @bp.get("/readyz")
-@describe(scope=None, replies={200: Reply("Both backends answer", ready_schema)})
+@describe(scope=None, limited=False, replies={200: Reply("Both backends answer", ready_schema)})
 def readiness():
     """Both backends answer; 503 naming the one that does not."""
     return ready_schema.dump({"backends": current_service().ping()})

@@ -22,7 +22,14 @@ from flask import Flask
 from marshmallow import Schema
 
 from ..access import Forbidden, Scope, Unauthorized
-from ..errors import ApiError, BackendUnavailable, BadRequest, error_codes, error_schema
+from ..errors import (
+    ApiError,
+    BackendUnavailable,
+    BadRequest,
+    RateLimited,
+    error_codes,
+    error_schema,
+)
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, ImageRecord
 from . import schemas
@@ -55,6 +62,7 @@ class Operation:
     upload: bool = False  # a multipart body with the file in field `image`
     head: bool = False  # HEAD is answered on purpose (Flask answers it for every GET)
     backends: bool = True  # it calls a backend, so it may answer 503
+    limited: bool = True  # it spends the client's read or write budget (RATE_LIMIT_*)
 
 
 def describe(**operation) -> Callable:
@@ -179,6 +187,9 @@ EVERY_RESPONSE_HEADERS = {
         "description": "On JSON: `default-src 'none'`; downloads and the docs page have their own"
     },
     "Vary": {"description": "`Origin` when CORS_ORIGINS is set"},
+    "RateLimit-Limit": {"description": "Requests allowed in the window (rate-limited routes)"},
+    "RateLimit-Remaining": {"description": "Requests left in the window"},
+    "RateLimit-Reset": {"description": "Seconds until the window has room again"},
     "Access-Control-Allow-Origin": {"description": "An origin in CORS_ORIGINS, echoed"},
     "Access-Control-Expose-Headers": {"description": "The headers a browser script may read"},
 }
@@ -195,7 +206,12 @@ DOWNLOAD_HEADERS = (
 )
 
 #: The headers an error response may carry, by status.
-ERROR_HEADERS = {503: ("Retry-After",), 416: ("Content-Range",), 401: ("WWW-Authenticate",)}
+ERROR_HEADERS = {
+    503: ("Retry-After",),
+    416: ("Content-Range",),
+    401: ("WWW-Authenticate",),
+    429: ("Retry-After",),
+}
 
 #: The image every example shows: what uploading ../shared/samples/valid/hopper.jpg answered.
 EXAMPLE_IMAGE = ImageRecord(
@@ -368,6 +384,8 @@ def _error_responses(spec: Operation) -> dict:
         errors.append(Forbidden)
     if spec.backends:
         errors.append(BackendUnavailable)
+    if spec.limited:
+        errors.append(RateLimited)
     by_status = defaultdict(dict)
     for error in errors:
         by_status[error.status].setdefault(error.code, error)
