@@ -75,6 +75,37 @@ class ApiKey:
         return hmac.compare_digest(_hash(token), self.secret_hash)
 
 
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Whose images a request may see: its key's owner's, or everyone's with `admin`."""
+
+    owner: str
+    admin: bool = False
+
+    @classmethod
+    def of(cls, key: ApiKey | None) -> Caller:
+        """The caller a key makes; with no key (AUTH=off), one who sees everything."""
+        if key is None:
+            return EVERYONE
+        return cls(key.owner, admin=key.grants(Scope.ADMIN))
+
+    def sees(self, owner: str) -> bool:
+        return self.admin or owner == self.owner
+
+    def owner_filter(self, asked: str | None) -> str | None:
+        """The owner a list covers: an admin's choice (None: all), else the caller's own;
+        `Forbidden` for anyone else asking for another owner's."""
+        if self.admin:
+            return asked
+        if asked is not None and asked != self.owner:
+            raise Forbidden("Only an admin key may list another owner's images")
+        return self.owner
+
+
+#: A caller who sees every image and owns what it stores as the admin key's owner.
+EVERYONE = Caller(ADMIN_OWNER, admin=True)
+
+
 def new_key(name: str, owner: str, scopes, now: datetime) -> tuple[ApiKey, str]:
     """A new key and its secret (shown once, never stored)."""
     key_id, token = secrets.token_hex(6), secrets.token_urlsafe(32)

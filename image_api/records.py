@@ -72,6 +72,9 @@ class ImageRecord:
     uploaded_at: datetime
     updated_at: datetime
     status: Status = Status.ACTIVE
+    # Who it belongs to: the owner of the key that uploaded it. Images stored before owners
+    # existed belong to the first admin key's owner.
+    owner: str = "admin"
 
     def to_json(self) -> dict:
         """Plain JSON types, for storing a response to replay."""
@@ -107,6 +110,7 @@ class Filters:
     content_type: str | None = None
     uploaded_after: datetime | None = None  # inclusive
     uploaded_before: datetime | None = None  # exclusive
+    owner: str | None = None  # None: every owner's
 
 
 NO_FILTERS = Filters()

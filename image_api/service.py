@@ -32,7 +32,7 @@ from flask import current_app
 from werkzeug.datastructures import ETags
 
 from . import deadline, media
-from .access import Keys
+from .access import EVERYONE, Caller, Keys
 from .config import Settings
 from .errors import (
     ApiError,
@@ -137,8 +137,13 @@ class ImageService:
 
     # --- use-cases ------------------------------------------------------------------------
 
-    def create(self, upload: media.Upload, idempotency_key: str | None = None) -> ImageRecord:
-        """Validate and store a new image."""
+    def create(
+        self,
+        upload: media.Upload,
+        idempotency_key: str | None = None,
+        caller: Caller = EVERYONE,
+    ) -> ImageRecord:
+        """Validate and store a new image, owned by the caller."""
         info = self._inspect(upload)
         image_id = new_id()
 
@@ -150,11 +155,18 @@ class ImageService:
 
         request = Request(f"create {info.sha256}", image_id, find_result)
         return self.idempotency.run(
-            idempotency_key, request, lambda: self._create(image_id, upload, info)
+            _scoped(idempotency_key, caller),
+            request,
+            lambda: self._create(image_id, upload, info, caller.owner),
         )
 
-    def get(self, image_id: str) -> ImageRecord:
-        return self.repository.get(image_id)
+    def get(self, image_id: str, caller: Caller = EVERYONE) -> ImageRecord:
+        """The image, if the caller may see it: another owner's is `NotFound`, as if it
+        did not exist (no enumeration)."""
+        record = self.repository.get(image_id)
+        if not caller.sees(record.owner):
+            raise NotFound()
+        return record
 
     def list(self, limit: int, cursor: str | None = None, filters: Filters = NO_FILTERS) -> Page:
         """A page of images, newest first, after the position `cursor` names."""
@@ -171,12 +183,13 @@ class ImageService:
         upload: media.Upload | None,
         preconditions: Preconditions = NO_PRECONDITIONS,
         idempotency_key: str | None = None,
+        caller: Caller = EVERYONE,
     ) -> ImageRecord:
         """Replace an image's bytes; the old image stays intact unless this succeeds.
 
         A missing image is `NotFound` before a missing or bad file is looked at.
         """
-        current = self.repository.get(image_id)
+        current = self.get(image_id, caller)
         if upload is None:
             raise MissingFile()
         info = self._inspect(upload)
@@ -201,16 +214,21 @@ class ImageService:
         request = Request(
             f"replace {image_id} {info.sha256}", f"{image_id}@{current.version + 1}", find_result
         )
-        return self.idempotency.run(idempotency_key, request, replace_once)
+        return self.idempotency.run(_scoped(idempotency_key, caller), request, replace_once)
 
-    def delete(self, image_id: str, preconditions: Preconditions = NO_PRECONDITIONS) -> None:
+    def delete(
+        self,
+        image_id: str,
+        preconditions: Preconditions = NO_PRECONDITIONS,
+        caller: Caller = EVERYONE,
+    ) -> None:
         """Delete the record, then its blob.
 
         Without If-Match, whatever version is current is deleted, even while replaces race
         with it; with If-Match, a version that changed is `PreconditionFailed`.
         """
         for _ in range(_DELETE_TRIES):
-            current = self.repository.get(image_id)
+            current = self.get(image_id, caller)
             preconditions.check(current)
             try:
                 self.repository.delete(image_id, expected_version=current.version)
@@ -253,7 +271,7 @@ class ImageService:
 
     # --- the order of writes --------------------------------------------------------------
 
-    def _create(self, image_id: str, upload: media.Upload, info: media.ImageInfo):
+    def _create(self, image_id: str, upload: media.Upload, info: media.ImageInfo, owner: str):
         # A pending record first, invisible to clients: a crash at any later point leaves a
         # pending record (and perhaps a blob) for `repair`, never a visible record without
         # its blob.
@@ -266,6 +284,7 @@ class ImageService:
             uploaded_at=moment,
             updated_at=moment,
             status=Status.PENDING,
+            owner=owner,
         )
         self.repository.insert(pending)
         try:
@@ -407,6 +426,11 @@ class ImageService:
             max_animation_pixels=self.settings.max_animation_pixels,
             budget=self.decode_budget,
         )
+
+
+def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:
+    """Idempotency keys are per owner: two owners may pick the same one."""
+    return None if idempotency_key is None else f"{caller.owner}/{idempotency_key}"
 
 
 def _described(info: media.ImageInfo, filename: str | None) -> dict:

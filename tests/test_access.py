@@ -82,14 +82,15 @@ def _png():
 
 @pytest.fixture
 def keyed(app):
-    """The app, one image, and secrets: read-only, write, admin, revoked."""
+    """The app, one image, and secrets of its owner's keys: read-only, write, admin,
+    revoked. (Other owners: the ownership tests below.)"""
     service = app.extensions["image_api"]
-    image_id = ImagesClient(app.test_client()).create()["_id"]
+    image_id = ImagesClient(app.test_client()).create()["_id"]  # the admin key's owner's
     secrets = {
-        scope: service.keys.create(f"{scope}-key", "alice", [scope])[1]
+        scope: service.keys.create(f"{scope}-key", "admin", [scope])[1]
         for scope in ("read", "write", "admin")
     }
-    secrets["revoked"] = service.keys.create("old", "alice", ["admin"])[1]
+    secrets["revoked"] = service.keys.create("old", "admin", ["admin"])[1]
     service.repository.revoke_api_key("old", service.clock())
     return app, image_id, secrets
 
@@ -340,3 +341,68 @@ def test_every_response_carries_the_security_headers(app):
         assert responses[name].headers["Content-Security-Policy"].startswith("default-src 'none'")
     assert "sandbox" in responses["download"].headers["Content-Security-Policy"]
     assert "script-src 'self'" in responses["docs"].headers["Content-Security-Policy"]
+
+
+# --- owners -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def owners(app):
+    """Write keys of owners alice (two keys: rotation) and bob, and an admin."""
+    service = app.extensions["image_api"]
+
+    def client(name, owner, scope="write"):
+        return app.test_client(key=service.keys.create(name, owner, [scope])[1])
+
+    return {
+        "alice": client("alice-1", "alice"),
+        "alice2": client("alice-2", "alice"),
+        "bob": client("bob-1", "bob"),
+        "admin": app.test_client(),
+    }
+
+
+def test_an_owner_sees_only_their_images_and_others_are_not_found(owners):
+    alice, bob = owners["alice"], owners["bob"]
+    image = ImagesClient(alice).create()
+    assert image["owner"] == "alice"
+    url = f"/api/images/{image['_id']}"
+    for request in (
+        lambda: bob.get(url),
+        lambda: bob.get(url + "/download"),
+        lambda: bob.head(url + "/download"),
+        lambda: bob.put(url, data=_png()),
+        lambda: bob.delete(url),
+    ):
+        response = request()
+        assert response.status_code == 404  # as if it did not exist: no enumeration
+    assert bob.get("/api/images").get_json()["total"] == 0
+    listed = alice.get("/api/images").get_json()
+    assert [i["_id"] for i in listed["images"]] == [image["_id"]] and listed["total"] == 1
+    # Another key of the same owner (a rotation) sees and changes the same images.
+    assert owners["alice2"].put(url, data=_png()).status_code == 200
+    assert alice.get(url).get_json()["version"] == 2
+
+
+def test_an_admin_sees_every_owner_and_may_filter_by_owner(owners):
+    mine = ImagesClient(owners["alice"]).create()
+    theirs = ImagesClient(owners["bob"]).create()
+    admin = owners["admin"]
+    everything = admin.get("/api/images").get_json()
+    assert {mine["_id"], theirs["_id"]} <= {i["_id"] for i in everything["images"]}
+    only_bob = admin.get("/api/images?owner=bob&limit=1").get_json()
+    assert [i["_id"] for i in only_bob["images"]] == [theirs["_id"]] and only_bob["total"] == 1
+    assert admin.get(f"/api/images/{mine['_id']}").status_code == 200
+    response = owners["alice"].get("/api/images?owner=bob")
+    assert response.status_code == 403 and response.get_json()["code"] == "forbidden"
+    assert owners["alice"].get("/api/images?owner=alice").get_json()["total"] == 1
+
+
+def test_idempotency_keys_are_per_owner(owners):
+    headers = {"Idempotency-Key": "same-key"}
+    first = ImagesClient(owners["alice"]).upload(make_image(color="red"), headers=headers)
+    second = ImagesClient(owners["bob"]).upload(make_image(color="blue"), headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.get_json()["image"]["_id"] != second.get_json()["image"]["_id"]
+    again = ImagesClient(owners["alice2"]).upload(make_image(color="red"), headers=headers)
+    assert again.get_json()["image"]["_id"] == first.get_json()["image"]["_id"]

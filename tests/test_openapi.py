@@ -79,6 +79,7 @@ def test_query_parameters_come_from_the_schemas_the_views_load(document):
         "contentType",
         "uploadedAfter",
         "uploadedBefore",
+        "owner",
     }
     assert query("/api/images/{image_id}/download") == {"disposition"}
     limit = next(
@@ -207,6 +208,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
         ("get", "/api/images"): [
             lambda: client.get("/api/images"),
             lambda: nobody.get("/api/images"),
+            lambda: reader.get("/api/images?owner=someone-else"),
             lambda: client.get("/api/images?limit=0"),
             ("broken", "list_page", lambda: client.get("/api/images")),
         ],

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import mongomock
 import pymongo
 import pytest
+from bson import ObjectId
 
 from image_api.errors import BackendUnavailable, Conflict, NotFound
 from image_api.records import RECORD_FIELDS, Filters, ImageRecord, new_id, utc_now
@@ -264,7 +265,7 @@ def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     import sqlite3
 
     path = tmp_path / "images.sqlite3"
-    columns = ", ".join(f"{name} TEXT" for name in RECORD_FIELDS)
+    columns = ", ".join(f"{name} TEXT" for name in FIRST_RELEASE_FIELDS)
     with sqlite3.connect(path) as db:
         db.execute(f"CREATE TABLE images ({columns})")
         db.execute(
@@ -276,7 +277,7 @@ def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     with sqlite3.connect(path) as db:
         for record in [*records, make_record(status="pending")]:
             db.execute(
-                f"INSERT INTO images VALUES ({', '.join('?' * len(RECORD_FIELDS))})",
+                f"INSERT INTO images VALUES ({', '.join('?' * len(FIRST_RELEASE_FIELDS))})",
                 [str(v) if not isinstance(v, int) else v for v in _row(record)],
             )
     old.create()
@@ -288,14 +289,38 @@ def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     old.create()  # idempotent: counts are not redone or doubled
     old.insert(make_record(content_type="image/gif"))
     assert old.count(Filters(content_type="image/gif")) == 2
+    # Images stored before owners existed belong to the first admin key's owner.
+    assert {old.get(record.id).owner for record in records} == {"admin"}
+    assert old.count(Filters(owner="admin")) == 4
     old.close()
+
+
+def test_mongodb_gives_images_stored_before_owners_to_the_admin_owner():
+    database = mongomock.MongoClient(tz_aware=True)["old"]
+    record = make_record()
+    document = {
+        name: value for name, value in dataclasses.asdict(record).items() if name != "owner"
+    }
+    document["_id"] = ObjectId(document.pop("id"))
+    document["status"] = "active"
+    database["images"].insert_one(document)  # as the release before owners wrote it
+    repository = MongoRepository(database)
+    repository.create()
+    assert database["images"].find_one({"_id": document["_id"]})["owner"] == "admin"
+    assert repository.get(record.id).owner == "admin"
+    assert [r.id for r in repository.list_page(10, None, Filters(owner="admin"))] == [record.id]
+    assert repository.list_page(10, None, Filters(owner="bob")) == []
+
+
+#: The columns of the first release's images table (before owners).
+FIRST_RELEASE_FIELDS = [name for name in RECORD_FIELDS if name != "owner"]
 
 
 def _row(record: ImageRecord) -> list:
     values = dataclasses.asdict(record)
     values["uploaded_at"] = record.uploaded_at.isoformat(timespec="microseconds")
     values["updated_at"] = record.updated_at.isoformat(timespec="microseconds")
-    return [values[name] for name in RECORD_FIELDS]
+    return [values[name] for name in FIRST_RELEASE_FIELDS]
 
 
 def test_sqlite_schema_creation_is_safe_when_many_processes_start_at_once(tmp_path):

@@ -17,6 +17,7 @@ from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
 from .conditions import etags, http_date, parse_http_date
+from .images import caller
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -61,7 +62,7 @@ def download_image(image_id: str):
     """The image's bytes (attachment, or inline with ?disposition=inline)."""
     disposition = download_query_schema.load(request.args)["disposition"]
     service = current_service()
-    record = service.get(image_id)
+    record = service.get(image_id, caller())
     response = Response(mimetype=record.content_type)
     response.set_etag(record.sha256)
     response.last_modified = record.updated_at

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from urllib.parse import urlencode
 
-from flask import Blueprint, request, url_for
+from flask import Blueprint, g, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
-from ..access import Scope
+from ..access import Caller, Forbidden, Scope
 from ..errors import (
     BadRequest,
     Conflict,
@@ -72,6 +73,11 @@ def uploaded_file(required: bool = True) -> Upload | None:
     return Upload(file.stream, file.filename)
 
 
+def caller() -> Caller:
+    """Whose images this request may see (see `access.Caller`)."""
+    return Caller.of(g.get("api_key"))
+
+
 def idempotency_key() -> str | None:
     """The `Idempotency-Key` header, checked to be a short printable token."""
     key = request.headers.get("Idempotency-Key")
@@ -114,7 +120,7 @@ UPLOAD_ERRORS = (
 )
 def create_image():
     """Upload a new image."""
-    record = current_service().create(uploaded_file(), idempotency_key())
+    record = current_service().create(uploaded_file(), idempotency_key(), caller())
     location = url_for(".get_image", image_id=record.id, _external=True)
     body = uploaded_schema.dump({"image": record})
     return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
@@ -125,11 +131,15 @@ def create_image():
     scope=Scope.READ,
     query=list_query_schema,
     replies={200: Reply("One page, newest first", page_schema, headers=("Link",))},
+    errors=(Forbidden,),  # another owner's list, asked for without admin
 )
 def list_images():
     """List images, newest first, a page at a time."""
     query = list_query_schema.load(request.args)
-    page = current_service().list(query["limit"], query["cursor"], query["filters"])
+    filters = dataclasses.replace(
+        query["filters"], owner=caller().owner_filter(query["filters"].owner)
+    )
+    page = current_service().list(query["limit"], query["cursor"], filters)
     body = page_schema.dump(page)
     headers = {}
     if page.next_cursor:
@@ -151,7 +161,7 @@ def list_images():
 )
 def get_image(image_id: str):
     """One image's metadata."""
-    record = current_service().get(image_id)
+    record = current_service().get(image_id, caller())
     headers = {"ETag": quote_etag(record.sha256)}
     if_none_match = etags("If-None-Match")
     if if_none_match is not None and if_none_match.contains_weak(record.sha256):
@@ -174,7 +184,7 @@ def get_image(image_id: str):
 def replace_image(image_id: str):
     """Replace an image's file."""
     record = current_service().replace(
-        image_id, uploaded_file(required=False), preconditions(), idempotency_key()
+        image_id, uploaded_file(required=False), preconditions(), idempotency_key(), caller()
     )
     return updated_schema.dump({"image": record}), 200, {"ETag": quote_etag(record.sha256)}
 
@@ -188,5 +198,5 @@ def replace_image(image_id: str):
 )
 def delete_image(image_id: str):
     """Delete an image and its file."""
-    current_service().delete(image_id, preconditions())
+    current_service().delete(image_id, preconditions(), caller())
     return deleted_schema.dump({})

@@ -47,6 +47,9 @@ class ImageSchema(Schema):
     version = fields.Integer(
         required=True, validate=validate.Range(min=1), metadata={"description": "+1 per replace"}
     )
+    owner = fields.String(
+        required=True, metadata={"description": "Whose image: the uploading key's owner"}
+    )
 
 
 def constant(value: str) -> fields.Constant:
@@ -174,12 +177,20 @@ class ListQuerySchema(Schema):
     )
     uploaded_after = UtcDateTime(data_key="uploadedAfter", load_default=None)
     uploaded_before = UtcDateTime(data_key="uploadedBefore", load_default=None)
+    owner = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "An admin key's choice of owner (others see their own)"},
+    )
 
     @post_load
     def make_filters(self, data: dict, **kwargs) -> dict:
         """`limit`, `cursor` and the service's `Filters`."""
         filters = Filters(
-            data.pop("content_type"), data.pop("uploaded_after"), data.pop("uploaded_before")
+            data.pop("content_type"),
+            data.pop("uploaded_after"),
+            data.pop("uploaded_before"),
+            data.pop("owner"),
         )
         return {**data, "filters": filters}
 
@@ -195,6 +206,8 @@ def next_page_query(query: dict, cursor: str) -> dict[str, str]:
         args["uploadedAfter"] = filters.uploaded_after.isoformat()
     if filters.uploaded_before:
         args["uploadedBefore"] = filters.uploaded_before.isoformat()
+    if filters.owner:
+        args["owner"] = filters.owner
     return args
 
 

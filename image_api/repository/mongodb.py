@@ -12,7 +12,7 @@ from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
 
 from .. import deadline
-from ..access import ApiKey, Scope
+from ..access import ADMIN_OWNER, ApiKey, Scope
 from ..config import Settings
 from ..errors import BackendUnavailable, Conflict, NotFound
 from ..records import (
@@ -31,6 +31,7 @@ _INDEXES = {
     "images_newest_first": [("status", 1), *_NEWEST_FIRST],
     "images_by_type": [("status", 1), ("content_type", 1), *_NEWEST_FIRST],
     "images_by_key": [("key", 1)],
+    "images_by_owner": [("owner", 1), ("status", 1), *_NEWEST_FIRST],
 }
 
 
@@ -46,7 +47,8 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _from_document(document: dict) -> ImageRecord:
-    values = {name: document[name] for name in RECORD_FIELDS if name != "id"}
+    values = {name: document[name] for name in RECORD_FIELDS if name not in ("id", "owner")}
+    values["owner"] = document.get("owner", ADMIN_OWNER)
     values["id"] = str(document["_id"])
     values["uploaded_at"] = _aware(values["uploaded_at"])
     values["updated_at"] = _aware(values["updated_at"])
@@ -74,6 +76,9 @@ def _query(filters: Filters) -> tuple[dict, str]:
     if filters.content_type:
         query["content_type"] = filters.content_type
         index = "images_by_type"
+    if filters.owner is not None:
+        query["owner"] = filters.owner
+        index = "images_by_owner"
     moment = {}
     if filters.uploaded_after:
         moment["$gte"] = filters.uploaded_after
@@ -167,6 +172,8 @@ class MongoRepository:
             self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
             self.retired.create_index("delete_after", name="retired_blobs_due")
             self.api_keys.create_index("name", unique=True, name="api_keys_by_name")
+            # Images stored before owners existed belong to the first admin key's owner.
+            self.images.update_many({"owner": {"$exists": False}}, {"$set": {"owner": ADMIN_OWNER}})
         self._indexed = True
 
     def insert(self, record: ImageRecord) -> None:

@@ -113,6 +113,12 @@ _MIGRATIONS: list[list[str]] = [
             revoked_at TEXT
         )""",
     ],
+    [
+        # Images stored before owners existed belong to the first admin key's owner.
+        "ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT 'admin'",
+        """CREATE INDEX IF NOT EXISTS images_by_owner
+            ON images (owner, status, uploaded_at DESC, id DESC)""",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -149,6 +155,9 @@ def _key_from_row(row: sqlite3.Row) -> ApiKey:
 
 def _where(filters: Filters) -> tuple[list[str], list]:
     clauses, params = ["status = 'active'"], []
+    if filters.owner is not None:
+        clauses.append("owner = ?")
+        params.append(filters.owner)
     if filters.content_type:
         clauses.append("content_type = ?")
         params.append(filters.content_type)
@@ -312,7 +321,10 @@ class SqliteRepository:
         return [_from_row(row) for row in self._execute(query, [*params, limit])]
 
     def count(self, filters: Filters = NO_FILTERS) -> int:
-        if filters.uploaded_after is None and filters.uploaded_before is None:
+        # The kept counts are per content type; one owner's images are counted on the
+        # (owner, status, uploaded_at) index.
+        plain = filters.uploaded_after is None and filters.uploaded_before is None
+        if plain and filters.owner is None:
             query, params = "SELECT sum(n) FROM image_counts WHERE status = 'active'", []
             if filters.content_type:
                 query += " AND content_type = ?"
