@@ -47,6 +47,8 @@ def run(data: bytes, extra: dict[str, str], uploads: int = 16) -> tuple[list[flo
             "DATA_DIR": tmp,
             "S3_BUCKET_NAME": "",
             "MONGODB_URL": "",
+            "AUTH": "off",
+            "RATE_LIMIT_WRITE": "100000000/minute",
             **extra,
         }
         proc = subprocess.Popen(

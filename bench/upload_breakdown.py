@@ -62,7 +62,9 @@ def main(rounds: int = 5, count: int = 300) -> None:
     }
     results: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="upload-breakdown-") as tmp:
-        service = create_app({"DATA_DIR": f"{tmp}/service"}).test_client()
+        service = create_app(
+            {"DATA_DIR": f"{tmp}/service", "AUTH": "off", "RATE_LIMIT_WRITE": "100000000/minute"}
+        ).test_client()
         Path(f"{tmp}/bare").mkdir()
         bare = bare_app(f"{tmp}/bare").test_client()
         try:
