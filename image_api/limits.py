@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 from flask_limiter import HeaderNames, Limiter
 
 from .config import Settings
@@ -55,17 +55,30 @@ def init_app(app: Flask, settings: Settings) -> Limiter:
         retry_after="delta-seconds",
         swallow_errors=True,
     )
-    for endpoint, view in list(app.view_functions.items()):
-        operation = getattr(view, "openapi", None)
-        if operation is not None and not operation.limited:
-            continue  # the probes: they must answer whatever the load
-        rule = next(app.url_map.iter_rules(endpoint))
-        kind = "write" if rule.methods & WRITES else "read"
-        limit = settings.rate_limit_write if kind == "write" else settings.rate_limit_read
-        app.view_functions[endpoint] = limiter.shared_limit(
-            limit, scope=kind, exempt_when=lambda: request.method == "OPTIONS"
-        )(view)
+    # One shared limit on every blueprint, its budget chosen per request: checked once, in
+    # Flask-Limiter's before-request hook (a per-view decorator would check twice).
+    budget = limiter.shared_limit(
+        lambda: settings.rate_limit_write if _writes() else settings.rate_limit_read,
+        scope=lambda _endpoint: "write" if _writes() else "read",
+        exempt_when=_exempt,
+    )
+    for blueprint in app.blueprints.values():
+        budget(blueprint)
     return limiter
+
+
+def _writes() -> bool:
+    return request.method in WRITES
+
+
+def _exempt() -> bool:
+    """Preflights, and operations declared unlimited (the probes: they must answer
+    whatever the load)."""
+    if request.method == "OPTIONS":
+        return True
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    operation = getattr(view, "openapi", None)
+    return operation is not None and not operation.limited
 
 
 def _storage_options(uri: str) -> dict:

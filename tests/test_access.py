@@ -179,7 +179,7 @@ def test_keys_create_list_and_revoke(app, runner):
     line = next(line for line in listed.output.splitlines() if line.startswith("ci\t"))
     assert "owner=bob" in line and "scopes=write" in line and "active" in line
     assert "last_used=20" in line  # used once above
-    assert secret not in listed.output and secret.split("_")[2] not in listed.output
+    assert secret not in listed.output and secret.split("_", 2)[2] not in listed.output
 
     again = runner.invoke(args=["keys", "create", "--name", "ci", "--owner", "x"])
     assert again.exit_code != 0 and "already exists" in again.output
