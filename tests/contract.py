@@ -11,13 +11,12 @@ per test; the `_contract` fixture in conftest fails the test that caused them.
 from __future__ import annotations
 
 import json
-import re
 
 from flask import Flask, request, request_finished, request_started
 from jsonschema import Draft202012Validator, FormatChecker
 from werkzeug.datastructures import EnvironHeaders, ImmutableMultiDict
 
-from image_api.api.openapi import build_document
+from image_api.api.openapi import build_document, path_template
 from image_api.service import EXTENSION
 
 #: Headers any response or request may carry without being a documented parameter.
@@ -61,8 +60,7 @@ def document_of(app: Flask) -> dict:
 
 def operation_of(app: Flask, rule: str, method: str) -> dict | None:
     """The documented operation for a URL rule and method, or None."""
-    path = re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule)
-    return document_of(app)["paths"].get(path, {}).get(method.lower())
+    return document_of(app)["paths"].get(path_template(rule), {}).get(method.lower())
 
 
 class _RecordingEnviron(dict):

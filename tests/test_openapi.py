@@ -14,7 +14,7 @@ from moto import mock_aws
 from openapi_spec_validator import validate
 
 from image_api import errors
-from image_api.api.openapi import EXAMPLE_HOST, build_document, operation_id
+from image_api.api.openapi import EXAMPLE_HOST, build_document, operation_id, path_template
 from image_api.records import Claim
 from tests.conftest import build_app
 from tests.helpers import ROOT, Faulty, ImagesClient, make_image
@@ -44,7 +44,7 @@ def test_every_route_is_documented_and_nothing_else(app, document):
         if view.openapi is None:
             assert rule.rule.startswith("/api/docs"), rule.rule
             continue
-        path = re.sub(r"<(?:[a-z]+:)?(\w+)>", r"{\1}", rule.rule)
+        path = path_template(rule.rule)
         methods = rule.methods - AUTOMATIC | ({"HEAD"} if view.openapi.head else set())
         for method in methods:
             in_code[(path, method.lower())] = (operation_id(view, method), set(rule.arguments))

@@ -270,7 +270,7 @@ def build_document(app: Flask) -> dict:
             }
             if view.openapi.head:
                 operations["head"] = _operation(view, rule, "HEAD")
-            spec.path(path=_PATH_VARIABLE.sub(r"{\1}", rule.rule), operations=operations)
+            spec.path(path=path_template(rule.rule), operations=operations)
     document = spec.to_dict()
     document["x-every-response-headers"] = EVERY_RESPONSE_HEADERS
     document["components"]["schemas"]["Error"]["properties"]["code"]["enum"] = error_codes()
@@ -294,6 +294,11 @@ def _not_null(schema: dict) -> None:
 
 
 _PATH_VARIABLE = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]+)>")
+
+
+def path_template(rule: str) -> str:
+    """The document's path for a Werkzeug rule: `/a/<id:image_id>` -> `/a/{image_id}`."""
+    return _PATH_VARIABLE.sub(r"{\1}", rule)
 
 
 def operation_id(view, method: str) -> str:
