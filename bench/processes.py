@@ -1,4 +1,4 @@
-"""Helpers the benchmark scripts share: free ports and gunicorn's worker processes."""
+"""Free ports and gunicorn's worker processes: for the benchmark scripts and the tests."""
 
 from __future__ import annotations
 

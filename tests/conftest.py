@@ -15,7 +15,7 @@ from moto import mock_aws
 
 from image_api import create_app, deadline
 from tests import contract, faultproxy
-from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, one_s3_attempt
+from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, Service, one_s3_attempt
 
 
 @pytest.fixture(autouse=True)
@@ -212,6 +212,15 @@ def proxy(moto_server):
     proxy = faultproxy.FaultProxy((parts.hostname, parts.port))
     yield proxy
     proxy.close()
+
+
+@pytest.fixture
+def running(tmp_path):
+    """The service under gunicorn, one worker, on the embedded default (`Service`)."""
+    service = Service(tmp_path / "data", {"WEB_CONCURRENCY": "1"})
+    service.start()
+    yield service
+    service.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import requests
 from PIL import Image
 from werkzeug.datastructures import FileStorage
 
+from bench.processes import free_port
 from image_api.errors import BackendUnavailable
 from image_api.records import utc_now
 from image_api.repository import scan_all
@@ -198,12 +198,6 @@ class Faulty:
             raise self.error
 
         return failing
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Service:

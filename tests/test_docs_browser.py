@@ -8,8 +8,6 @@ import shutil
 
 import pytest
 
-from tests.helpers import Service
-
 CHROMIUM = shutil.which("chromium")
 #: As the workplace runs Chromium on a closed network: no background calls to Google.
 CHROMIUM_ARGS = [
@@ -28,14 +26,6 @@ pytestmark = pytest.mark.skipif(
     reason="CHROMIUM IS NOT INSTALLED: the docs page was not checked in a browser "
     "(`make test` installs Debian's chromium when it runs as root)",
 )
-
-
-@pytest.fixture
-def running(tmp_path):
-    service = Service(tmp_path / "data", {"WEB_CONCURRENCY": "1"})
-    service.start()
-    yield service
-    service.stop()
 
 
 @pytest.fixture

@@ -14,19 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.helpers import ROOT, Service
+from tests.helpers import ROOT
 
 FUZZ = ROOT / "tests" / "fuzz"
-
-
-@pytest.fixture
-def running(tmp_path):
-    service = Service(tmp_path / "data", {"WEB_CONCURRENCY": "1"})
-    service.start()
-    yield service
-    service.stop()
 
 
 def test_schemathesis_finds_nothing(running):

@@ -14,12 +14,12 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 from urllib3 import encode_multipart_formdata
 
+from bench.processes import worker_pids
 from tests.helpers import FAKE_AWS, ROOT, Service, make_image
 
 
@@ -78,18 +78,6 @@ def test_upload_list_download_replace_delete_and_restart(service):
     download = service.http.get(f"{api}/{first}/download", timeout=10)
     assert download.content == new
     assert download.headers["Content-Type"] == "image/jpeg"
-
-
-def worker_pids(master: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def noisy_png(seed: int) -> bytes:

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from bench.processes import free_port
 from image_api.config import ConfigError
-from tests.helpers import free_port, make_image
+from tests.helpers import make_image
 
 LIMITS = {"RATE_LIMIT_READ": "3/minute", "RATE_LIMIT_WRITE": "2/minute"}
 
