@@ -186,8 +186,22 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
     def big():
         return {"image": (io.BytesIO(b"\0" * (service.settings.max_upload_bytes + 1)), "a.png")}
 
-    def faulty(method):
-        return Faulty(service.repository, method)
+    def downloads(method):
+        """The same probes for GET and HEAD of a download."""
+        call, anonymous = getattr(client, method), getattr(nobody, method)
+        redirected = getattr(redirect_client, method)
+        return [
+            lambda: call(download),
+            lambda: anonymous(download),
+            lambda: call(download, headers={"Range": "bytes=0-9"}),
+            lambda: redirected(f"/api/images/{redirect_id}/download"),
+            lambda: call(download, headers={"If-None-Match": etag}),
+            lambda: call(download + "?disposition=bogus"),
+            lambda: call(f"/api/images/{missing}/download"),
+            lambda: call(download, headers={"If-Match": '"stale"'}),
+            lambda: call(download, headers={"Range": "bytes=99999999-"}),
+            ("broken", "get", lambda: call(download)),
+        ]
 
     return {
         ("post", "/api/images/upload"): [
@@ -233,30 +247,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             lambda: client.put(url, data={"image": (io.BytesIO(b"<svg/>"), "a.svg")}),
             ("broken", "get", lambda: client.put(url, data=_png())),
         ],
-        ("get", "/api/images/{image_id}/download"): [
-            lambda: client.get(download),
-            lambda: nobody.get(download),
-            lambda: client.get(download, headers={"Range": "bytes=0-9"}),
-            lambda: redirect_client.get(f"/api/images/{redirect_id}/download"),
-            lambda: client.get(download, headers={"If-None-Match": etag}),
-            lambda: client.get(download + "?disposition=bogus"),
-            lambda: client.get(f"/api/images/{missing}/download"),
-            lambda: client.get(download, headers={"If-Match": '"stale"'}),
-            lambda: client.get(download, headers={"Range": "bytes=99999999-"}),
-            ("broken", "get", lambda: client.get(download)),
-        ],
-        ("head", "/api/images/{image_id}/download"): [
-            lambda: client.head(download),
-            lambda: nobody.head(download),
-            lambda: client.head(download, headers={"Range": "bytes=0-9"}),
-            lambda: redirect_client.head(f"/api/images/{redirect_id}/download"),
-            lambda: client.head(download, headers={"If-None-Match": etag}),
-            lambda: client.head(download, headers=bad_host),
-            lambda: client.head(f"/api/images/{missing}/download"),
-            lambda: client.head(download, headers={"If-Match": '"stale"'}),
-            lambda: client.head(download, headers={"Range": "bytes=99999999-"}),
-            ("broken", "get", lambda: client.head(download)),
-        ],
+        ("get", "/api/images/{image_id}/download"): downloads("get"),
+        ("head", "/api/images/{image_id}/download"): downloads("head"),
         ("get", "/api/openapi.json"): [
             lambda: client.get("/api/openapi.json"),
             lambda: client.get("/api/openapi.json", headers=bad_host),
