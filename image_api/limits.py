@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 from flask_limiter import HeaderNames, Limiter
 
+from .api.openapi import current_operation
 from .config import Settings
 
 #: The IETF RateLimit header fields, and Retry-After in seconds.
@@ -76,8 +77,7 @@ def _exempt() -> bool:
     whatever the load)."""
     if request.method == "OPTIONS":
         return True
-    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
-    operation = getattr(view, "openapi", None)
+    operation = current_operation()
     return operation is not None and not operation.limited
 
 

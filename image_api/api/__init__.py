@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask, Request, current_app, g, request
+from flask import Flask, Request, request
 from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline
-from ..access import Unauthorized
 from ..errors import BadRequest
 from ..records import ID_PATTERN
 from ..service import EXTENSION, current_service
 from . import docs, downloads, health, images
+from .auth import authenticate
 
 
 class ApiRequest(Request):
@@ -58,29 +58,6 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
     r"(?::(?P<port>[1-9]\d{0,4}))?"
 )
-
-
-def authenticate() -> None:
-    """Every operation names the scope a key needs (`@describe(scope=...)`; None: public).
-    CORS preflights (OPTIONS) carry no credentials, by the Fetch standard."""
-    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
-    operation = getattr(view, "openapi", None)
-    service = current_service()
-    if operation is None or operation.scope is None or request.method == "OPTIONS":
-        return
-    if service.settings.auth:
-        g.api_key = service.keys.authenticate(presented_key(), operation.scope)
-
-
-def presented_key() -> str | None:
-    """The secret in `Authorization: Bearer ...`, else in `X-API-Key`."""
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, secret = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            raise Unauthorized("Send the API key as Authorization: Bearer <key>")
-        return secret.strip()
-    return request.headers.get("X-API-Key")
 
 
 def start_budget() -> None:

@@ -16,8 +16,8 @@ from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
 from ..media import ascii_filename
 from ..records import ImageRecord
 from ..service import current_service
+from .auth import caller
 from .conditions import etags, http_date, parse_http_date
-from .images import caller
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from urllib.parse import urlencode
 
-from flask import Blueprint, g, request, url_for
+from flask import Blueprint, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
-from ..access import Caller, Forbidden, Scope
+from ..access import Forbidden, Scope
 from ..errors import (
     BadRequest,
     Conflict,
@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..media import Upload
 from ..service import current_service
+from .auth import caller
 from .conditions import etags, preconditions
 from .openapi import Reply, describe
 from .schemas import (
@@ -71,11 +72,6 @@ def uploaded_file(required: bool = True) -> Upload | None:
         hint = f" (got {others})" if others else ""
         raise MissingFile(f"No file in multipart field 'image'{hint}")
     return Upload(file.stream, file.filename)
-
-
-def caller() -> Caller:
-    """Whose images this request may see (see `access.Caller`)."""
-    return Caller.of(g.get("api_key"))
 
 
 def idempotency_key() -> str | None:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Flask
+from flask import Flask, current_app, request
 from marshmallow import Schema
 
 from ..access import Forbidden, Scope, Unauthorized
@@ -73,6 +73,12 @@ def describe(**operation) -> Callable:
         return view
 
     return decorate
+
+
+def current_operation() -> Operation | None:
+    """What the view serving this request declared (None: no route, or undocumented)."""
+    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+    return getattr(view, "openapi", None)
 
 
 def undocumented(view):

@@ -1,0 +1,37 @@
+"""Who is asking: the API key a request presents, checked against the scope its operation
+declares, and the caller it makes (whose images the request may see)."""
+
+from __future__ import annotations
+
+from flask import g, request
+
+from ..access import Caller, Unauthorized
+from ..service import current_service
+from .openapi import current_operation
+
+
+def authenticate() -> None:
+    """Every operation names the scope a key needs (`@describe(scope=...)`; None: public).
+    CORS preflights (OPTIONS) carry no credentials, by the Fetch standard."""
+    operation = current_operation()
+    if operation is None or operation.scope is None or request.method == "OPTIONS":
+        return
+    service = current_service()
+    if service.settings.auth:
+        g.api_key = service.keys.authenticate(presented_key(), operation.scope)
+
+
+def presented_key() -> str | None:
+    """The secret in `Authorization: Bearer ...`, else in `X-API-Key`."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, secret = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized("Send the API key as Authorization: Bearer <key>")
+        return secret.strip()
+    return request.headers.get("X-API-Key")
+
+
+def caller() -> Caller:
+    """Whose images this request may see (see `access.Caller`)."""
+    return Caller.of(g.get("api_key"))
