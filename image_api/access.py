@@ -179,15 +179,13 @@ def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
     finished by the next start.
     """
     path = Path(data_dir) / "admin-key"
-    if repository.list_api_keys() and not path.exists():
-        return None
+    if repository.list_api_keys():
+        return path if path.exists() else None
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         _, secret = new_key("admin", ADMIN_OWNER, [Scope.ADMIN], clock())
         _publish(path, secret)
     secret = path.read_text().strip()
-    if repository.list_api_keys():
-        return path
     try:
         repository.insert_api_key(key_from_secret(secret, "admin", ADMIN_OWNER, ["admin"], clock()))
     except Conflict:
