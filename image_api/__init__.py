@@ -14,6 +14,7 @@ from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
 from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
+from .signing import UrlSigner
 from .storage import storage_from_settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,12 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
             access.ensure_admin_key(repository, settings.data_dir, clock)
     if not settings.auth:
         log.warning("AUTH=off: every client may read, replace and delete every image")
-    app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock)
+    signer = None
+    if settings.signs_urls:
+        # Settings insist on SECRET_KEY with MongoDB; on SQLite, one is made on first start.
+        secret = settings.secret_key or access.ensure_secret_key(settings.data_dir)
+        signer = UrlSigner(secret, settings.signed_url_ttl, clock)
+    app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock, signer)
 
     errors.init_app(app)
     api.init_app(app)

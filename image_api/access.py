@@ -18,6 +18,7 @@ import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from .config import MIN_SECRET_LENGTH, ConfigError
 from .errors import ApiError, Conflict
 
 log = logging.getLogger(__name__)
@@ -173,19 +174,14 @@ def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
     `data_dir/admin-key` (mode 0600); return that path when it exists.
 
     Every gunicorn worker and `flask` command builds the app, so several processes may get
-    here at once: the secret is made in a private file and linked into place, which only
-    one process can do; the others read the winner's secret. Storing the key is idempotent
-    (its id comes from the secret), so a process that died between the two steps is
-    finished by the next start.
+    here at once: all store the secret `read_or_create` gives them. Storing the key is
+    idempotent (its id comes from the secret), so a process that died between the two steps
+    is finished by the next start.
     """
     path = Path(data_dir) / "admin-key"
     if repository.list_api_keys():
         return path if path.exists() else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        _, secret = new_key("admin", ADMIN_OWNER, [Scope.ADMIN], clock())
-        _publish(path, secret)
-    secret = path.read_text().strip()
+    secret = read_or_create(path, lambda: new_key("admin", ADMIN_OWNER, [Scope.ADMIN], clock())[1])
     try:
         repository.insert_api_key(key_from_secret(secret, "admin", ADMIN_OWNER, ["admin"], clock()))
     except Conflict:
@@ -194,16 +190,34 @@ def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
     return path
 
 
-def _publish(path: Path, secret: str) -> None:
-    """Write `secret` to `path` unless some process already has: all or nothing."""
-    private = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(secret + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        with contextlib.suppress(FileExistsError):  # another process linked first
-            os.link(private, path)
-    finally:
-        private.unlink(missing_ok=True)
+def ensure_secret_key(data_dir: Path) -> str:
+    """The secret signed URLs use on the embedded default: made at the first start into
+    `data_dir/secret-key` (mode 0600), read by every later start and every worker."""
+    path = Path(data_dir) / "secret-key"
+    secret = read_or_create(path, lambda: secrets.token_urlsafe(48))
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"{path} must hold at least {MIN_SECRET_LENGTH} characters")
+    return secret
+
+
+def read_or_create(path: Path, make) -> str:
+    """The secret in `path`, written first (mode 0600) by whichever process gets there first.
+
+    Several processes may start at once: each makes its secret in a private file and links
+    it into place, which only one can do (the file appears whole, fsynced); all then read
+    the winner's.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(make() + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            with contextlib.suppress(FileExistsError):  # another process linked first
+                os.link(private, path)
+        finally:
+            private.unlink(missing_ok=True)
+    return path.read_text().strip()

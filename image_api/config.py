@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +14,10 @@ from dotenv import dotenv_values
 DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF")
 #: Formats this service knows how to sniff and serve; the allow-list picks from these.
 KNOWN_FORMATS = DEFAULT_FORMATS
+
+
+#: The shortest SECRET_KEY accepted (characters; a generated one has 64).
+MIN_SECRET_LENGTH = 32
 
 
 class ConfigError(RuntimeError):
@@ -40,7 +44,7 @@ class Settings:
     s3_endpoint_url: str | None = None
     aws_region: str | None = None
     aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = None
+    aws_secret_access_key: str | None = field(default=None, repr=False)
     # Metadata: MongoDB when a URL is given, else SQLite in the data directory.
     mongodb_url: str | None = None
     mongodb_write_concern: str = "majority"
@@ -77,6 +81,13 @@ class Settings:
     auth: bool = True
     # Browser origins (scheme://host[:port]) allowed to call the API across origins.
     cors_origins: tuple[str, ...] = ()
+    # With auth on, imageUrl is a signed download URL (HMAC-SHA256 with SECRET_KEY), valid
+    # for at least SIGNED_URL_TTL seconds. On SQLite a secret is generated into DATA_DIR at
+    # the first start; with MongoDB (several machines) it must be set, alike everywhere.
+    secret_key: str | None = field(default=None, repr=False)
+    signed_url_ttl: int = 3600
+    # Downloads need no key and no signature: anyone who knows an image's id may fetch it.
+    public_read: bool = False
     # Per API key (per client address when anonymous), over any 60 s or other window.
     rate_limit_write: str = "60/minute"
     rate_limit_read: str = "1200/minute"
@@ -86,6 +97,11 @@ class Settings:
     @property
     def bind(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def signs_urls(self) -> bool:
+        """Whether downloads take signed URLs (imageUrl) besides keys."""
+        return self.auth and not self.public_read
 
     @property
     def blob_backend(self) -> str:
@@ -134,6 +150,11 @@ class Settings:
             allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
             auth=reader.choice("AUTH", ("on", "off"), "on") == "on",
             cors_origins=reader.origins("CORS_ORIGINS"),
+            secret_key=reader.text("SECRET_KEY"),
+            signed_url_ttl=reader.integer(
+                "SIGNED_URL_TTL", cls.signed_url_ttl, minimum=60, maximum=7 * 24 * 3600
+            ),
+            public_read=reader.flag("PUBLIC_READ", cls.public_read),
             rate_limit_write=reader.rate("RATE_LIMIT_WRITE", cls.rate_limit_write),
             rate_limit_read=reader.rate("RATE_LIMIT_READ", cls.rate_limit_read),
             rate_limit_storage_uri=(
@@ -156,6 +177,20 @@ class Settings:
             )
         if settings.download_mode == "redirect" and not settings.s3_bucket_name:
             raise ConfigError("DOWNLOAD_MODE=redirect needs S3 (set S3_BUCKET_NAME)")
+        if settings.secret_key is not None and len(settings.secret_key) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"SECRET_KEY must be at least {MIN_SECRET_LENGTH} characters; make one with: "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if (
+            settings.signs_urls
+            and settings.metadata_backend == "mongodb"
+            and not settings.secret_key
+        ):
+            raise ConfigError(
+                "SECRET_KEY must be set when AUTH is on with MongoDB (the same value on every "
+                "machine: it signs download URLs), unless PUBLIC_READ=true"
+            )
         if settings.s3_endpoint_url and not settings.s3_bucket_name:
             raise ConfigError("S3_ENDPOINT_URL is set but S3_BUCKET_NAME is not")
         return settings
@@ -167,6 +202,14 @@ class Settings:
         merged = {k: v for k, v in values.items() if v is not None}
         merged.update(os.environ)
         return cls.from_mapping(merged)
+
+
+_FLAGS = {"true": True, "1": True, "yes": True, "on": True} | {
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
 
 
 class _Reader:
@@ -189,6 +232,15 @@ class _Reader:
         if raw.lower() not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
         return raw.lower()
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        value = _FLAGS.get(raw.lower())
+        if value is None:
+            raise ConfigError(f"{name} must be true or false, got {raw!r}")
+        return value
 
     def integer(self, name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         raw = self.text(name)

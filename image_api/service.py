@@ -46,6 +46,7 @@ from .idempotency import Idempotency, Request
 from .pagination import decode_cursor, encode_cursor
 from .records import NO_FILTERS, Clock, Filters, ImageRecord, Status, new_id, new_key, utc_now
 from .repository import Repository
+from .signing import UrlSigner
 from .storage import BlobStorage
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,10 @@ class ImageService:
         repository: Repository,
         settings: Settings,
         clock: Clock = utc_now,
+        signer: UrlSigner | None = None,
     ):
         self.storage = storage
+        self.signer = signer  # signs imageUrl (None: downloads take keys only, or are public)
         self.settings = settings
         self.clock = clock
         self.idempotency = Idempotency(

@@ -15,7 +15,15 @@ from moto import mock_aws
 
 from image_api import create_app, deadline
 from tests import contract, faultproxy
-from tests.helpers import FAKE_AWS, MONGO_URL, FakeClock, ImagesClient, Service, one_s3_attempt
+from tests.helpers import (
+    FAKE_AWS,
+    MONGO_URL,
+    TEST_SECRET,
+    FakeClock,
+    ImagesClient,
+    Service,
+    one_s3_attempt,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +112,7 @@ def cloud_env(tmp_path):
         "DATA_DIR": str(tmp_path / "data"),
         "S3_BUCKET_NAME": "images",
         "MONGODB_URL": MONGO_URL,
+        "SECRET_KEY": TEST_SECRET,
         **FAKE_AWS,
     }
 

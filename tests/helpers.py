@@ -33,6 +33,13 @@ FAKE_AWS = {
     "AWS_REGION": "us-east-1",
 }
 MONGO_URL = "mongodb://mongo.test:27017/imagedb"
+#: SECRET_KEY where MongoDB needs one (on SQLite the first start makes one).
+TEST_SECRET = "test-secret-that-signs-download-urls"
+
+
+def unsigned(url: str) -> str:
+    """A URL without its query: an imageUrl without the signature API keys add."""
+    return url.partition("?")[0]
 
 
 def samples(kind: str) -> list[Path]:
@@ -164,10 +171,14 @@ def exact_match(service) -> bool:
 class FakeClock:
     """A clock for the service that moves only when told to, and by one millisecond per
     reading, so that every timestamp it gives is distinct and ordered without depending on
-    how fast the machine is."""
+    how fast the machine is.
+
+    It starts a second into the current hour: signed URLs made by one test share an expiry
+    (rounded to a tenth of SIGNED_URL_TTL) unless the test moves the clock on.
+    """
 
     def __init__(self, start: datetime | None = None):
-        self.now = start or utc_now()
+        self.now = start or utc_now().replace(minute=0, second=1, microsecond=0)
         self._lock = threading.Lock()
 
     def __call__(self) -> datetime:

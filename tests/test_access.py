@@ -13,7 +13,9 @@ import pytest
 
 from image_api.access import Scope, key_from_secret, new_key
 from image_api.errors import Conflict, NotFound
+from image_api.records import utc_now
 from image_api.repository.sqlite import SqliteRepository
+from image_api.signing import UrlSigner
 from tests.helpers import ROOT, ImagesClient, make_image
 from tests.test_repository import repository  # noqa: F401 (the contract fixture)
 
@@ -199,13 +201,15 @@ from image_api import create_app
 start = float(sys.argv[2])
 while time.time() < start:
     pass
-create_app({"DATA_DIR": sys.argv[1]})
+app = create_app({"DATA_DIR": sys.argv[1]})
+print(app.extensions["image_api"].signer.sign("/api/images/x/download", 1))
 """
 
 
 def test_the_first_admin_key_is_made_once_however_many_processes_start(tmp_path):
     """Like gunicorn workers and `flask` commands starting at once on a new DATA_DIR: one
-    key in the repository, one secret in the file, and it works."""
+    key in the repository, one secret in the file, and it works; and one secret key for
+    signed URLs, which every process signs with."""
     import time
 
     data = tmp_path / "data"
@@ -214,12 +218,13 @@ def test_the_first_admin_key_is_made_once_however_many_processes_start(tmp_path)
         subprocess.Popen(
             [sys.executable, "-c", _START, str(data), str(start)],
             cwd=ROOT,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(6)
     ]
-    logs = [process.communicate(timeout=60)[1] for process in processes]
+    outputs, logs = zip(*(process.communicate(timeout=60) for process in processes), strict=True)
     assert [process.returncode for process in processes] == [0] * 6, logs
 
     secret = (data / "admin-key").read_text().strip()
@@ -227,8 +232,14 @@ def test_the_first_admin_key_is_made_once_however_many_processes_start(tmp_path)
     keys = SqliteRepository(data / "images.sqlite3").list_api_keys()
     assert [(k.name, k.owner, k.scopes) for k in keys] == [("admin", "admin", (Scope.ADMIN,))]
     assert keys[0].matches(secret.split("_", 2)[2])
-    assert sorted(p.name for p in data.iterdir()) == ["admin-key", "blobs", *_sqlite_files(data)]
-    assert all(secret not in log for log in logs)  # the location is logged, never the key
+    signing_secret = (data / "secret-key").read_text().strip()
+    assert oct((data / "secret-key").stat().st_mode & 0o777) == "0o600"
+    assert len(signing_secret) >= 64
+    signed = UrlSigner(signing_secret, 3600, utc_now).sign("/api/images/x/download", 1)
+    assert set(outputs) == {signed + "\n"}
+    files = sorted(p.name for p in data.iterdir())
+    assert files == ["admin-key", "blobs", *_sqlite_files(data), "secret-key"]
+    assert all(secret not in log and signing_secret not in log for log in logs)
 
 
 def _sqlite_files(data):

@@ -17,7 +17,7 @@ from image_api.records import new_id
 from image_api.repair import repair
 from image_api.repository import scan_all
 from tests import faultproxy
-from tests.helpers import FAKE_AWS, make_image
+from tests.helpers import FAKE_AWS, TEST_SECRET, make_image
 
 BUDGET = {"REQUEST_TIMEOUT": "3"}
 #: Generous slack over the 3 s budget: what is checked is "bounded by the budget", not speed.
@@ -183,7 +183,14 @@ ENDPOINTS = {
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_stalled_mongodb_gives_503_within_the_budget(make_app, tmp_path, stalled_mongodb, endpoint):
     # Timeouts as configured in production: only the budget keeps the request short.
-    app = make_app({"DATA_DIR": str(tmp_path), "MONGODB_URL": stalled_mongodb, **BUDGET})
+    app = make_app(
+        {
+            "DATA_DIR": str(tmp_path),
+            "MONGODB_URL": stalled_mongodb,
+            "SECRET_KEY": TEST_SECRET,
+            **BUDGET,
+        }
+    )
     # Checking the key is the request's first read of MongoDB: it runs on the budget too.
     client = app.test_client(key=SOME_KEY)
     assert_unavailable_in_time(lambda: ENDPOINTS[endpoint](client))

@@ -25,6 +25,7 @@ def test_seed_variables_choose_s3_and_mongodb():
             "S3_BUCKET_NAME": "pics",
             "AWS_REGION": "eu-west-1",
             "MONGODB_URL": "mongodb://db:27017/pics",
+            "SECRET_KEY": "s" * 32,
             "ACCEPTED_FORMATS": "jpg, png",
             "MAX_UPLOAD_BYTES": "1_000",
         }

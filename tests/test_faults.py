@@ -11,7 +11,14 @@ import pytest
 
 from image_api.errors import BackendUnavailable
 from image_api.repository import scan_all
-from tests.helpers import Faulty, ImagesClient, assert_replaced, exact_match, make_image
+from tests.helpers import (
+    TEST_SECRET,
+    Faulty,
+    ImagesClient,
+    assert_replaced,
+    exact_match,
+    make_image,
+)
 
 
 class Recording:
@@ -304,7 +311,9 @@ def test_s3_retries_a_failing_call_then_gives_503_and_probes_once(make_app, tmp_
 def test_unreachable_mongodb_is_503_within_bounded_time(make_app, tmp_path, stalled_server, kind):
     address = f"127.0.0.1:{closed_port()}" if kind == "refused" else stalled_server
     url = f"mongodb://{address}/images?directConnection=true"
-    app = make_app({"DATA_DIR": str(tmp_path), "MONGODB_URL": url, **FAST})
+    app = make_app(
+        {"DATA_DIR": str(tmp_path), "MONGODB_URL": url, "SECRET_KEY": TEST_SECRET, **FAST}
+    )
     client = app.test_client(key="iak_000000000000_someone")  # looked up in MongoDB first
     response, seconds = timed(lambda: ImagesClient(client).upload())
     assert_unavailable(response)

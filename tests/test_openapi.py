@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from urllib.parse import urlsplit
 
 import mongomock
 import pytest
@@ -81,7 +82,7 @@ def test_query_parameters_come_from_the_schemas_the_views_load(document):
         "uploadedBefore",
         "owner",
     }
-    assert query("/api/images/{image_id}/download") == {"disposition"}
+    assert query("/api/images/{image_id}/download") == {"disposition", "expires", "signature"}
     limit = next(
         p for p in document["paths"]["/api/images"]["get"]["parameters"] if p["name"] == "limit"
     )
@@ -178,6 +179,9 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
     url, download = f"/api/images/{image_id}", f"/api/images/{image_id}/download"
     missing = "0" * 24
     etag = client.get(url).headers["ETag"]
+    download_etag = client.get(download).headers["ETag"]
+    signed = urlsplit(client.get(url).get_json()["imageUrl"])
+    signed_url = f"{signed.path}?{signed.query}"
     bad_host = {"Host": "bad host"}
     unroutable = {"Host": "a" * 300}  # Werkzeug cannot route it: probes answer 400 too
     nobody = client.application.test_client(key=None)
@@ -195,7 +199,8 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             lambda: anonymous(download),
             lambda: call(download, headers={"Range": "bytes=0-9"}),
             lambda: redirected(f"/api/images/{redirect_id}/download"),
-            lambda: call(download, headers={"If-None-Match": etag}),
+            lambda: call(download, headers={"If-None-Match": download_etag}),
+            lambda: anonymous(signed_url.replace("expires=", "expires=1")),  # tampered: 403
             lambda: call(download + "?disposition=bogus"),
             lambda: call(f"/api/images/{missing}/download"),
             lambda: call(download, headers={"If-Match": '"stale"'}),

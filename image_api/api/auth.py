@@ -7,18 +7,26 @@ from flask import g, request
 
 from ..access import Caller, Unauthorized
 from ..service import current_service
+from ..signing import SIGNATURE_PARAMETERS
 from .openapi import current_operation
 
 
 def authenticate() -> None:
     """Every operation names the scope a key needs (`@describe(scope=...)`; None: public).
-    CORS preflights (OPTIONS) carry no credentials, by the Fetch standard."""
+    CORS preflights (OPTIONS) carry no credentials, by the Fetch standard.
+
+    Downloads (`signed=True`) also take a signed URL, which is judged by its signature
+    alone (key headers or not), or need nothing with PUBLIC_READ."""
     operation = current_operation()
     if operation is None or operation.scope is None or request.method == "OPTIONS":
         return
     service = current_service()
-    if service.settings.auth:
-        g.api_key = service.keys.authenticate(presented_key(), operation.scope)
+    if not service.settings.auth or (operation.signed and service.settings.public_read):
+        return
+    if operation.signed and any(name in request.args for name in SIGNATURE_PARAMETERS):
+        service.signer.verify(request.path, request.args)
+        return
+    g.api_key = service.keys.authenticate(presented_key(), operation.scope)
 
 
 def presented_key() -> str | None:

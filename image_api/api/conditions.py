@@ -39,8 +39,22 @@ def etags(header: str) -> ETags | None:
 
 
 def preconditions() -> Preconditions:
-    """The request's If-Match and If-None-Match, when it has them."""
-    return Preconditions(etags("If-Match"), etags("If-None-Match"))
+    """A write's If-Match and If-None-Match, when it has them, as the image versions
+    (sha256) they name: a metadata ETag adds its signed URLs' expiry, which is no part of
+    the image's version (`schemas.image_etag`)."""
+    return Preconditions(_versions(etags("If-Match")), _versions(etags("If-None-Match")))
+
+
+_EXPIRY = re.compile(r"\.[0-9]+$")
+
+
+def _versions(tags: ETags | None) -> ETags | None:
+    if tags is None or tags.star_tag:
+        return tags
+    # Werkzeug reads an empty tag ("" or W/"") as None: it names no version.
+    strong = {_EXPIRY.sub("", tag) for tag in tags.as_set() if tag is not None}
+    every = {_EXPIRY.sub("", tag) for tag in tags.as_set(include_weak=True) if tag is not None}
+    return ETags(strong, every - strong)
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

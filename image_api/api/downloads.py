@@ -35,6 +35,7 @@ _HEADERS = {
 @bp.get("/<id:image_id>/download")
 @describe(
     scope=Scope.READ,
+    signed=True,
     query=download_query_schema,
     headers=(
         "If-Match",

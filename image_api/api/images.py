@@ -34,6 +34,7 @@ from .openapi import Reply, describe
 from .schemas import (
     deleted_schema,
     dump_image,
+    image_etag,
     image_schema,
     list_query_schema,
     next_page_query,
@@ -119,7 +120,7 @@ def create_image():
     record = current_service().create(uploaded_file(), idempotency_key(), caller())
     location = url_for(".get_image", image_id=record.id, _external=True)
     body = uploaded_schema.dump({"image": record})
-    return body, 201, {"Location": location, "ETag": quote_etag(record.sha256)}
+    return body, 201, {"Location": location, "ETag": quote_etag(image_etag(record))}
 
 
 @bp.get("")
@@ -158,9 +159,10 @@ def list_images():
 def get_image(image_id: str):
     """One image's metadata."""
     record = current_service().get(image_id, caller())
-    headers = {"ETag": quote_etag(record.sha256)}
+    etag = image_etag(record)
+    headers = {"ETag": quote_etag(etag)}
     if_none_match = etags("If-None-Match")
-    if if_none_match is not None and if_none_match.contains_weak(record.sha256):
+    if if_none_match is not None and if_none_match.contains_weak(etag):
         return "", 304, headers
     return dump_image(record), 200, headers
 
@@ -182,7 +184,8 @@ def replace_image(image_id: str):
     record = current_service().replace(
         image_id, uploaded_file(required=False), preconditions(), idempotency_key(), caller()
     )
-    return updated_schema.dump({"image": record}), 200, {"ETag": quote_etag(record.sha256)}
+    body = updated_schema.dump({"image": record})
+    return body, 200, {"ETag": quote_etag(image_etag(record))}
 
 
 @bp.delete("/<id:image_id>")

@@ -32,6 +32,7 @@ from ..errors import (
 )
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, ImageRecord
+from ..signing import InvalidSignature, SignatureExpired
 from . import schemas
 from .conditions import ETAG_LIST
 
@@ -63,6 +64,7 @@ class Operation:
     head: bool = False  # HEAD is answered on purpose (Flask answers it for every GET)
     backends: bool = True  # it calls a backend, so it may answer 503
     limited: bool = True  # it spends the client's read or write budget (RATE_LIMIT_*)
+    signed: bool = False  # a signed URL (imageUrl) reads it too; PUBLIC_READ opens it
 
 
 def describe(**operation) -> Callable:
@@ -175,7 +177,7 @@ RESPONSE_HEADERS = {
 }
 
 #: Two ways to send an API key; `flask --app image_api keys create` makes one.
-SECURITY_SCHEMES = {
+KEY_SCHEMES = {
     "bearer": {
         "type": "http",
         "scheme": "bearer",
@@ -183,6 +185,18 @@ SECURITY_SCHEMES = {
         "read); admin (includes both, and sees every owner's images)",
     },
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+#: Downloads also take the signed URL an image's `imageUrl` is.
+SIGNED_URL_SCHEME = {
+    "signedUrl": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "signature",
+        "description": "`imageUrl` as given: its `expires` and `signature` (HMAC-SHA256 of the "
+        "path, expiry and other parameters) open the download to anyone until it expires, "
+        "without a key; changing any parameter makes it invalid. With PUBLIC_READ=true "
+        "downloads need neither.",
+    }
 }
 
 #: Headers any response may carry, listed once here rather than on every response.
@@ -259,7 +273,7 @@ def build_document(app: Flask) -> dict:
         },
     )
     spec.components.schema("Error", schema=type(error_schema))
-    for name, scheme in SECURITY_SCHEMES.items():
+    for name, scheme in (KEY_SCHEMES | SIGNED_URL_SCHEME).items():
         spec.components.security_scheme(name, scheme)
     with app.test_request_context(base_url=EXAMPLE_HOST):
         for rule in sorted(app.url_map.iter_rules(), key=lambda rule: rule.rule):
@@ -344,7 +358,9 @@ def _operation(view, rule, method: str) -> dict:
     responses |= _SERVER_REFUSALS
     if spec.scope is not None:
         # OpenAPI 3.1 lets a requirement of any scheme list roles: the scope a key needs.
-        operation["security"] = [{name: [str(spec.scope)]} for name in SECURITY_SCHEMES]
+        operation["security"] = [{name: [str(spec.scope)]} for name in KEY_SCHEMES]
+        if spec.signed:
+            operation["security"] += [{name: []} for name in SIGNED_URL_SCHEME]
     if description.strip():
         operation["description"] = description.strip()
     if spec.upload:
@@ -393,6 +409,8 @@ def _error_responses(spec: Operation) -> dict:
         errors.append(Unauthorized)
     if spec.scope not in (None, Scope.READ):  # every key holds read
         errors.append(Forbidden)
+    if spec.signed:
+        errors += [InvalidSignature, SignatureExpired]
     if spec.backends:
         errors.append(BackendUnavailable)
     if spec.limited:

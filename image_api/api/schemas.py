@@ -5,16 +5,41 @@ from __future__ import annotations
 import functools
 from datetime import UTC
 
-from flask import request, url_for
+from flask import g, request, url_for
 from marshmallow import EXCLUDE, Schema, fields, post_load, validate
 
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
+from ..service import current_service
 
 
 def _download_url(record) -> str:
-    # Absolute, and right behind a proxy once ProxyFix trusts its X-Forwarded-* headers.
-    return url_for("downloads.download_image", image_id=record.id, _external=True)
+    # Absolute, and right behind a proxy once ProxyFix trusts its X-Forwarded-* headers;
+    # signed when downloads take signed URLs.
+    url = url_for("downloads.download_image", image_id=record.id, _external=True)
+    expires = url_expiry()
+    if expires is None:
+        return url
+    path = url_for("downloads.download_image", image_id=record.id)[len(request.script_root) :]
+    return f"{url}?{current_service().signer.sign(path, expires)}"
+
+
+def url_expiry() -> int | None:
+    """When the signed URLs this request hands out expire (None: they are not signed).
+    One moment per request, so that a page's URLs, its memo and its ETag agree."""
+    signer = current_service().signer
+    if signer is None:
+        return None
+    if "url_expiry" not in g:
+        g.url_expiry = signer.expiry()
+    return g.url_expiry
+
+
+def image_etag(record) -> str:
+    """The ETag of an image's metadata: its sha256, and the expiry of the signed imageUrl
+    it holds (which changes the JSON). Writes' If-Match compares only the sha256."""
+    expires = url_expiry()
+    return record.sha256 if expires is None else f"{record.sha256}.{expires}"
 
 
 class ImageSchema(Schema):
@@ -25,7 +50,12 @@ class ImageSchema(Schema):
         _download_url,
         data_key="imageUrl",
         required=True,
-        metadata={"type": "string", "format": "uri", "description": "Where to download it"},
+        metadata={
+            "type": "string",
+            "format": "uri",
+            "description": "Where to download it: a signed URL that needs no key, valid for "
+            "SIGNED_URL_TTL (when API keys are on and PUBLIC_READ is not)",
+        },
     )
     uploaded_at = fields.AwareDateTime(data_key="uploadedAt", required=True)
     updated_at = fields.AwareDateTime(
@@ -162,6 +192,14 @@ class DownloadQuerySchema(Schema):
         validate=validate.OneOf(["attachment", "inline"]),
         metadata={"description": "`inline` to show the image in a browser tab"},
     )
+    # Read by the signature check, before the view (see `signing`).
+    expires = fields.String(
+        load_default=None,
+        metadata={"pattern": "^[0-9]{1,12}$", "description": "A signed URL's expiry (Unix s)"},
+    )
+    signature = fields.String(
+        load_default=None, metadata={"description": "A signed URL's signature"}
+    )
 
 
 class ListQuerySchema(Schema):
@@ -224,8 +262,9 @@ ready_schema = ReadySchema()
 
 def dump_image(record) -> dict:
     """`image_schema.dump(record)`, memoised: a record never changes (a replace makes a new
-    one), so the JSON of one a client keeps fetching is made once per public URL root."""
-    return dict(_dump(record, _url_root()))
+    one), so the JSON of one a client keeps fetching is made once per public URL root and
+    signed URLs' expiry."""
+    return dict(_dump(record, _url_root(), url_expiry()))
 
 
 def dump_images(records) -> list[dict]:
@@ -243,6 +282,6 @@ def _url_root() -> tuple:
 
 
 @functools.lru_cache(maxsize=4096)
-def _dump(record, url_root: tuple) -> dict:
-    # `url_root` is only a cache key: the imageUrl built inside depends on it.
+def _dump(record, url_root: tuple, expires: int | None) -> dict:
+    # `url_root` and `expires` are only cache keys: the imageUrl built inside depends on them.
     return image_schema.dump(record)

@@ -44,9 +44,11 @@ def before_call(ctx, case, kwargs):
     if not _positive(case):
         return
     if isinstance(case.query, dict):
-        # Cursors are opaque tokens the server issues (the stateful phase follows real ones
-        # from nextCursor); a made-up one is rightly a 400.
-        case.query.pop("cursor", None)
+        # Cursors and signed URLs' expiry and signature are opaque tokens the server issues
+        # (the stateful phase follows real cursors from nextCursor); a made-up cursor is
+        # rightly a 400, a made-up signature a 403.
+        for name in ("cursor", "expires", "signature"):
+            case.query.pop(name, None)
     headers = case.headers if case.headers is not None else {}  # a case-insensitive mapping
     for name in ("If-Match", "If-None-Match"):
         # The coverage phase generates no value for a header whose pattern needs punctuation
