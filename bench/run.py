@@ -89,8 +89,8 @@ def service_env(data_dir: Path, port: int, **extra) -> dict:
         "S3_BUCKET_NAME": "",
         "MONGODB_URL": "",
         "MAX_UPLOAD_BYTES": str(64 * MiB),
-        # These runs compare the service with bare endpoints and nginx: keys and limits
-        # would only add their own cost (not yet measured here: see the closing notes).
+        # Most runs compare the service with bare endpoints and nginx, without keys and with
+        # limits never reached; bench_access measures what keys and limits cost.
         "AUTH": "off",
         "RATE_LIMIT_READ": "100000000/minute",
         "RATE_LIMIT_WRITE": "100000000/minute",
@@ -99,11 +99,11 @@ def service_env(data_dir: Path, port: int, **extra) -> dict:
 
 
 @contextmanager
-def gunicorn(app: str, env: dict, ready_path: str = "/healthz"):
-    """`app` under gunicorn.conf.py (the `make run` configuration)."""
+def gunicorn(app: str, env: dict, ready_path: str = "/healthz", cwd: Path = ROOT):
+    """`app` under gunicorn.conf.py (the `make run` configuration), from the code in `cwd`."""
     port = int(env["PORT"])
     args = [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", app]
-    with process(args, env, f"http://127.0.0.1:{port}{ready_path}") as proc:
+    with process(args, env, f"http://127.0.0.1:{port}{ready_path}", cwd) as proc:
         yield proc
 
 
@@ -178,10 +178,18 @@ class Load:
     p50_ms: float
 
 
-def wrk(url: str, seconds: int, connections: int = 8, script: list[str] | None = None) -> Load:
+def wrk(
+    url: str,
+    seconds: int,
+    connections: int = 8,
+    script: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Load:
     """`script`: a wrk Lua script and its arguments (`["bench/upload.lua", body_file]`)."""
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in (headers or {}).items():
+        command += ["-H", f"{name}: {value}"]
     if script:
         command += ["-s", script[0], url, "--", *script[1:]]
     else:
@@ -196,15 +204,21 @@ def wrk(url: str, seconds: int, connections: int = 8, script: list[str] | None =
 
 
 def side_by_side(
-    a: str, b: str, args, connections: int = 8, script: list[str] | None = None
+    a: str,
+    b: str,
+    args,
+    connections: int = 8,
+    script: list[str] | None = None,
+    headers: tuple[dict | None, dict | None] = (None, None),
 ) -> tuple[list[Load], list[Load]]:
-    """Alternate a and b for `args.rounds` rounds after a 2 s warm-up each."""
-    wrk(a, 2, connections, script)
-    wrk(b, 2, connections, script)
+    """Alternate a and b for `args.rounds` rounds after a 2 s warm-up each; `headers`: what
+    each side's requests add."""
+    wrk(a, 2, connections, script, headers[0])
+    wrk(b, 2, connections, script, headers[1])
     first, second = [], []
     for _ in range(args.rounds):
-        first.append(wrk(a, args.seconds, connections, script))
-        second.append(wrk(b, args.seconds, connections, script))
+        first.append(wrk(a, args.seconds, connections, script, headers[0]))
+        second.append(wrk(b, args.seconds, connections, script, headers[1]))
     return first, second
 
 
@@ -259,8 +273,10 @@ def multipart_body(data: bytes, field: str, filename: str, content_type: str) ->
     )
 
 
-def upload(base: str, data: bytes, name: str = "bench.png") -> dict:
-    response = requests.post(f"{base}/api/images/upload", files={"image": (name, data)})
+def upload(base: str, data: bytes, name: str = "bench.png", headers: dict | None = None) -> dict:
+    response = requests.post(
+        f"{base}/api/images/upload", files={"image": (name, data)}, headers=headers
+    )
     response.raise_for_status()
     return response.json()["image"]
 
@@ -435,6 +451,70 @@ def bench_upload(args, work: Path, rows: list) -> None:
             f"reference {ref_files} files",
         )
     )
+
+
+#: The last commit before API keys, owners, rate limits and signed URLs.
+BEFORE_ACCESS = "ed8850e"
+
+
+def bench_access(args, work: Path, rows: list) -> None:
+    """7 & 8: what access control costs. The service as `make run` serves it (a key on every
+    request, its rate limits counted in memory, signed imageUrls) vs the code of the last
+    commit before any of that, side by side: metadata GET and the upload of `bench_upload`.
+
+    Both run the same gunicorn configuration on fresh data directories; the limits are set
+    high enough never to refuse (so they are counted, not hit).
+    """
+    before = work / "before-access"
+    before.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", BEFORE_ACCESS], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+    image = photo_jpeg()
+    body = work / "access-body.multipart"
+    body.write_bytes(multipart_body(image, "image", "bench.jpg", "image/jpeg"))
+    script = [str(Path(__file__).resolve().parent / "upload.lua"), str(body)]
+    now_dir, before_dir = work / "access-now", work / "access-before"
+    port, before_port = free_port(), free_port()
+    with (
+        gunicorn("wsgi:app", service_env(now_dir, port, AUTH="on")),
+        gunicorn("wsgi:app", service_env(before_dir, before_port), cwd=before),
+    ):
+        key = {"Authorization": f"Bearer {(now_dir / 'admin-key').read_text().strip()}"}
+        now, then = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{before_port}"
+        ours = upload(now, image, "bench.jpg", key)
+        theirs = upload(then, image, "bench.jpg")
+        assert "signature=" in ours["imageUrl"] and "?" not in theirs["imageUrl"]
+        get_now, get_then = side_by_side(
+            f"{now}/api/images/{ours['_id']}",
+            f"{then}/api/images/{theirs['_id']}",
+            args,
+            headers=(key, None),
+        )
+        up_now, up_then = side_by_side(
+            f"{now}/api/images/upload",
+            f"{then}/api/images/upload",
+            args,
+            script=script,
+            headers=(key, None),
+        )
+    rows.append(
+        ratio_row(
+            "GET /api/images/<id> with a key, limits and a signed imageUrl vs before "
+            f"access control ({BEFORE_ACCESS})",
+            get_now, get_then, "rps", 0.85,
+            f"{median(get_now, 'rps'):.0f} vs {median(get_then, 'rps'):.0f} requests/s",
+        )
+    )  # fmt: skip
+    rows.append(
+        ratio_row(
+            f"upload of a {len(image) / 1e3:.0f} KB JPEG with a key and limits vs before "
+            f"access control ({BEFORE_ACCESS})",
+            up_now, up_then, "rps", 0.85,
+            f"{median(up_now, 'rps'):.0f} vs {median(up_then, 'rps'):.0f} uploads/s",
+        )
+    )  # fmt: skip
 
 
 def fill_sqlite(data_dir: Path, count: int) -> None:
@@ -651,13 +731,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per pair")
     parser.add_argument(
-        "--only", nargs="*", help="download, memory, lists, s3, upload, repair, decode"
+        "--only",
+        nargs="*",
+        help="download, memory, lists, s3, upload, access, repair, decode",
     )
     args = parser.parse_args()
     ensure_tools()
     started = datetime.now(UTC)
     rows: list = []
-    everything = ("download", "memory", "lists", "s3", "upload", "repair", "decode")
+    everything = ("download", "memory", "lists", "s3", "upload", "access", "repair", "decode")
     chosen = set(args.only or everything)
     with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -672,6 +754,8 @@ def main() -> None:
             bench_s3(args, work, rows, moto)
         if "upload" in chosen:
             bench_upload(args, work, rows)
+        if "access" in chosen:
+            bench_access(args, work, rows)
         if "repair" in chosen:
             bench_repair(args, work, rows)
         if "decode" in chosen:

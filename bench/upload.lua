@@ -16,6 +16,9 @@ function init(args)
    file:close()
    local boundary = assert(body:match("^%-%-([^\r\n]+)\r\n"), "body must start with --boundary")
    local headers = {}
+   for name, value in pairs(wrk.headers) do  -- wrk -H headers (an Authorization)
+      headers[name] = value
+   end
    headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
    request_bytes = wrk.format("POST", nil, headers, body)
 end
