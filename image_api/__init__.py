@@ -9,6 +9,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import access, api, cli, errors, limits
+from .api.auth import refuse_unauthenticated
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
@@ -67,6 +68,8 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
 
     errors.init_app(app)
     api.init_app(app)
-    limits.init_app(app, settings)  # after the API's hooks: the key is known by then
+    limits.init_app(app, settings)  # after authentication: the key is known by then
+    # A failed authentication is refused only now, so it too spends the client's budget.
+    app.before_request(refuse_unauthenticated)
     cli.init_app(app)
     return app

@@ -15,7 +15,7 @@ import pytest
 
 from bench.processes import free_port
 from image_api.config import ConfigError
-from tests.helpers import make_image
+from tests.helpers import ImagesClient, make_image
 
 LIMITS = {"RATE_LIMIT_READ": "3/minute", "RATE_LIMIT_WRITE": "2/minute"}
 
@@ -68,6 +68,20 @@ def test_each_key_has_its_own_budget_and_probes_are_never_limited(limited):
     for _ in range(10):
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
+
+
+def test_guessing_keys_or_signatures_spends_the_address_budget(limited):
+    """A refused key or signature is answered after the limit is checked: a guesser gets
+    429s, not unlimited 401s and 403s. A real key keeps its own budget."""
+    guesser = limited.test_client(key="iak_000000000000_guess")
+    image_id = ImagesClient(limited.test_client()).create()["_id"]
+    answers = [guesser.get("/api/images").status_code for _ in range(2)]
+    answers.append(
+        guesser.get(f"/api/images/{image_id}/download?expires=1&signature=x").status_code
+    )
+    answers.append(guesser.get("/api/images").status_code)
+    assert answers == [401, 401, 403, 429]
+    assert limited.test_client().get("/api/images").status_code == 200
 
 
 def test_a_preflight_spends_nothing(make_app, tmp_path):

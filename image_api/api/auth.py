@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import g, request
 
-from ..access import Caller, Unauthorized
+from ..access import Caller, Forbidden, Unauthorized
 from ..service import current_service
 from ..signing import SIGNATURE_PARAMETERS
 from .openapi import current_operation
@@ -16,17 +16,31 @@ def authenticate() -> None:
     CORS preflights (OPTIONS) carry no credentials, by the Fetch standard.
 
     Downloads (`signed=True`) also take a signed URL, which is judged by its signature
-    alone (key headers or not), or need nothing with PUBLIC_READ."""
+    alone (key headers or not), or need nothing with PUBLIC_READ.
+
+    A failure is kept, not raised, until `refuse_unauthenticated`: the rate limit runs in
+    between, so that guessing keys or signatures spends the client address's budget.
+    """
     operation = current_operation()
     if operation is None or operation.scope is None or request.method == "OPTIONS":
         return
     service = current_service()
     if not service.settings.auth or (operation.signed and service.settings.public_read):
         return
-    if operation.signed and any(name in request.args for name in SIGNATURE_PARAMETERS):
-        service.signer.verify(request.path, request.args)
-        return
-    g.api_key = service.keys.authenticate(presented_key(), operation.scope)
+    try:
+        if operation.signed and any(name in request.args for name in SIGNATURE_PARAMETERS):
+            service.signer.verify(request.path, request.args)
+        else:
+            g.api_key = service.keys.authenticate(presented_key(), operation.scope)
+    except (Unauthorized, Forbidden) as refusal:
+        g.refusal = refusal
+
+
+def refuse_unauthenticated() -> None:
+    """Raise what `authenticate` found wrong, once the request has spent its budget."""
+    refusal = g.pop("refusal", None)
+    if refusal is not None:
+        raise refusal
 
 
 def presented_key() -> str | None:
