@@ -1,0 +1,258 @@
+"""The metadata walkers: GPS, EXIF, XMP, comments and text go; pixels, colour profiles,
+animation and orientation stay; and broken or hostile containers end in `Unstrippable`,
+never another exception."""
+
+from __future__ import annotations
+
+import functools
+import io
+import random
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from image_api.media import signature_format
+from image_api.strip import Unstrippable, strip
+from tests.helpers import samples
+
+GPS_IFD = 0x8825
+ORIENTATION = 0x0112
+SECRET = "52.3676 N 4.9041 E secret place"
+
+
+def stripped(data: bytes, orientation: int = 1) -> bytes:
+    return b"".join(bytes(piece) for piece in strip(data, signature_format(data[:16]), orientation))
+
+
+def frames(data: bytes) -> list[bytes]:
+    """Every frame's pixels, as RGBA."""
+    with Image.open(io.BytesIO(data)) as image:
+        decoded = []
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            decoded.append(image.convert("RGBA").tobytes())
+        return decoded
+
+
+def exif_with_gps(orientation: int = 1) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    exif[0x010E] = SECRET  # ImageDescription
+    exif[GPS_IFD] = {1: "N", 2: (52.0, 22.0, 3.36), 3: "E", 4: (4.0, 54.0, 14.76)}
+    return exif
+
+
+def picture(fmt: str, **options) -> bytes:
+    image = Image.new("RGB", (37, 23))
+    image.putdata(
+        [(x * 7 % 256, y * 11 % 256, (x * y) % 256) for y in range(23) for x in range(37)]
+    )
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def _readable(path) -> bool:
+    try:
+        frames(path.read_bytes())
+    except Exception:  # noqa: BLE001 (Pillow refuses broken files in many ways)
+        return False
+    return signature_format(path.read_bytes()[:16]) is not None
+
+
+READABLE = [p for p in samples("valid") + samples("tricky") if _readable(p)]
+
+
+@pytest.mark.parametrize("path", READABLE, ids=lambda p: p.name)
+def test_every_sample_keeps_its_pixels_and_loses_its_gps(path):
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        orientation = image.getexif().get(ORIENTATION, 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    out = stripped(data, orientation)
+    assert frames(out) == frames(data)
+    with Image.open(io.BytesIO(out)) as image:
+        exif = image.getexif()
+        assert not exif.get_ifd(GPS_IFD)
+        assert set(exif) <= {ORIENTATION}  # nothing but the orientation survives
+        assert exif.get(ORIENTATION, 1) == orientation
+    assert len(out) <= len(data) + 64
+
+
+def test_the_gps_sample_loses_its_position():
+    data = next(p for p in samples("valid") if p.name == "exif_gps.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.getexif().get_ifd(GPS_IFD)  # the sample does hold a position
+    with Image.open(io.BytesIO(stripped(data))) as image:
+        assert not image.getexif()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_all_eight_orientations_are_kept_alone(fmt, orientation):
+    data = picture(fmt, exif=exif_with_gps(orientation).tobytes(), **_lossless(fmt))
+    out = stripped(data, orientation)
+    assert frames(out) == frames(data)
+    assert SECRET.encode() not in out
+    with Image.open(io.BytesIO(out)) as image:
+        exif = image.getexif()
+        assert dict(exif) == ({ORIENTATION: orientation} if orientation != 1 else {})
+
+
+def _lossless(fmt: str) -> dict:
+    return {"lossless": True} if fmt == "WEBP" else {}
+
+
+def test_jpeg_comments_xmp_and_trailing_pictures_go_the_icc_profile_stays():
+    icc = _srgb_profile()
+    data = picture("JPEG", exif=exif_with_gps().tobytes(), icc_profile=icc, comment=SECRET)
+    data = _with_xmp_segment(data)
+    # A second picture after the first one's end (as MPF and "motion photos" append).
+    trailer = picture("JPEG", exif=exif_with_gps().tobytes())
+    out = stripped(data + trailer)
+    assert SECRET.encode() not in out and b"xmpmeta" not in out
+    assert out.endswith(b"\xff\xd9") and out.count(b"\xff\xd8") == 1
+    assert frames(out) == frames(data)
+    with Image.open(io.BytesIO(out)) as image:
+        assert image.info["icc_profile"] == icc
+
+
+@functools.cache
+def _srgb_profile() -> bytes:
+    """One profile for the whole run (each one made carries its creation time)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _with_xmp_segment(jpeg: bytes) -> bytes:
+    xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta>" + SECRET.encode() + b"</x:xmpmeta>"
+    segment = b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def test_progressive_jpeg_keeps_every_scan():
+    data = picture("JPEG", progressive=True, exif=exif_with_gps().tobytes(), comment=SECRET)
+    out = stripped(data)
+    assert frames(out) == frames(data) and SECRET.encode() not in out
+
+
+def test_png_text_chunks_go_colour_chunks_stay():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", SECRET)
+    info.add_text("Location", SECRET, zip=True)
+    info.add_itxt("XML:com.adobe.xmp", SECRET)
+    data = picture("PNG", pnginfo=info, exif=exif_with_gps().tobytes(), icc_profile=_srgb_profile())
+    out = stripped(data)
+    assert SECRET.encode() not in out
+    with Image.open(io.BytesIO(out)) as image:
+        assert image.info.get("icc_profile") == _srgb_profile()
+        assert not image.text
+    assert frames(out) == frames(data)
+
+
+def test_animated_png_and_gif_keep_their_frames_and_timing():
+    images = [Image.new("RGB", (8, 8), color) for color in ("red", "green", "blue")]
+    for fmt in ("PNG", "GIF", "WEBP"):
+        out_file = io.BytesIO()
+        extra = {"comment": SECRET} if fmt == "GIF" else {}
+        if fmt == "WEBP":
+            extra = {"lossless": True, "exif": exif_with_gps().tobytes(), "xmp": SECRET.encode()}
+        images[0].save(
+            out_file, fmt, save_all=True, append_images=images[1:], duration=70, loop=0, **extra
+        )
+        data = out_file.getvalue()
+        out = stripped(data)
+        assert SECRET.encode() not in out, fmt
+        assert frames(out) == frames(data) and len(frames(out)) == 3, fmt
+        assert timing(out) == timing(data) == ([70] * 3, 0), fmt
+
+
+def timing(data: bytes) -> tuple[list[int], int]:
+    """Each frame's duration, and the loop count."""
+    with Image.open(io.BytesIO(data)) as image:
+        durations = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            image.load()
+            durations.append(image.info.get("duration"))
+        return durations, image.info.get("loop")
+
+
+def test_gif_comments_and_xmp_go():
+    data = picture("GIF", comment=SECRET)
+    assert SECRET.encode() in data
+    out = stripped(data)
+    assert SECRET.encode() not in out and frames(out) == frames(data)
+
+
+def test_webp_exif_and_xmp_go_the_icc_profile_stays():
+    data = picture(
+        "WEBP",
+        lossless=True,
+        exif=exif_with_gps().tobytes(),
+        xmp=SECRET.encode(),
+        icc_profile=_srgb_profile(),
+    )
+    out = stripped(data)
+    assert SECRET.encode() not in out and b"EXIF" not in out and b"XMP " not in out
+    with Image.open(io.BytesIO(out)) as image:
+        assert image.info.get("icc_profile") == _srgb_profile()
+    assert frames(out) == frames(data)
+
+
+def test_avif_exif_and_xmp_are_blanked_in_place():
+    """AVIF: the Exif and XMP items' bytes are overwritten (an empty EXIF, then zeros); the
+    file keeps its size and layout, its rotation lives in its own boxes."""
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">' + SECRET.encode() + b"</x:xmpmeta>"
+    data = picture("AVIF", exif=exif_with_gps(6).tobytes(), xmp=xmp)
+    out = stripped(data)
+    assert len(out) == len(data) and SECRET.encode() not in out
+    assert frames(out) == frames(data)
+    with Image.open(io.BytesIO(out)) as image:
+        assert not image.getexif().get_ifd(GPS_IFD)
+        assert image.getexif().get(ORIENTATION) == 6  # from the irot/imir boxes
+
+
+# --- robustness -----------------------------------------------------------------------------
+
+
+def _corpus() -> list[bytes]:
+    files = [p.read_bytes() for p in samples("valid") + samples("tricky") + samples("hostile")]
+    return [data for data in files if signature_format(data[:16]) is not None]
+
+
+def _strip_or_refuse(data: bytes, fmt: str) -> None:
+    try:
+        out = b"".join(bytes(piece) for piece in strip(data, fmt, 6))
+    except Unstrippable:
+        return
+    assert len(out) <= len(data) + 64  # never more than the input and a small EXIF
+
+
+@pytest.mark.parametrize("index", range(len(_corpus())))
+def test_cut_and_mangled_files_are_refused_never_crash(index):
+    data = _corpus()[index]
+    fmt = signature_format(data[:16])
+    rng = random.Random(index)
+    cuts = sorted({rng.randrange(len(data)) for _ in range(40)} | {len(data) // 2, 20})
+    for cut in cuts:
+        _strip_or_refuse(data[:cut], fmt)
+    for _ in range(60):
+        mangled = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            position = rng.randrange(16, len(data)) if len(data) > 16 else 0
+            mangled[position] = rng.choice((0x00, 0xFF, rng.randrange(256)))
+        _strip_or_refuse(bytes(mangled), fmt)
+
+
+def test_declared_lengths_are_not_trusted():
+    """Lengths that point far past the end, or loop back, end in Unstrippable."""
+    png = b"\x89PNG\r\n\x1a\n" + (2**31).to_bytes(4, "big") + b"IHDR"
+    jpeg = b"\xff\xd8\xff\xe1\xff\xff" + b"\0" * 10
+    gif = b"GIF89a" + b"\1\0\1\0\0\0\0" + b"\x21\xfe\xff" + b"x" * 10
+    webp = b"RIFF\xff\xff\xff\xffWEBP" + b"VP8 \xff\xff\xff\x7f" + b"\0" * 10
+    avif = b"\0\0\0\x18ftypavif\0\0\0\0avifmif1" + b"\xff\xff\xff\xffmeta" + b"\0" * 8
+    for data, fmt in ((png, "PNG"), (jpeg, "JPEG"), (gif, "GIF"), (webp, "WEBP"), (avif, "AVIF")):
+        with pytest.raises(Unstrippable):
+            strip(data, fmt)
