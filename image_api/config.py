@@ -61,6 +61,8 @@ class Settings:
     decode_memory: int = 256 * 1024 * 1024
     decode_wait: float = 5.0
     accepted_formats: tuple[str, ...] = DEFAULT_FORMATS
+    # EXIF, XMP, IPTC, comments and text go from what is stored, losslessly (see `strip`).
+    strip_metadata: bool = True
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
     backend_read_timeout: float = 10.0
@@ -139,6 +141,7 @@ class Settings:
             decode_memory=reader.integer("DECODE_MEMORY", cls.decode_memory),
             decode_wait=reader.seconds("DECODE_WAIT", cls.decode_wait),
             accepted_formats=reader.formats("ACCEPTED_FORMATS", cls.accepted_formats),
+            strip_metadata=reader.flag("STRIP_METADATA", cls.strip_metadata),
             backend_connect_timeout=reader.seconds(
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
             ),

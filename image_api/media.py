@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import mmap
 import os
 import re
+import tempfile
 import threading
 import unicodedata
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from . import deadline
+from . import deadline, strip
 from .errors import (
     DecoderBusy,
     EmptyFile,
@@ -34,6 +37,9 @@ CONTENT_TYPES = {
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "AVIF": ".avif"}
 
 _CHUNK = 1024 * 1024
+#: Stripped uploads up to this size stay in memory; larger ones go to a temporary file.
+_SPOOL_BYTES = 1024 * 1024
+_ORIENTATION = 0x0112
 _MAX_FILENAME = 200
 
 
@@ -47,7 +53,8 @@ class Upload:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What we learned from an upload's bytes."""
+    """What we learned from an upload's bytes. `width` and `height` are as displayed: after
+    the EXIF `orientation` (5 to 8 turn the picture a quarter)."""
 
     format: str
     content_type: str
@@ -55,6 +62,9 @@ class ImageInfo:
     width: int
     height: int
     sha256: str
+    orientation: int = 1
+    # The average colour (#rrggbb) of the first frame's visible pixels; None if none is.
+    placeholder: str | None = None
 
 
 def signature_format(head: bytes) -> str | None:
@@ -103,8 +113,10 @@ def inspect(
             f"{', '.join(CONTENT_TYPES[f] for f in accepted_formats)}"
         )
     limits = _Limits(max_pixels, max_animation_pixels or max_pixels)
-    width, height = _decode(stream, claimed, limits, budget or _UNBOUNDED)
+    width, height, orientation, placeholder = _decode(stream, claimed, limits, budget or _UNBOUNDED)
     stream.seek(0)
+    if orientation >= 5:
+        width, height = height, width
     return ImageInfo(
         format=claimed,
         content_type=CONTENT_TYPES[claimed],
@@ -112,7 +124,46 @@ def inspect(
         width=width,
         height=height,
         sha256=sha256,
+        orientation=orientation,
+        placeholder=placeholder,
     )
+
+
+@contextlib.contextmanager
+def without_metadata(stream: BinaryIO, info: ImageInfo) -> Iterator[tuple[BinaryIO, ImageInfo]]:
+    """The upload in `stream` as it is stored: without its metadata (`strip`), in a
+    temporary file (in memory while small) that is closed afterwards, and its `info` for
+    those bytes (size and sha256 change; the pixels do not)."""
+    try:
+        # Mapped, not read: a large upload is not held in memory a second time.
+        view = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+    except (AttributeError, OSError, ValueError):
+        view = stream.read()  # a small upload Werkzeug kept in memory
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as out:
+        try:
+            size, sha256 = _write_stripped(view, info, out)
+        except strip.Unstrippable as error:
+            raise InvalidImage(
+                f"The {info.format} file's structure cannot be followed to remove its "
+                f"metadata safely: {error}"
+            ) from None
+        finally:
+            if isinstance(view, mmap.mmap):
+                # Slices of it may live on in a traceback: then it closes when they go.
+                with contextlib.suppress(BufferError):
+                    view.close()
+            stream.seek(0)
+        out.seek(0)
+        yield out, dataclasses.replace(info, size=size, sha256=sha256)
+
+
+def _write_stripped(view, info: ImageInfo, out: BinaryIO) -> tuple[int, str]:
+    """Write `view` without its metadata to `out`; its size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    for piece in strip.strip(view, info.format, info.orientation):
+        digest.update(piece)
+        size += out.write(piece)
+    return size, digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -177,8 +228,9 @@ def _measure(stream: BinaryIO) -> tuple[int, str]:
 
 def _decode(
     stream: BinaryIO, expected: str, limits: _Limits, budget: DecodeBudget
-) -> tuple[int, int]:
-    """Open with only the expected decoder, check the pixel counts, then decode every frame."""
+) -> tuple[int, int, int, str | None]:
+    """Open with only the expected decoder, check the pixel counts, then decode every frame.
+    Returns the stored width and height, the EXIF orientation and the placeholder colour."""
     try:
         # Restricting `formats` keeps every other Pillow plugin (TIFF, SGI, FLI...) and their
         # history of crash bugs away from untrusted bytes.
@@ -201,6 +253,9 @@ def _decode(
                 for frame in range(frames):
                     image.seek(frame)
                     image.load()
+                    if frame == 0:
+                        placeholder = _average_colour(image)
+            orientation = _orientation(image)
     except Image.DecompressionBombError:
         raise TooManyPixels() from None
     except (TooManyPixels, DecoderBusy, MemoryError):
@@ -211,7 +266,35 @@ def _decode(
         # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error and more on
         # broken streams; all of them mean the same thing to the client.
         raise InvalidImage(f"The {expected} image is corrupt or truncated") from error
-    return width, height
+    return width, height, orientation, placeholder
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation (AVIF: from its irot and imir boxes), 1 when absent or invalid."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 (a broken EXIF block does not make a broken image)
+        return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
+def _average_colour(image: Image.Image) -> str | None:
+    """The mean colour of the visible pixels, from a thumbnail of at most 32x32 (sampled
+    for palette images, which Pillow resizes only by nearest neighbour)."""
+    small = image.resize(
+        (min(image.width, 32), min(image.height, 32)),
+        Image.Resampling.NEAREST if image.mode in ("P", "1") else Image.Resampling.BOX,
+    ).convert("RGBA")
+    pixels = small.tobytes()
+    alpha = pixels[3::4]
+    total = sum(alpha)
+    red, green, blue = (
+        sum(value * weight for value, weight in zip(pixels[band::4], alpha, strict=True))
+        for band in range(3)
+    )
+    if total == 0:
+        return None
+    return f"#{red // total:02x}{green // total:02x}{blue // total:02x}"
 
 
 def sanitize_filename(raw: str | None, image_format: str) -> str:

@@ -75,6 +75,10 @@ class ImageRecord:
     # Who it belongs to: the owner of the key that uploaded it. Images stored before owners
     # existed belong to the first admin key's owner.
     owner: str = "admin"
+    # The EXIF orientation the stored bytes keep (width and height are as displayed), and
+    # the average colour to paint before the image arrives (None: unknown or transparent).
+    orientation: int = 1
+    placeholder: str | None = None
 
     def to_json(self) -> dict:
         """Plain JSON types, for storing a response to replay."""

@@ -19,11 +19,12 @@ short attempt inside the request's budget; what it cannot undo, `repair` collect
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import BinaryIO
@@ -147,21 +148,21 @@ class ImageService:
         caller: Caller = EVERYONE,
     ) -> ImageRecord:
         """Validate and store a new image, owned by the caller."""
-        info = self._inspect(upload)
-        image_id = new_id()
+        with self._prepared(upload) as (upload, info):
+            image_id = new_id()
 
-        def find_result(first_id: str):
-            try:
-                return self.repository.get(first_id)
-            except NotFound:
-                return None
+            def find_result(first_id: str):
+                try:
+                    return self.repository.get(first_id)
+                except NotFound:
+                    return None
 
-        request = Request(f"create {info.sha256}", image_id, find_result)
-        return self.idempotency.run(
-            _scoped(idempotency_key, caller),
-            request,
-            lambda: self._create(image_id, upload, info, caller.owner),
-        )
+            request = Request(f"create {info.sha256}", image_id, find_result)
+            return self.idempotency.run(
+                _scoped(idempotency_key, caller),
+                request,
+                lambda: self._create(image_id, upload, info, caller.owner),
+            )
 
     def get(self, image_id: str, caller: Caller = EVERYONE) -> ImageRecord:
         """The image, if the caller may see it: another owner's is `NotFound`, as if it
@@ -195,7 +196,13 @@ class ImageService:
         current = self.get(image_id, caller)
         if upload is None:
             raise MissingFile()
-        info = self._inspect(upload)
+        with self._prepared(upload) as (upload, info):
+            return self._replace_idempotently(
+                current, upload, info, preconditions, _scoped(idempotency_key, caller)
+            )
+
+    def _replace_idempotently(self, current, upload, info, preconditions, idempotency_key):
+        image_id = current.id
 
         def replace_once():
             # If-Match is checked here, inside the idempotent part: a retry of a replace
@@ -217,7 +224,7 @@ class ImageService:
         request = Request(
             f"replace {image_id} {info.sha256}", f"{image_id}@{current.version + 1}", find_result
         )
-        return self.idempotency.run(_scoped(idempotency_key, caller), request, replace_once)
+        return self.idempotency.run(idempotency_key, request, replace_once)
 
     def delete(
         self,
@@ -420,8 +427,11 @@ class ImageService:
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
-    def _inspect(self, upload: media.Upload) -> media.ImageInfo:
-        return media.inspect(
+    @contextlib.contextmanager
+    def _prepared(self, upload: media.Upload) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
+        """The upload checked, and as it is stored: without its metadata unless
+        STRIP_METADATA=false (then byte for byte)."""
+        info = media.inspect(
             upload.stream,
             accepted_formats=self.settings.accepted_formats,
             max_bytes=self.settings.max_upload_bytes,
@@ -429,6 +439,11 @@ class ImageService:
             max_animation_pixels=self.settings.max_animation_pixels,
             budget=self.decode_budget,
         )
+        if not self.settings.strip_metadata:
+            yield upload, info
+            return
+        with media.without_metadata(upload.stream, info) as (stream, stored):
+            yield media.Upload(stream, upload.filename), stored
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:
@@ -445,6 +460,8 @@ def _described(info: media.ImageInfo, filename: str | None) -> dict:
         "width": info.width,
         "height": info.height,
         "sha256": info.sha256,
+        "orientation": info.orientation,
+        "placeholder": info.placeholder,
     }
 
 

@@ -37,6 +37,24 @@ MONGO_URL = "mongodb://mongo.test:27017/imagedb"
 TEST_SECRET = "test-secret-that-signs-download-urls"
 
 
+GPS_IFD = 0x8825
+
+
+def decoded_frames(data: bytes) -> list[bytes]:
+    """Every frame's pixels, as RGBA: what "the same picture" means."""
+    with Image.open(io.BytesIO(data)) as image:
+        frames = []
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            frames.append(image.convert("RGBA").tobytes())
+        return frames
+
+
+def exif_of(data: bytes) -> Image.Exif:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.getexif()
+
+
 def unsigned(url: str) -> str:
     """A URL without its query: an imageUrl without the signature API keys add."""
     return url.partition("?")[0]

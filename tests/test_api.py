@@ -14,11 +14,14 @@ from werkzeug.datastructures import FileStorage
 from image_api.records import valid_key
 from image_api.repository import scan_all
 from tests.helpers import (
+    GPS_IFD,
     HOSTILE_OUTCOMES,
     MEDIA_TYPES,
     TRICKY_REFUSED_OUTCOMES,
     ImagesClient,
     assert_replaced,
+    decoded_frames,
+    exif_of,
     make_image,
     sample_format,
     samples,
@@ -93,8 +96,26 @@ def test_every_valid_sample_round_trips_or_is_refused_as_unsupported(client, ima
     assert [i["_id"] for i in listed] == [image["_id"]]
     download = client.get(f"/api/images/{image['_id']}/download")
     assert download.status_code == 200
-    assert download.data == data
+    # The upload without its metadata: the same pixels; size and sha256 of what is stored.
+    assert decoded_frames(download.data) == decoded_frames(data)
+    assert (image["size"], image["sha256"]) == (
+        len(download.data),
+        hashlib.sha256(download.data).hexdigest(),
+    )
+    assert not exif_of(download.data).get_ifd(GPS_IFD)
     assert download.headers["Content-Type"] == image["contentType"]
+
+
+@pytest.mark.parametrize("path", samples("valid"), ids=lambda p: p.name)
+def test_with_strip_metadata_off_uploads_round_trip_byte_for_byte(make_app, tmp_path, path):
+    app = make_app({"DATA_DIR": str(tmp_path), "STRIP_METADATA": "false"})
+    response = ImagesClient(app.test_client()).upload(path.read_bytes(), filename=path.name)
+    if response.status_code == 415:
+        return  # outside the allow-list (the test above)
+    image = response.get_json()["image"]
+    download = app.test_client().get(f"/api/images/{image['_id']}/download")
+    assert download.data == path.read_bytes()
+    assert image["sha256"] == hashlib.sha256(download.data).hexdigest()
 
 
 @pytest.mark.parametrize("path", samples("hostile"), ids=lambda p: p.name)
@@ -119,7 +140,9 @@ def test_tricky_samples_are_stored_or_refused_by_a_limit(client, images, service
     assert image["contentType"] == MEDIA_TYPES[sample_format(path)]
     records, blobs = stored_state(service)
     assert records == [image["_id"]] and len(blobs) == 1
-    assert client.get(f"/api/images/{image['_id']}/download").data == data
+    stored = client.get(f"/api/images/{image['_id']}/download").data
+    assert decoded_frames(stored) == decoded_frames(data)
+    assert not exif_of(stored).get_ifd(GPS_IFD)
 
 
 def test_upload_without_the_image_field_is_400(client, images):

@@ -64,6 +64,9 @@ def test_insert_then_get_returns_the_same_record(repository):
     record = make_record()
     repository.insert(record)
     assert repository.get(record.id) == record
+    turned = make_record(orientation=8, placeholder="#a0b1c2")
+    repository.insert(turned)
+    assert repository.get(turned.id) == turned
 
 
 def test_get_missing_or_malformed_id_is_not_found(repository):
@@ -289,9 +292,15 @@ def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     old.create()  # idempotent: counts are not redone or doubled
     old.insert(make_record(content_type="image/gif"))
     assert old.count(Filters(content_type="image/gif")) == 2
-    # Images stored before owners existed belong to the first admin key's owner.
+    # Images stored before owners existed belong to the first admin key's owner; before
+    # stripping, they had orientation 1 and no placeholder.
     assert {old.get(record.id).owner for record in records} == {"admin"}
     assert old.count(Filters(owner="admin")) == 4
+    assert {(old.get(r.id).orientation, old.get(r.id).placeholder) for r in records} == {(1, None)}
+    turned = make_record(orientation=6, placeholder="#102030")
+    old.insert(turned)
+    stored = old.get(turned.id)
+    assert (stored.orientation, stored.placeholder) == (6, "#102030")
     old.close()
 
 
@@ -299,7 +308,9 @@ def test_mongodb_gives_images_stored_before_owners_to_the_admin_owner():
     database = mongomock.MongoClient(tz_aware=True)["old"]
     record = make_record()
     document = {
-        name: value for name, value in dataclasses.asdict(record).items() if name != "owner"
+        name: value
+        for name, value in dataclasses.asdict(record).items()
+        if name not in ("owner", "orientation", "placeholder")
     }
     document["_id"] = ObjectId(document.pop("id"))
     document["status"] = "active"
@@ -308,12 +319,18 @@ def test_mongodb_gives_images_stored_before_owners_to_the_admin_owner():
     repository.create()
     assert database["images"].find_one({"_id": document["_id"]})["owner"] == "admin"
     assert repository.get(record.id).owner == "admin"
+    assert (repository.get(record.id).orientation, repository.get(record.id).placeholder) == (
+        1,
+        None,
+    )
     assert [r.id for r in repository.list_page(10, None, Filters(owner="admin"))] == [record.id]
     assert repository.list_page(10, None, Filters(owner="bob")) == []
 
 
 #: The columns of the first release's images table (before owners).
-FIRST_RELEASE_FIELDS = [name for name in RECORD_FIELDS if name != "owner"]
+FIRST_RELEASE_FIELDS = [
+    name for name in RECORD_FIELDS if name not in ("owner", "orientation", "placeholder")
+]
 
 
 def _row(record: ImageRecord) -> list:

@@ -13,25 +13,15 @@ from PIL import Image, PngImagePlugin
 
 from image_api.media import signature_format
 from image_api.strip import Unstrippable, strip
-from tests.helpers import samples
+from tests.helpers import GPS_IFD, samples
+from tests.helpers import decoded_frames as frames
 
-GPS_IFD = 0x8825
 ORIENTATION = 0x0112
 SECRET = "52.3676 N 4.9041 E secret place"
 
 
 def stripped(data: bytes, orientation: int = 1) -> bytes:
     return b"".join(bytes(piece) for piece in strip(data, signature_format(data[:16]), orientation))
-
-
-def frames(data: bytes) -> list[bytes]:
-    """Every frame's pixels, as RGBA."""
-    with Image.open(io.BytesIO(data)) as image:
-        decoded = []
-        for index in range(getattr(image, "n_frames", 1)):
-            image.seek(index)
-            decoded.append(image.convert("RGBA").tobytes())
-        return decoded
 
 
 def exif_with_gps(orientation: int = 1) -> Image.Exif:

@@ -6,7 +6,7 @@ import functools
 from datetime import UTC
 
 from flask import g, request, url_for
-from marshmallow import EXCLUDE, Schema, fields, post_load, validate
+from marshmallow import EXCLUDE, Schema, fields, post_dump, post_load, validate
 
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
@@ -80,6 +80,28 @@ class ImageSchema(Schema):
     owner = fields.String(
         required=True, metadata={"description": "Whose image: the uploading key's owner"}
     )
+    orientation = fields.Integer(
+        validate=validate.Range(min=2, max=8),
+        metadata={
+            "description": "The EXIF orientation the stored file keeps (only when not 1); "
+            "width and height are as displayed"
+        },
+    )
+    placeholder = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "pattern": "^#[0-9a-f]{6}$",
+            "description": "The average colour of the picture, to paint before it loads "
+            "(null: fully transparent, or stored before placeholders existed)",
+        },
+    )
+
+    @post_dump
+    def _orientation_when_turned(self, data: dict, **kwargs) -> dict:
+        if data.get("orientation") == 1:
+            del data["orientation"]
+        return data
 
 
 def constant(value: str) -> fields.Constant:

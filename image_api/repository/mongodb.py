@@ -46,9 +46,15 @@ def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+_LATER_FIELDS = ("id", "owner", "orientation", "placeholder")
+
+
 def _from_document(document: dict) -> ImageRecord:
-    values = {name: document[name] for name in RECORD_FIELDS if name not in ("id", "owner")}
+    values = {name: document[name] for name in RECORD_FIELDS if name not in _LATER_FIELDS}
+    # Documents stored before these fields existed: read with their defaults.
     values["owner"] = document.get("owner", ADMIN_OWNER)
+    values["orientation"] = document.get("orientation", 1)
+    values["placeholder"] = document.get("placeholder")
     values["id"] = str(document["_id"])
     values["uploaded_at"] = _aware(values["uploaded_at"])
     values["updated_at"] = _aware(values["updated_at"])

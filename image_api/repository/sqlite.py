@@ -119,6 +119,11 @@ _MIGRATIONS: list[list[str]] = [
         """CREATE INDEX IF NOT EXISTS images_by_owner
             ON images (owner, status, uploaded_at DESC, id DESC)""",
     ],
+    [
+        # What metadata stripping keeps: the orientation, and a placeholder colour.
+        "ALTER TABLE images ADD COLUMN orientation INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE images ADD COLUMN placeholder TEXT",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
