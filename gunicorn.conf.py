@@ -1,5 +1,9 @@
 """gunicorn settings, from the service's own Settings (the environment and `.env`)."""
 
+import re
+
+from gunicorn.glogging import Logger
+
 from image_api.config import Settings
 
 settings = Settings.from_environment()
@@ -17,6 +21,22 @@ graceful_timeout = 30
 # clients are never shared across processes.
 preload_app = False
 accesslog = "-"
+
+
+class AccessLog(Logger):
+    """gunicorn's logger, but access lines never hold a signed URL's signature: whoever
+    reads the log could download the image with it until it expires."""
+
+    _SIGNATURE = re.compile(r"(signature=)[^&\s]*")
+
+    def atoms(self, resp, req, environ, request_time):
+        atoms = super().atoms(resp, req, environ, request_time)
+        for name in ("r", "q"):
+            atoms[name] = self._SIGNATURE.sub(r"\1[redacted]", atoms[name])
+        return atoms
+
+
+logger_class = AccessLog
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True

@@ -29,8 +29,42 @@ def init_command():
         return
     path = access.ensure_admin_key(service.repository, service.settings.data_dir, service.clock)
     if path is not None:
-        # For the operator at the terminal (`make run` shows it); never logged.
-        click.echo(f"Admin API key (kept in {path}): {path.read_text().strip()}")
+        click.echo(_admin_key_note(service.repository, path))
+
+
+def _admin_key_note(repository, path) -> str:
+    """For the operator at the terminal (`make run` shows it): the admin key's secret until
+    it is first used, so a newcomer can curl at once; then only where it is kept (the
+    output of every later start may end up in a log)."""
+    secret = path.read_text().strip()
+    try:
+        key = repository.get_api_key(access.parse_secret(secret)[0])
+    except access.Unauthorized:
+        key = None
+    if key is None or key.revoked_at is not None:
+        return (
+            f"The admin key in {path} is revoked or unknown: make another with "
+            "`flask --app image_api keys create --scope admin ...`"
+        )
+    if key.last_used_at is None:
+        return f"Admin API key (kept in {path}): {secret}"
+    return f"Admin API key: kept in {path}"
+
+
+class _Name(click.ParamType):
+    """A key's name or owner: 1 to 200 printable characters, not only spaces (what the
+    API's `?owner=` can ask for)."""
+
+    name = "name"
+
+    def convert(self, value, param, ctx):
+        value = str(value).strip()
+        if not 1 <= len(value) <= 200 or not value.isprintable():
+            self.fail(f"{value!r} is not 1 to 200 printable characters", param, ctx)
+        return value
+
+
+_NAME = _Name()
 
 
 @click.group("keys")
@@ -39,8 +73,13 @@ def keys_group():
 
 
 @keys_group.command("create")
-@click.option("--name", required=True, help="A unique name for the key.")
-@click.option("--owner", required=True, help="Whose images the key sees (keys may share one).")
+@click.option("--name", required=True, type=_NAME, help="A unique name for the key.")
+@click.option(
+    "--owner",
+    required=True,
+    type=_NAME,
+    help="Whose images the key sees (keys may share one).",
+)
 @click.option(
     "--scope",
     "scopes",

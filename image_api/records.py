@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from bson import ObjectId
-
 #: Where the service reads the time: `utc_now` in production, a fake one in tests.
 Clock = Callable[[], datetime]
 
@@ -29,8 +27,12 @@ def utc_now() -> datetime:
 
 
 def new_id() -> str:
-    """A fresh image id: a 24-hex ObjectId string, on every backend."""
-    return str(ObjectId())
+    """A fresh image id: 96 random bits as 24 hex digits (a valid ObjectId for MongoDB).
+
+    Not a generated ObjectId, whose timestamp and per-process counter let anyone who knows
+    one id guess its neighbours (and count other owners' uploads).
+    """
+    return secrets.token_hex(12)
 
 
 def valid_id(image_id: object) -> bool:

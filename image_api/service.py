@@ -87,9 +87,11 @@ class Preconditions:
         return self.if_match is not None or self.if_none_match is not None
 
     def check(self, current: ImageRecord) -> None:
-        if self.if_match is not None and not self.if_match.contains(current.sha256):
+        # A download's ETag names the bytes; a metadata ETag the bytes and the version.
+        tags = (current.sha256, f"{current.sha256}.{current.version}")
+        if self.if_match is not None and not any(map(self.if_match.contains, tags)):
             raise PreconditionFailed()
-        if self.if_none_match is not None and self.if_none_match.contains_weak(current.sha256):
+        if self.if_none_match is not None and any(map(self.if_none_match.contains_weak, tags)):
             raise PreconditionFailed("The image matches If-None-Match; nothing was changed")
 
 

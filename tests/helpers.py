@@ -279,7 +279,7 @@ class Service:
                 [str(gunicorn), "--config", "gunicorn.conf.py", "wsgi:app"],
                 cwd=ROOT,
                 env=self.env,
-                stdout=subprocess.DEVNULL,
+                stdout=log,  # the access log: complete once gunicorn has stopped
                 stderr=log,
             )
         try:

@@ -193,6 +193,40 @@ def test_keys_create_list_and_revoke(app, runner):
     assert runner.invoke(args=["keys", "revoke", "ci"]).exit_code != 0
 
 
+@pytest.mark.parametrize("owner", ["", "   ", "x" * 201, "tab\there"])
+def test_keys_need_an_owner_the_api_can_name(runner, owner):
+    created = runner.invoke(args=["keys", "create", "--name", "k", "--owner", owner])
+    assert created.exit_code != 0 and "printable" in created.output
+
+
+def test_init_shows_the_admin_secret_until_it_is_used_and_never_a_revoked_one(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    runner = app.test_cli_runner()
+    secret = (tmp_path / "admin-key").read_text().strip()
+    assert secret in runner.invoke(args=["init"]).output  # a newcomer can curl at once
+    assert app.test_client().get("/api/images").status_code == 200
+    shown = runner.invoke(args=["init"]).output
+    assert secret not in shown and str(tmp_path / "admin-key") in shown
+    runner.invoke(args=["keys", "revoke", "admin"])
+    shown = runner.invoke(args=["init"]).output
+    assert secret not in shown and "revoked" in shown
+
+
+def test_only_http_whitespace_surrounds_a_key(keyed):
+    app, _, secrets = keyed
+    client = app.test_client(key=None)
+    for headers in (
+        {"Authorization": f"Bearer {secrets['read']} \t"},
+        {"X-API-Key": f"{secrets['read']} "},
+    ):
+        assert client.get("/api/images", headers=headers).status_code == 200
+    for headers in (
+        {"Authorization": f"Bearer {secrets['read']}\xa0"},
+        {"X-API-Key": f"{secrets['read']}\xa0"},
+    ):
+        assert client.get("/api/images", headers=headers).status_code == 401
+
+
 # --- the first admin key ----------------------------------------------------------------------
 
 _START = """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -48,6 +49,16 @@ def stored_state(service):
 
 
 # --- upload ------------------------------------------------------------------------------
+
+
+def test_image_ids_tell_nothing_about_each_other(images):
+    """Random, not ObjectIds: no shared timestamp or machine part, no counter to step."""
+    ids = [images.create()["_id"] for _ in range(8)]
+    assert all(HEX24.match(image_id) for image_id in ids)
+    assert len({image_id[:8] for image_id in ids}) == len(ids)  # an ObjectId's timestamp
+    assert len({image_id[8:18] for image_id in ids}) == len(ids)  # its process part
+    numbers = sorted(int(image_id, 16) for image_id in ids)
+    assert all(b - a > 2**32 for a, b in itertools.pairwise(numbers))
 
 
 def test_upload_returns_201_with_the_image_and_a_location(client, images):

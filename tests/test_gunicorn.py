@@ -71,6 +71,12 @@ def test_upload_list_download_replace_delete_and_restart(service):
     assert service.http.get(f"{service.url}/missing", timeout=10).json()["code"] == "not_found"
 
     service.stop()
+    # The access log (complete once gunicorn has stopped) shows signed downloads without
+    # their signatures: whoever reads it cannot use the URLs.
+    log = service.log.read_text()
+    assert log.count("download?expires=") >= len(images)
+    assert log.count("signature=[redacted]") == log.count("signature=")
+    assert not any(image["imageUrl"].rpartition("=")[2] in log for image in images)
     service.start()
 
     listing = service.http.get(api, timeout=10).json()

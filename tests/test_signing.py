@@ -134,7 +134,7 @@ def test_metadata_json_and_etag_change_with_the_urls_expiry(client, images, cloc
     first = client.get(url)
     etag = first.headers["ETag"]
     expires = dict(parse_qsl(urlsplit(first.get_json()["imageUrl"]).query))["expires"]
-    assert etag == f'"{image["sha256"]}.{expires}"'
+    assert etag == f'"{image["sha256"]}.1.{expires}"'
     again = client.get(url)
     assert again.get_json() == first.get_json() and again.headers["ETag"] == etag
     assert client.get(url, headers={"If-None-Match": etag}).status_code == 304

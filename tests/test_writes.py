@@ -42,6 +42,24 @@ def test_metadata_and_writes_carry_the_etag(client, images):
     assert client.get(f"/api/images/{image_id}").headers["ETag"] == etag
 
 
+def test_a_replace_with_the_same_bytes_changes_the_metadata_etag(client, images):
+    """A new filename with the same bytes is a new version: a cached copy is stale, and a
+    write conditional on the old metadata ETag is a lost update."""
+    data = make_image(color="red")
+    image_id = images.create(data, filename="first.png")["_id"]
+    url = f"/api/images/{image_id}"
+    first = client.get(url).headers["ETag"]
+    replaced = images.replace(image_id, data, filename="second.png")
+    assert replaced.get_json()["image"]["filename"] == "second.png"
+    again = client.get(url, headers={"If-None-Match": first})
+    assert again.status_code == 200 and again.get_json()["version"] == 2
+    assert images.replace(image_id, data, headers={"If-Match": first}).status_code == 412
+    assert client.delete(url, headers={"If-Match": first}).status_code == 412
+    # The download's ETag names only the bytes, which did not change.
+    download_tag = client.get(f"{url}/download").headers["ETag"]
+    assert client.delete(url, headers={"If-Match": download_tag}).status_code == 200
+
+
 @pytest.mark.parametrize("tag", ['""', 'W/""', '"", W/""'])
 def test_an_empty_entity_tag_matches_no_image(client, images, tag):
     """Werkzeug reads an empty tag as None (schemathesis found a 500 there)."""

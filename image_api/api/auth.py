@@ -47,11 +47,16 @@ def presented_key() -> str | None:
     """The secret in `Authorization: Bearer ...`, else in `X-API-Key`."""
     header = request.headers.get("Authorization")
     if header is not None:
-        scheme, _, secret = header.strip().partition(" ")
+        # Only HTTP's own whitespace around the parts: not Unicode's (NBSP, NEL...).
+        scheme, _, secret = header.strip(_OWS).partition(" ")
         if scheme.lower() != "bearer":
             raise Unauthorized("Send the API key as Authorization: Bearer <key>")
-        return secret.strip()
-    return request.headers.get("X-API-Key")
+        return secret.strip(_OWS)
+    key = request.headers.get("X-API-Key")
+    return None if key is None else key.strip(_OWS)
+
+
+_OWS = " \t"
 
 
 def caller() -> Caller:

@@ -39,22 +39,28 @@ def etags(header: str) -> ETags | None:
 
 
 def preconditions() -> Preconditions:
-    """A write's If-Match and If-None-Match, when it has them, as the image versions
-    (sha256) they name: a metadata ETag adds its signed URLs' expiry, which is no part of
-    the image's version (`schemas.image_etag`)."""
+    """A write's If-Match and If-None-Match, when it has them, as the versions they name: a
+    download's ETag (the sha256) or a metadata ETag (`<sha256>.<version>`, whose signed
+    URLs' expiry is no part of the version: `schemas.image_etag`)."""
     return Preconditions(_versions(etags("If-Match")), _versions(etags("If-None-Match")))
 
 
-_EXPIRY = re.compile(r"\.[0-9]+$")
+#: A metadata ETag with its signed URLs' expiry: the version is the first two parts.
+_WITH_EXPIRY = re.compile(r"([0-9a-f]{64}\.[0-9]+)\.[0-9]+")
 
 
 def _versions(tags: ETags | None) -> ETags | None:
     if tags is None or tags.star_tag:
         return tags
     # Werkzeug reads an empty tag ("" or W/"") as None: it names no version.
-    strong = {_EXPIRY.sub("", tag) for tag in tags.as_set() if tag is not None}
-    every = {_EXPIRY.sub("", tag) for tag in tags.as_set(include_weak=True) if tag is not None}
+    strong = {_version(tag) for tag in tags.as_set() if tag is not None}
+    every = {_version(tag) for tag in tags.as_set(include_weak=True) if tag is not None}
     return ETags(strong, every - strong)
+
+
+def _version(tag: str) -> str:
+    match = _WITH_EXPIRY.fullmatch(tag)
+    return match[1] if match else tag
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

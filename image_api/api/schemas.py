@@ -36,10 +36,12 @@ def url_expiry() -> int | None:
 
 
 def image_etag(record) -> str:
-    """The ETag of an image's metadata: its sha256, and the expiry of the signed imageUrl
-    it holds (which changes the JSON). Writes' If-Match compares only the sha256."""
+    """The ETag of an image's metadata: `<sha256>.<version>`, and `.<expires>` of the signed
+    imageUrl it holds (which changes the JSON). The version tells apart replaces with the
+    same bytes (a new filename); writes' If-Match ignores the expiry."""
+    tag = f"{record.sha256}.{record.version}"
     expires = url_expiry()
-    return record.sha256 if expires is None else f"{record.sha256}.{expires}"
+    return tag if expires is None else f"{tag}.{expires}"
 
 
 class ImageSchema(Schema):
