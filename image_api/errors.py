@@ -113,8 +113,7 @@ class DecoderBusy(ApiError):
 
 
 class RateLimited(ApiError):
-    """Over RATE_LIMIT_READ or RATE_LIMIT_WRITE (raised by Flask-Limiter as Werkzeug's 429;
-    this class documents it)."""
+    """Over RATE_LIMIT_READ or RATE_LIMIT_WRITE (see `limits`), with Retry-After."""
 
     status, code = 429, "rate_limited"
     message = "Rate limit exceeded (60 per 1 minute); retry after Retry-After seconds"
