@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import secrets
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -142,18 +143,30 @@ def _hash(token: str) -> str:
 
 
 class Keys:
-    """Checks presented secrets against the repository's keys."""
+    """Checks presented secrets against the repository's keys.
 
-    def __init__(self, repository, clock):
+    A key read from the repository is trusted for `REREAD_AFTER` seconds in this process
+    (a metadata GET would otherwise spend a third of its time reading its key): a key
+    revoked here is refused at once, one revoked by another process (another worker,
+    `flask keys revoke`) within that second.
+    """
+
+    REREAD_AFTER = 1.0
+    #: Known keys remembered at most; unknown ids are never remembered.
+    _REMEMBERED = 10_000
+
+    def __init__(self, repository, clock, monotonic=time.monotonic):
         self.repository = repository
         self.clock = clock
+        self.monotonic = monotonic
+        self._read: dict[str, tuple[float, ApiKey]] = {}
 
     def authenticate(self, secret: str | None, scope: Scope) -> ApiKey:
         """The key `secret` names, if it is valid and grants `scope`."""
         if not secret:
             raise Unauthorized()
         key_id, token = parse_secret(secret)
-        key = self.repository.get_api_key(key_id)
+        key = self._get(key_id)
         if key is None or key.revoked_at is not None or not key.matches(token):
             raise Unauthorized("The API key is not valid (unknown, revoked or mistyped)")
         if not key.grants(scope):
@@ -161,7 +174,29 @@ class Keys:
         now = self.clock()
         if key.last_used_at is None or now - key.last_used_at >= TOUCH_EVERY:
             self.repository.touch_api_key(key.id, now)
+            key = dataclasses.replace(key, last_used_at=now)
+            self._remember(key)
         return key
+
+    def revoke(self, name: str) -> ApiKey:
+        """Revoke the key `name` (`NotFound` if there is no active one)."""
+        revoked = self.repository.revoke_api_key(name, self.clock())
+        self._read.pop(revoked.id, None)
+        return revoked
+
+    def _get(self, key_id: str) -> ApiKey | None:
+        read = self._read.get(key_id)
+        if read is not None and self.monotonic() - read[0] < self.REREAD_AFTER:
+            return read[1]
+        key = self.repository.get_api_key(key_id)
+        if key is not None:
+            self._remember(key)
+        return key
+
+    def _remember(self, key: ApiKey) -> None:
+        if len(self._read) >= self._REMEMBERED:
+            self._read.clear()
+        self._read[key.id] = (self.monotonic(), key)
 
     def create(self, name: str, owner: str, scopes) -> tuple[ApiKey, str]:
         key, secret = new_key(name, owner, scopes, self.clock())

@@ -128,7 +128,7 @@ def revoke_key_command(name: str):
     """Revoke the key NAME: requests with it get 401 from now on."""
     service = current_service()
     try:
-        service.repository.revoke_api_key(name, service.clock())
+        service.keys.revoke(name)
     except NotFound:
         raise click.ClickException(f"No active API key named {name!r}") from None
     click.echo(f"Revoked API key {name!r}.")

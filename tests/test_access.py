@@ -120,6 +120,22 @@ def test_the_auth_matrix(keyed, endpoint):
         assert response.status_code in (200, 201), response.get_data()
 
 
+def test_a_revoked_key_is_refused_at_once_here_and_within_a_second_elsewhere(keyed, clock):
+    app, _, secrets = keyed
+    keys = app.extensions["image_api"].keys
+    seconds = [0.0]
+    keys.monotonic = lambda: seconds[0]  # the reread window's clock, moved by hand
+    reader, writer = (app.test_client(key=secrets[name]) for name in ("read", "write"))
+    assert reader.get("/api/images").status_code == writer.get("/api/images").status_code == 200
+    keys.revoke("write-key")  # in this process (the CLI's way): refused at once
+    assert writer.get("/api/images").status_code == 401
+    keys.repository.revoke_api_key("read-key", clock())  # as another process would
+    seconds[0] += keys.REREAD_AFTER - 0.001
+    assert reader.get("/api/images").status_code == 200  # read within the last second
+    seconds[0] += 0.001
+    assert reader.get("/api/images").status_code == 401
+
+
 def test_x_api_key_works_and_other_schemes_are_refused(keyed):
     app, _, secrets = keyed
     client = app.test_client(key=None)

@@ -105,14 +105,22 @@ CORS_EXPOSE_HEADERS = [
 
 
 def secure(response):
+    """The security headers, unless the response set its own (downloads, the docs page)."""
+    headers = response.headers
     for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    if response.mimetype == "application/json":
-        response.headers.setdefault("Content-Security-Policy", JSON_POLICY)
-    if current_service().settings.cors_origins:
-        # Allowed origins get CORS headers and others none: a cache must keep them apart
-        # (flask-cors leaves this out when only one origin is allowed).
-        response.vary.add("Origin")
+        if name not in headers:
+            headers[name] = value
+    if "Content-Security-Policy" not in headers and (response.content_type or "").startswith(
+        "application/json"
+    ):
+        headers["Content-Security-Policy"] = JSON_POLICY
+    return response
+
+
+def vary_by_origin(response):
+    """Allowed origins get CORS headers and others none: a cache must keep them apart
+    (flask-cors leaves this out when only one origin is allowed)."""
+    response.vary.add("Origin")
     return response
 
 
@@ -133,6 +141,7 @@ def init_app(app: Flask) -> None:
     app.after_request(secure)
     origins = app.extensions[EXTENSION].settings.cors_origins
     if origins:
+        app.after_request(vary_by_origin)
         # flask-cors answers preflights and adds the headers to allowed origins only.
         CORS(
             app,
