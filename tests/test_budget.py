@@ -19,9 +19,9 @@ from image_api.repository import scan_all
 from tests import faultproxy
 from tests.helpers import FAKE_AWS, TEST_SECRET, make_image
 
-BUDGET = {"REQUEST_TIMEOUT": "3"}
-#: Generous slack over the 3 s budget: what is checked is "bounded by the budget", not speed.
-WITHIN = 6.0
+BUDGET = {"REQUEST_TIMEOUT": "2"}
+#: Generous slack over the 2 s budget: what is checked is "bounded by the budget", not speed.
+WITHIN = 5.0
 
 
 def timed(call):
