@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import timedelta
@@ -11,8 +12,10 @@ from flask import Flask
 from flask.cli import with_appcontext
 
 from . import access
-from .errors import Conflict, NotFound
+from .errors import ApiError, Conflict, NotFound
+from .records import Status
 from .repair import repair
+from .repository import scan_all
 from .service import current_service
 
 
@@ -134,6 +137,35 @@ def revoke_key_command(name: str):
     click.echo(f"Revoked API key {name!r}.")
 
 
+@click.command("strip-metadata")
+@click.option("--apply", is_flag=True, help="Strip what is found (default: report only).")
+@with_appcontext
+def strip_metadata_command(apply: bool):
+    """Strip the metadata of images stored with it (before stripping existed, or with
+    STRIP_METADATA=false): each becomes a new version, its pixels unchanged. Rerun it after
+    an interruption: images already stripped are skipped."""
+    service = current_service()
+    records = [r for r in scan_all(service.repository) if r.status is Status.ACTIVE]
+    show_progress = sys.stderr.isatty()
+    found = saved = 0
+    with (
+        click.progressbar(records, label="stripping" if apply else "checking", file=sys.stderr)
+        if show_progress
+        else contextlib.nullcontext(records) as bar
+    ):
+        for record in bar:
+            try:
+                gain = service.strip_stored(record, apply=apply)
+            except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
+                click.echo(f"{record.id}: skipped ({error.code}: {error.message})")
+                continue
+            if gain is not None:
+                found, saved = found + 1, saved + gain
+                click.echo(f"{record.id}: {'stripped' if apply else 'has metadata'}, {gain} bytes")
+    mode = "stripped" if apply else "to strip (dry run: nothing changed; use --apply)"
+    click.echo(f"Checked {len(records)} images; {found} {mode}, {saved} bytes of metadata.")
+
+
 @click.command("repair")
 @click.option(
     "--grace",
@@ -173,3 +205,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(init_command)
     app.cli.add_command(keys_group)
     app.cli.add_command(repair_command)
+    app.cli.add_command(strip_metadata_command)

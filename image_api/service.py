@@ -24,6 +24,8 @@ import dataclasses
 import enum
 import functools
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -228,6 +230,25 @@ class ImageService:
         )
         return self.idempotency.run(idempotency_key, request, replace_once)
 
+    def strip_stored(self, record: ImageRecord, apply: bool = False) -> int | None:
+        """For an image stored with its metadata (before stripping existed, or with
+        STRIP_METADATA=false): the bytes stripping it saves, None if there is nothing to
+        strip. With `apply`, its stripped bytes become a new version, on the condition
+        that no replace came first (rerunning skips what is done: stripping is idempotent).
+        """
+        with self.storage.open(record.key) as blob, tempfile.TemporaryFile() as original:
+            shutil.copyfileobj(blob, original)
+            original.seek(0)
+            info = self._inspect(original)
+            with media.without_metadata(original, info) as (stream, stored):
+                if stored.sha256 == record.sha256:
+                    return None
+                if apply:
+                    unchanged = Preconditions(if_match=ETags([record.sha256]))
+                    upload = media.Upload(stream, record.filename)
+                    self._replace_idempotently(record, upload, stored, unchanged, None)
+                return record.size - stored.size
+
     def delete(
         self,
         image_id: str,
@@ -429,18 +450,21 @@ class ImageService:
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
-    @contextlib.contextmanager
-    def _prepared(self, upload: media.Upload) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
-        """The upload checked, and as it is stored: without its metadata unless
-        STRIP_METADATA=false (then byte for byte)."""
-        info = media.inspect(
-            upload.stream,
+    def _inspect(self, stream) -> media.ImageInfo:
+        return media.inspect(
+            stream,
             accepted_formats=self.settings.accepted_formats,
             max_bytes=self.settings.max_upload_bytes,
             max_pixels=self.settings.max_image_pixels,
             max_animation_pixels=self.settings.max_animation_pixels,
             budget=self.decode_budget,
         )
+
+    @contextlib.contextmanager
+    def _prepared(self, upload: media.Upload) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
+        """The upload checked, and as it is stored: without its metadata unless
+        STRIP_METADATA=false (then byte for byte)."""
+        info = self._inspect(upload.stream)
         if not self.settings.strip_metadata:
             yield upload, info
             return

@@ -4,6 +4,7 @@ never another exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import random
@@ -246,3 +247,38 @@ def test_declared_lengths_are_not_trusted():
     for data, fmt in ((png, "PNG"), (jpeg, "JPEG"), (gif, "GIF"), (webp, "WEBP"), (avif, "AVIF")):
         with pytest.raises(Unstrippable):
             strip(data, fmt)
+
+
+# --- images stored before stripping -----------------------------------------------------------
+
+
+def test_the_strip_command_strips_images_stored_with_metadata(app, client, images, service):
+    data = picture("JPEG", exif=exif_with_gps(6).tobytes(), comment=SECRET)
+    # Stored as the release before stripping did (or STRIP_METADATA=false does).
+    service.settings = dataclasses.replace(service.settings, strip_metadata=False)
+    old = images.create(data, filename="gps.jpg")
+    plain = images.create(picture("PNG"))
+    service.settings = dataclasses.replace(service.settings, strip_metadata=True)
+    download = f"/api/images/{old['_id']}/download"
+    assert client.get(download).data == data
+
+    runner = app.test_cli_runner()
+    dry = runner.invoke(args=["strip-metadata"])
+    assert dry.exit_code == 0, dry.output
+    assert "1 to strip" in dry.output and old["_id"] in dry.output
+    assert plain["_id"] not in dry.output
+    assert client.get(download).data == data  # a dry run changes nothing
+
+    applied = runner.invoke(args=["strip-metadata", "--apply"])
+    assert applied.exit_code == 0 and "1 stripped" in applied.output, applied.output
+    image = client.get(f"/api/images/{old['_id']}").get_json()
+    stored = client.get(download).data
+    assert image["version"] == 2 and image["size"] == len(stored) < len(data)
+    assert (image["orientation"], image["width"], image["height"]) == (6, 23, 37)
+    assert frames(stored) == frames(data) and SECRET.encode() not in stored
+    with Image.open(io.BytesIO(stored)) as picture_:
+        assert dict(picture_.getexif()) == {ORIENTATION: 6}
+    assert client.get(f"/api/images/{plain['_id']}").get_json()["version"] == 1
+    # Rerun (after an interruption, say): what is done is skipped.
+    again = runner.invoke(args=["strip-metadata", "--apply"])
+    assert "0 stripped" in again.output
