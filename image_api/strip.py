@@ -72,6 +72,9 @@ _SOI, _EOI, _SOS, _COM = 0xD8, 0xD9, 0xDA, 0xFE
 #: Application segments kept, by marker and signature: JFIF, ICC profiles and Adobe's
 #: (whose colour-transform flag decides how CMYK and YCCK decode).
 _KEPT_APP = {0xE0: (b"JFIF\0",), 0xE2: (b"ICC_PROFILE\0",), 0xEE: (b"Adobe",)}
+#: Kept segments cut to their standard size, dropping what may follow it: JFIF's thumbnail
+#: (its size fields then say none), anything appended to Adobe's 12 bytes.
+_CUT_APP = {0xE0: (12, b"\0\0"), 0xEE: (12, b"")}
 
 
 def _jpeg(reader: _Reader, orientation: int) -> Pieces:
@@ -98,7 +101,9 @@ def _jpeg(reader: _Reader, orientation: int) -> Pieces:
         reader.need(end, "A JPEG segment")
         if _keeps(marker, view[pos + 2 : end]):
             pieces.append(bytes((0xFF, marker)))
-            pieces.append(view[pos:end])
+            pieces.append(
+                _cut(marker, view[pos + 2 : end]) if marker in _CUT_APP else view[pos:end]
+            )
         pos = end
         if marker == _SOS:
             scan_end = _entropy_end(data, reader, pos)
@@ -111,6 +116,15 @@ def _jpeg(reader: _Reader, orientation: int) -> Pieces:
         pieces.insert(at, b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload)
     pieces.append(b"\xff\xd9")
     return pieces
+
+
+def _cut(marker: int, payload: memoryview) -> bytes:
+    """A JFIF or Adobe segment's length and payload, cut to the standard fields."""
+    size, suffix = _CUT_APP[marker]
+    if len(payload) < size:
+        raise Unstrippable(f"An APP{marker - 0xE0} segment shorter than its fields")
+    kept = bytes(payload[:size]) + suffix
+    return struct.pack(">H", len(kept) + 2) + kept
 
 
 def _keeps(marker: int, payload: memoryview) -> bool:
@@ -202,10 +216,10 @@ def _gif(reader: _Reader, orientation: int) -> Pieces:
         elif block == 0x21:  # an extension: label, then sub-blocks
             label, start = reader.uint(pos + 1, 1), pos
             pos = _sub_blocks_end(reader, pos + 2)
-            if label in (0xF9, 0x01) or (
+            if label == 0xF9 or (
                 label == 0xFF and bytes(view[start + 3 : start + 14]) in _GIF_APPLICATIONS
             ):
-                pieces.append(view[start:pos])  # frame timing, plain text, looping, ICC
+                pieces.append(view[start:pos])  # frame timing, looping, ICC
         else:
             raise Unstrippable(f"Unknown GIF block 0x{block:02X} at byte {pos}")
     pieces.append(b";")  # a GIF cut short after its last frame gets its trailer back
@@ -250,6 +264,8 @@ def _webp(reader: _Reader, orientation: int) -> Pieces:
             if orientation != 1:
                 flags |= _VP8X_EXIF
             chunks += [view[pos : pos + 8], bytes((flags,)), view[pos + 9 : padded]]
+        elif kind == b"ANMF":
+            chunks += _webp_frame(reader, pos, end)
         elif kind in _WEBP_KEPT:
             chunks.append(view[pos:padded])
         if size & 1 and padded == end:  # the last chunk of a file cut short: pad it
@@ -260,6 +276,30 @@ def _webp(reader: _Reader, orientation: int) -> Pieces:
         chunks.append(b"EXIF" + struct.pack("<I", len(exif)) + exif)
     riff_size = 4 + sum(len(chunk) for chunk in chunks)
     return [b"RIFF" + struct.pack("<I", riff_size) + b"WEBP", *chunks]
+
+
+#: What an animation frame holds besides its 16-byte header: alpha and a bitstream.
+_WEBP_FRAME_KEPT = {b"ALPH", b"VP8 ", b"VP8L"}
+
+
+def _webp_frame(reader: _Reader, pos: int, end: int) -> Pieces:
+    """An ANMF chunk with only its header, alpha and bitstream (metadata chunks hidden in
+    a frame go too)."""
+    view = reader.view
+    body = pos + 8 + 16
+    reader.need(body, "A WebP frame header")
+    kept: Pieces = []
+    while body + 8 <= end:
+        size = reader.uint(body + 4, 4, "little")
+        stop = min(body + 8 + size + (size & 1), end)
+        reader.need(body + 8 + size, "A chunk of a WebP frame")
+        if bytes(view[body : body + 4]) in _WEBP_FRAME_KEPT:
+            kept.append(view[body:stop])
+            if size & 1 and stop == body + 8 + size:
+                kept.append(b"\0")
+        body = stop
+    length = 16 + sum(len(piece) for piece in kept)
+    return [b"ANMF" + struct.pack("<I", length), view[pos + 8 : pos + 24], *kept]
 
 
 # --- AVIF ----------------------------------------------------------------------------------
@@ -273,7 +313,9 @@ def _avif(reader: _Reader, orientation: int) -> Pieces:
     start, end = meta
     start += 4  # a full box: version and flags
     hidden = _metadata_items(reader, _child(reader, start, end, b"iinf"))
-    ranges = sorted(_item_extents(reader, _child(reader, start, end, b"iloc"), hidden))
+    ranges = sorted(
+        [*_item_extents(reader, _child(reader, start, end, b"iloc"), hidden), *_spare(reader)]
+    )
     pieces: Pieces = []
     pos = 0
     for first, last, kind in ranges:
@@ -287,6 +329,30 @@ def _avif(reader: _Reader, orientation: int) -> Pieces:
         pos = last
     pieces.append(reader.view[pos:])
     return pieces
+
+
+#: Top-level boxes a picture needs; the others (free, skip, uuid: XMP's) are blanked.
+_AVIF_KEPT = {b"ftyp", b"meta", b"mdat", b"moov"}
+
+
+def _spare(reader: _Reader):
+    """Ranges (first, last, b"") of the file no picture needs: the payload of other
+    top-level boxes, and whatever follows the last whole box."""
+    pos = 0
+    while pos + 8 <= reader.size:
+        size, kind = reader.uint(pos, 4), bytes(reader.view[pos + 4 : pos + 8])
+        header = 8
+        if size == 1 and pos + 16 <= reader.size:
+            size, header = reader.uint(pos + 8, 8), 16
+        elif size == 0:
+            size = reader.size - pos
+        if size < header or pos + size > reader.size:
+            break
+        if kind not in _AVIF_KEPT and size > header:
+            yield pos + header, pos + size, b""
+        pos += size
+    if pos < reader.size:
+        yield pos, reader.size, b""
 
 
 def _boxes(reader: _Reader, pos: int, end: int):

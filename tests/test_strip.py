@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import io
 import random
+import struct
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -282,3 +283,74 @@ def test_the_strip_command_strips_images_stored_with_metadata(app, client, image
     # Rerun (after an interruption, say): what is done is skipped.
     again = runner.invoke(args=["strip-metadata", "--apply"])
     assert "0 stripped" in again.output
+
+
+# --- what an outside attack hid where the first walkers did not look ------------------------
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return kind + struct.pack("<I", len(data)) + data + b"\0" * (len(data) & 1)
+
+
+def test_metadata_hidden_inside_webp_animation_frames_goes():
+    frames_ = [Image.new("RGB", (32, 24), color) for color in ("red", "green", "blue")]
+    out = io.BytesIO()
+    frames_[0].save(
+        out, "WEBP", save_all=True, append_images=frames_[1:], duration=100, lossless=True
+    )
+    original = out.getvalue()
+    chunks, pos = [], 12
+    while pos < len(original):
+        kind, size = original[pos : pos + 4], struct.unpack("<I", original[pos + 4 : pos + 8])[0]
+        data = original[pos + 8 : pos + 8 + size]
+        pos += 8 + size + (size & 1)
+        if kind == b"ANMF":
+            data += _chunk(b"EXIF", exif_with_gps().tobytes()) + _chunk(b"XMP ", SECRET.encode())
+            data += _chunk(b"LEAK", SECRET.encode())
+        chunks.append(_chunk(kind, data))
+    body = b"WEBP" + b"".join(chunks)
+    data = b"RIFF" + struct.pack("<I", len(body)) + body
+    out = stripped(data)
+    assert SECRET.encode() not in out
+    assert frames(out) == frames(data) and timing(out) == timing(data)
+
+
+def test_avif_spare_boxes_and_trailing_bytes_are_blanked():
+    data = picture("AVIF")
+    uuid = bytes.fromhex("be7acfcb97a942e89c71999491e3afac")  # XMP's uuid box
+    for extra in (
+        SECRET.encode(),
+        struct.pack(">I", 8 + len(SECRET)) + b"free" + SECRET.encode(),
+        struct.pack(">I", 24 + len(SECRET)) + b"uuid" + uuid + SECRET.encode(),
+    ):
+        out = stripped(data + extra)
+        assert SECRET.encode() not in out and len(out) == len(data + extra)
+        assert frames(out) == frames(data)
+
+
+def test_jfif_thumbnails_and_oversized_adobe_segments_go():
+    jpeg = picture("JPEG")
+    thumbnail = bytes(range(256)) * 3  # 16x16 RGB
+    app0 = b"JFIF\0\x01\x01\0\0\x01\0\x01\x10\x10" + thumbnail
+    adobe = b"Adobe\0d\0\0\0\0\x01" + SECRET.encode() * 100
+    assert jpeg[2:4] == b"\xff\xe0"  # Pillow writes a JFIF APP0 first: replace it
+    app0_end = 4 + struct.unpack(">H", jpeg[4:6])[0]
+    data = (
+        jpeg[:2]
+        + b"\xff\xe0" + struct.pack(">H", len(app0) + 2) + app0
+        + b"\xff\xee" + struct.pack(">H", len(adobe) + 2) + adobe
+        + jpeg[app0_end:]
+    )  # fmt: skip
+    out = stripped(data)
+    assert thumbnail not in out and SECRET.encode() not in out
+    assert frames(out) == frames(data)
+    with Image.open(io.BytesIO(out)) as image:
+        assert image.info["jfif_version"] == (1, 1)
+
+
+def test_gif_plain_text_extensions_go():
+    gif = picture("GIF")
+    text = b"\x21\x01\x0c" + bytes(12) + bytes([len(SECRET)]) + SECRET.encode() + b"\0"
+    data = gif[:-1] + text + b";"
+    out = stripped(data)
+    assert SECRET.encode() not in out and frames(out) == frames(data)
