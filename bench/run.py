@@ -453,6 +453,57 @@ def bench_upload(args, work: Path, rows: list) -> None:
     )
 
 
+def camera_jpeg() -> bytes:
+    """A 12 MP photo as a phone stores it (4000x3000, quality 90) with an EXIF block:
+    orientation, camera and GPS position."""
+    width, height = 4000, 3000
+    small = Image.frombytes("RGB", (400, 300), random.Random(12).randbytes(400 * 300 * 3))
+    picture = Image.blend(
+        small.resize((width, height), Image.Resampling.BILINEAR),
+        Image.linear_gradient("L").resize((width, height)).convert("RGB"),
+        0.5,
+    )
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F], exif[0x0110] = "Phone maker", "Phone 15"
+    exif[0x8825] = {1: "N", 2: (52.0, 22.0, 3.36), 3: "E", 4: (4.0, 54.0, 14.76)}
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def bench_strip(args, work: Path, rows: list) -> None:
+    """9: upload of a 12 MP camera JPEG with metadata stripping (the default) vs without
+    (STRIP_METADATA=false), the same code side by side; goal: at most 1.1x the time."""
+    image = camera_jpeg()
+    body = work / "camera-body.multipart"
+    body.write_bytes(multipart_body(image, "image", "camera.jpg", "image/jpeg"))
+    script = [str(Path(__file__).resolve().parent / "upload.lua"), str(body)]
+    port, plain_port = free_port(), free_port()
+    with (
+        gunicorn("wsgi:app", service_env(work / "strip", port)),
+        gunicorn("wsgi:app", service_env(work / "plain", plain_port, STRIP_METADATA="false")),
+    ):
+        stripped = upload(f"http://127.0.0.1:{port}", image, "camera.jpg")
+        kept = upload(f"http://127.0.0.1:{plain_port}", image, "camera.jpg")
+        assert stripped["size"] < kept["size"] == len(image), (stripped, kept)
+        ours, plain = side_by_side(
+            f"http://127.0.0.1:{port}/api/images/upload",
+            f"http://127.0.0.1:{plain_port}/api/images/upload",
+            args,
+            script=script,
+        )
+    rows.append(
+        ratio_row(
+            f"upload of a 12 MP camera JPEG ({len(image) / 1e6:.1f} MB, EXIF with GPS): "
+            "metadata stripped vs kept (STRIP_METADATA=false)",
+            ours, plain, "rps", round(1 / 1.1, 2),
+            f"{median(ours, 'rps'):.1f} vs {median(plain, 'rps'):.1f} uploads/s; stored "
+            f"{stripped['size']} vs {kept['size']} bytes",
+        )
+    )  # fmt: skip
+
+
 #: The last commit before API keys, owners, rate limits and signed URLs.
 BEFORE_ACCESS = "ed8850e"
 
@@ -733,13 +784,15 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="download, memory, lists, s3, upload, access, repair, decode",
+        help="download, memory, lists, s3, upload, access, strip, repair, decode",
     )
     args = parser.parse_args()
     ensure_tools()
     started = datetime.now(UTC)
     rows: list = []
-    everything = ("download", "memory", "lists", "s3", "upload", "access", "repair", "decode")
+    everything = (
+        "download", "memory", "lists", "s3", "upload", "access", "strip", "repair", "decode"
+    )  # fmt: skip
     chosen = set(args.only or everything)
     with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -756,6 +809,8 @@ def main() -> None:
             bench_upload(args, work, rows)
         if "access" in chosen:
             bench_access(args, work, rows)
+        if "strip" in chosen:
+            bench_strip(args, work, rows)
         if "repair" in chosen:
             bench_repair(args, work, rows)
         if "decode" in chosen:
