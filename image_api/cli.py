@@ -145,15 +145,17 @@ def strip_metadata_command(apply: bool):
     STRIP_METADATA=false): each becomes a new version, its pixels unchanged. Rerun it after
     an interruption: images already stripped are skipped."""
     service = current_service()
-    records = [r for r in scan_all(service.repository) if r.status is Status.ACTIVE]
-    show_progress = sys.stderr.isatty()
-    found = saved = 0
+    # Streamed, a batch of records at a time; the count is only for the progress bar.
+    records = (r for r in scan_all(service.repository) if r.status is Status.ACTIVE)
+    label = "stripping" if apply else "checking"
+    checked = found = saved = 0
     with (
-        click.progressbar(records, label="stripping" if apply else "checking", file=sys.stderr)
-        if show_progress
+        click.progressbar(records, length=service.repository.count(), label=label, file=sys.stderr)
+        if sys.stderr.isatty()
         else contextlib.nullcontext(records) as bar
     ):
         for record in bar:
+            checked += 1
             try:
                 gain = service.strip_stored(record, apply=apply)
             except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
@@ -163,7 +165,7 @@ def strip_metadata_command(apply: bool):
                 found, saved = found + 1, saved + gain
                 click.echo(f"{record.id}: {'stripped' if apply else 'has metadata'}, {gain} bytes")
     mode = "stripped" if apply else "to strip (dry run: nothing changed; use --apply)"
-    click.echo(f"Checked {len(records)} images; {found} {mode}, {saved} bytes of metadata.")
+    click.echo(f"Checked {checked} images; {found} {mode}, {saved} bytes of metadata.")
 
 
 @click.command("repair")
