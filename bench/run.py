@@ -594,7 +594,16 @@ def fill_sqlite(data_dir: Path, count: int) -> None:
             )
         )
     with sqlite3.connect(data_dir / "images.sqlite3") as db:
-        db.executemany(f"INSERT INTO images VALUES ({', '.join('?' * 12)})", rows)
+        # The first release's columns: later ones (owner, orientation...) take their defaults.
+        db.executemany(
+            f"INSERT INTO images ({_FIRST_COLUMNS}) VALUES ({', '.join('?' * 12)})", rows
+        )
+
+
+_FIRST_COLUMNS = (
+    "id, key, filename, content_type, size, width, height, sha256, version, uploaded_at, "
+    "updated_at, status"
+)
 
 
 def page_urls(base: str, limit: int, page: int) -> tuple[str, str]:
