@@ -70,6 +70,9 @@ def fill(data_dir: Path, count: int) -> None:
             "uploaded_at": old,
             "updated_at": old,
             "status": "active",
+            "owner": "admin",
+            "orientation": 1,
+            "placeholder": None,
         }
         rows.append([values[name] for name in RECORD_FIELDS])
     with sqlite3.connect(data_dir / "images.sqlite3") as db:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -786,6 +787,19 @@ def write_report(rows: list, args, started: datetime) -> Path:
     return path
 
 
+def _run_section(name: str, run, rows: list) -> None:
+    """Run one benchmark; one that fails is a row of the report (with its error), not the
+    end of a run whose other results would be lost."""
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 (any failure of a benchmark is reported)
+        traceback.print_exc()
+        rows.append(
+            {"name": f"{name}: failed", "a": "", "b": "", "result": "error", "goal": "",
+             "met": False, "note": f"{type(error).__name__}: {error}"}
+        )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=4, help="seconds per wrk run")
@@ -806,24 +820,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         moto = stack.enter_context(moto_server(free_port()))
-        if "download" in chosen:
-            bench_download(args, work, rows)
-        if "memory" in chosen:
-            bench_upload_memory(args, work, rows, moto)
-        if "lists" in chosen:
-            bench_lists(args, work, rows)
-        if "s3" in chosen:
-            bench_s3(args, work, rows, moto)
-        if "upload" in chosen:
-            bench_upload(args, work, rows)
-        if "access" in chosen:
-            bench_access(args, work, rows)
-        if "strip" in chosen:
-            bench_strip(args, work, rows)
-        if "repair" in chosen:
-            bench_repair(args, work, rows)
-        if "decode" in chosen:
-            bench_decode_memory(args, work, rows)
+        sections = {
+            "download": lambda: bench_download(args, work, rows),
+            "memory": lambda: bench_upload_memory(args, work, rows, moto),
+            "lists": lambda: bench_lists(args, work, rows),
+            "s3": lambda: bench_s3(args, work, rows, moto),
+            "upload": lambda: bench_upload(args, work, rows),
+            "access": lambda: bench_access(args, work, rows),
+            "strip": lambda: bench_strip(args, work, rows),
+            "repair": lambda: bench_repair(args, work, rows),
+            "decode": lambda: bench_decode_memory(args, work, rows),
+        }
+        for name in everything:
+            if name in chosen:
+                _run_section(name, sections[name], rows)
     for row in rows:
         print(f"{row['result']:>10}  {row['goal']:<9} {row['name']}")
     print(f"wrote {write_report(rows, args, started)}")
