@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from datetime import timedelta
@@ -149,21 +148,16 @@ def strip_metadata_command(apply: bool):
     records = (r for r in scan_all(service.repository) if r.status is Status.ACTIVE)
     label = "stripping" if apply else "checking"
     checked = found = saved = 0
-    with (
-        click.progressbar(records, length=service.repository.count(), label=label, file=sys.stderr)
-        if sys.stderr.isatty()
-        else contextlib.nullcontext(records) as bar
-    ):
-        for record in bar:
-            checked += 1
-            try:
-                gain = service.strip_stored(record, apply=apply)
-            except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
-                click.echo(f"{record.id}: skipped ({error.code}: {error.message})")
-                continue
-            if gain is not None:
-                found, saved = found + 1, saved + gain
-                click.echo(f"{record.id}: {'stripped' if apply else 'has metadata'}, {gain} bytes")
+    for record in _progress(records, label, length=service.repository.count()):
+        checked += 1
+        try:
+            gain = service.strip_stored(record, apply=apply)
+        except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
+            click.echo(f"{record.id}: skipped ({error.code}: {error.message})")
+            continue
+        if gain is not None:
+            found, saved = found + 1, saved + gain
+            click.echo(f"{record.id}: {'stripped' if apply else 'has metadata'}, {gain} bytes")
     mode = "stripped" if apply else "to strip (dry run: nothing changed; use --apply)"
     click.echo(f"Checked {checked} images; {found} {mode}, {saved} bytes of metadata.")
 
@@ -181,14 +175,9 @@ def strip_metadata_command(apply: bool):
 @with_appcontext
 def repair_command(grace: float, apply: bool, as_json: bool):
     """Find orphan blobs, stale pending uploads and records whose blob is missing."""
-    show_progress = not as_json and sys.stderr.isatty()
 
     def track(pairs):
-        if not show_progress:
-            yield from pairs
-            return
-        with click.progressbar(pairs, label="checking", file=sys.stderr) as bar:
-            yield from bar
+        return _progress(pairs, "checking", show=not as_json)
 
     report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
     if as_json:
@@ -201,6 +190,15 @@ def repair_command(grace: float, apply: bool, as_json: bool):
         click.echo(f"{finding.kind}: key {finding.key}{image}: {finding.action}")
     if not report.findings:
         click.echo("Blobs and records match.")
+
+
+def _progress(items, label: str, length: int | None = None, show: bool = True):
+    """`items`, with a progress bar on stderr when it is a terminal (and `show`)."""
+    if not (show and sys.stderr.isatty()):
+        yield from items
+        return
+    with click.progressbar(items, length=length, label=label, file=sys.stderr) as bar:
+        yield from bar
 
 
 def init_app(app: Flask) -> None:

@@ -82,6 +82,13 @@ class ImageRecord:
     orientation: int = 1
     placeholder: str | None = None
 
+    @property
+    def version_tag(self) -> str:
+        """What names this version of the image (its metadata's ETag, before any expiry of
+        the signed URLs in it): the bytes' sha256 and the version number, which tells apart
+        replaces with the same bytes."""
+        return f"{self.sha256}.{self.version}"
+
     def to_json(self) -> dict:
         """Plain JSON types, for storing a response to replay."""
         values = dataclasses.asdict(self)

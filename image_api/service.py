@@ -90,7 +90,7 @@ class Preconditions:
 
     def check(self, current: ImageRecord) -> None:
         # A download's ETag names the bytes; a metadata ETag the bytes and the version.
-        tags = (current.sha256, f"{current.sha256}.{current.version}")
+        tags = (current.sha256, current.version_tag)
         if self.if_match is not None and not any(map(self.if_match.contains, tags)):
             raise PreconditionFailed()
         if self.if_none_match is not None and any(map(self.if_none_match.contains_weak, tags)):
@@ -239,13 +239,12 @@ class ImageService:
         with self.storage.open(record.key) as blob, tempfile.TemporaryFile() as original:
             shutil.copyfileobj(blob, original)
             original.seek(0)
-            info = self._inspect(original)
-            with media.without_metadata(original, info) as (stream, stored):
+            upload = media.Upload(original, record.filename)
+            with self._prepared(upload, strip=True) as (upload, stored):
                 if stored.sha256 == record.sha256:
                     return None
                 if apply:
                     unchanged = Preconditions(if_match=ETags([record.sha256]))
-                    upload = media.Upload(stream, record.filename)
                     self._replace_idempotently(record, upload, stored, unchanged, None)
                 return record.size - stored.size
 
@@ -450,9 +449,9 @@ class ImageService:
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
-    def _inspect(self, stream) -> media.ImageInfo:
+    def _inspect(self, upload: media.Upload) -> media.ImageInfo:
         return media.inspect(
-            stream,
+            upload.stream,
             accepted_formats=self.settings.accepted_formats,
             max_bytes=self.settings.max_upload_bytes,
             max_pixels=self.settings.max_image_pixels,
@@ -461,11 +460,13 @@ class ImageService:
         )
 
     @contextlib.contextmanager
-    def _prepared(self, upload: media.Upload) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
-        """The upload checked, and as it is stored: without its metadata unless
-        STRIP_METADATA=false (then byte for byte)."""
-        info = self._inspect(upload.stream)
-        if not self.settings.strip_metadata:
+    def _prepared(
+        self, upload: media.Upload, strip: bool | None = None
+    ) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
+        """The upload checked, and as it is stored: without its metadata unless `strip` is
+        false (by default STRIP_METADATA; false keeps it byte for byte)."""
+        info = self._inspect(upload)
+        if not (self.settings.strip_metadata if strip is None else strip):
             yield upload, info
             return
         with media.without_metadata(upload.stream, info) as (stream, stored):

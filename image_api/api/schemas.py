@@ -36,12 +36,10 @@ def url_expiry() -> int | None:
 
 
 def image_etag(record) -> str:
-    """The ETag of an image's metadata: `<sha256>.<version>`, and `.<expires>` of the signed
-    imageUrl it holds (which changes the JSON). The version tells apart replaces with the
-    same bytes (a new filename); writes' If-Match ignores the expiry."""
-    tag = f"{record.sha256}.{record.version}"
+    """The ETag of an image's metadata: its `version_tag`, and `.<expires>` of the signed
+    imageUrl it holds (which changes the JSON); writes' If-Match ignores the expiry."""
     expires = url_expiry()
-    return tag if expires is None else f"{tag}.{expires}"
+    return record.version_tag if expires is None else f"{record.version_tag}.{expires}"
 
 
 class ImageSchema(Schema):
