@@ -184,7 +184,10 @@ def repair_command(grace: float, apply: bool, as_json: bool):
         click.echo(json.dumps(report.to_json(), indent=2))
         return
     mode = "applied" if apply else "dry run: nothing changed (use --apply to fix)"
-    click.echo(f"Checked {report.records} records and {report.blobs} blobs; {mode}.")
+    click.echo(
+        f"Checked {report.records} records, {report.variants} variants and {report.blobs} blobs;"
+        f" {mode}."
+    )
     for finding in report.findings:
         image = f" image {finding.image_id}" if finding.image_id else ""
         click.echo(f"{finding.kind}: key {finding.key}{image}: {finding.action}")

@@ -63,6 +63,10 @@ class Settings:
     accepted_formats: tuple[str, ...] = DEFAULT_FORMATS
     # EXIF, XMP, IPTC, comments and text go from what is stored, losslessly (see `strip`).
     strip_metadata: bool = True
+    # Variants (`?w=&h=`): the largest side one may have, and an optional allow-list of
+    # (w, h) sizes (0: free); empty allows every size up to the bound.
+    max_variant_dimension: int = 4096
+    variant_sizes: tuple[tuple[int, int], ...] = ()
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
     backend_read_timeout: float = 10.0
@@ -142,6 +146,10 @@ class Settings:
             decode_wait=reader.seconds("DECODE_WAIT", cls.decode_wait),
             accepted_formats=reader.formats("ACCEPTED_FORMATS", cls.accepted_formats),
             strip_metadata=reader.flag("STRIP_METADATA", cls.strip_metadata),
+            max_variant_dimension=reader.integer(
+                "MAX_VARIANT_DIMENSION", cls.max_variant_dimension, maximum=16384
+            ),
+            variant_sizes=reader.sizes("VARIANT_SIZES"),
             backend_connect_timeout=reader.seconds(
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
             ),
@@ -193,6 +201,16 @@ class Settings:
             raise ConfigError(
                 "SECRET_KEY must be set when AUTH is on with MongoDB (the same value on every "
                 "machine: it signs download URLs), unless PUBLIC_READ=true"
+            )
+        too_large = [
+            f"{w}x{h}"
+            for w, h in settings.variant_sizes
+            if max(w, h) > settings.max_variant_dimension
+        ]
+        if too_large:
+            raise ConfigError(
+                f"VARIANT_SIZES lists {', '.join(too_large)}, beyond MAX_VARIANT_DIMENSION "
+                f"({settings.max_variant_dimension})"
             )
         if settings.s3_endpoint_url and not settings.s3_bucket_name:
             raise ConfigError("S3_ENDPOINT_URL is set but S3_BUCKET_NAME is not")
@@ -315,6 +333,21 @@ class _Reader:
                     f"got {origin!r}"
                 )
         return origins
+
+    def sizes(self, name: str) -> tuple[tuple[int, int], ...]:
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        sizes = []
+        for item in raw.split(","):
+            width, x, height = item.strip().lower().partition("x")
+            if not (x and width.isdigit() and height.isdigit() and (width + height).isascii()):
+                raise ConfigError(
+                    f"{name} must be comma-separated WIDTHxHEIGHT sizes (0: free), like "
+                    f"64x64,256x0; got {item.strip()!r}"
+                )
+            sizes.append((int(width), int(height)))
+        return tuple(dict.fromkeys(sizes))
 
     def formats(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.text(name)

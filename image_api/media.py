@@ -34,6 +34,8 @@ CONTENT_TYPES = {
     "WEBP": "image/webp",
     "AVIF": "image/avif",
 }
+#: The Pillow format of each content type.
+FORMATS = {content_type: name for name, content_type in CONTENT_TYPES.items()}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "AVIF": ".avif"}
 
 _CHUNK = 1024 * 1024
@@ -208,7 +210,7 @@ class DecodeBudget:
 _UNBOUNDED = DecodeBudget(capacity=1 << 62, wait=0)
 
 
-def _cost(image: Image.Image) -> int:
+def pixel_bytes(image: Image.Image) -> int:
     """Bytes Pillow holds for one decoded frame (at least one per band and pixel)."""
     width, height = image.size
     bytes_per_band = 2 if image.mode.startswith("I;16") else 4 if image.mode in "IF" else 1
@@ -248,14 +250,14 @@ def _decode(
                     f"The animation is {frames} frames of {width}x{height} pixels; the limit is "
                     f"{limits.animation_pixels} pixels in all frames together"
                 )
-            with budget.reserve(_cost(image)):
+            with budget.reserve(pixel_bytes(image)):
                 # A file that decodes only in part (a truncated third frame) is refused.
                 for frame in range(frames):
                     image.seek(frame)
                     image.load()
                     if frame == 0:
                         placeholder = _average_colour(image)
-            orientation = _orientation(image)
+            orientation = orientation_of(image)
     except Image.DecompressionBombError:
         raise TooManyPixels() from None
     except (TooManyPixels, DecoderBusy, MemoryError):
@@ -269,7 +271,7 @@ def _decode(
     return width, height, orientation, placeholder
 
 
-def _orientation(image: Image.Image) -> int:
+def orientation_of(image: Image.Image) -> int:
     """The EXIF Orientation (AVIF: from its irot and imir boxes), 1 when absent or invalid."""
     try:
         orientation = image.getexif().get(_ORIENTATION, 1)
@@ -341,15 +343,20 @@ def _typed(name: str, image_format: str) -> str:
     return stem[: _MAX_FILENAME - len(ext)] + ext
 
 
+def renamed(filename: str, image_format: str) -> str:
+    """A stored filename with the extension of another format (a variant's download)."""
+    stem, _ = os.path.splitext(filename)
+    return stem + EXTENSIONS[image_format]
+
+
 def ascii_filename(name: str, content_type: str) -> str:
     """An ASCII stand-in for a stored filename (Content-Disposition's `filename`), made by
     the same rules: accents dropped, anything outside a small safe set replaced by `_`."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     ascii_name = _UNSAFE_ASCII.sub("_", ascii_name.replace("\\", "/").rsplit("/", 1)[-1])
-    return _complete(ascii_name, EXTENSIONS[_FORMATS[content_type]])
+    return _complete(ascii_name, EXTENSIONS[FORMATS[content_type]])
 
 
-_FORMATS = {content_type: name for name, content_type in CONTENT_TYPES.items()}
 _UNSAFE_ASCII = re.compile(r"[^A-Za-z0-9 ._()+,=@-]")
 
 

@@ -109,6 +109,27 @@ class ImageRecord:
         )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A rendered variant of one version of an image (resized, re-encoded), cached in the
+    blob storage under `key`: derived from the image id, its version and the normalised
+    `params`, so every worker finds the same blob for the same request."""
+
+    key: str
+    image_id: str
+    version: int
+    params: str
+    content_type: str
+    size: int
+    width: int
+    height: int
+    sha256: str
+    created_at: datetime
+
+
+#: A variant's field names, in order (the backends' column and document names).
+VARIANT_FIELDS = tuple(field.name for field in dataclasses.fields(Variant))
+
 #: The record's field names, in order (the backends' column and document names).
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(ImageRecord))
 

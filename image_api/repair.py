@@ -12,13 +12,15 @@ from the service's clock: with `grace=0`, everything made before the run is in s
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 from .errors import Conflict, NotFound
-from .records import ImageRecord, Status
-from .repository import scan_all
+from .records import ImageRecord, Status, Variant
+from .repository import scan_all, scan_all_variants
 from .service import ImageService
 from .storage import StoredBlob
 
@@ -27,6 +29,8 @@ STALE_PENDING = "stale_pending"  # an upload that never completed
 MISSING_BLOB = "missing_blob"  # an active record whose blob is gone
 RETIRED_BLOB = "retired_blob"  # a replaced image's old blob, kept for readers, now due
 PARTIAL_WRITE = "partial_write"  # a temporary file or unfinished multipart upload
+STALE_VARIANT = "stale_variant"  # a cached variant of an image or a version that is gone
+MISSING_VARIANT = "missing_variant"  # a variant's record whose blob is gone
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Report:
     applied: bool
     grace_seconds: float
     records: int = 0
+    variants: int = 0
     blobs: int = 0
     findings: list[Finding] = field(default_factory=list)
 
@@ -49,23 +54,29 @@ class Report:
         return asdict(self)
 
 
-Pair = tuple[str, ImageRecord | None, StoredBlob | None]
+#: One key, and what uses it: an image's record, a variant's record, a stored blob.
+Entry = tuple[str, ImageRecord | None, Variant | None, StoredBlob | None]
 
 
 def repair(
     service: ImageService,
     grace: timedelta,
     apply: bool = False,
-    track: Callable[[Iterable[Pair]], Iterable[Pair]] = iter,
+    track: Callable[[Iterable[Entry]], Iterable[Entry]] = iter,
     batch: int = 1000,
 ) -> Report:
     """Compare records and blobs; with `apply`, delete what is orphaned or stale."""
     now = service.clock()
     cutoff = now - grace
     report = Report(applied=apply, grace_seconds=grace.total_seconds())
-    pairs = _merge(scan_all(service.repository, batch), service.storage.list())
-    for key, record, blob in track(pairs):
+    entries = _merge(
+        scan_all(service.repository, batch),
+        scan_all_variants(service.repository, batch),
+        service.storage.list(),
+    )
+    for key, record, variant, blob in track(entries):
         report.records += record is not None
+        report.variants += variant is not None
         report.blobs += blob is not None
         finding = None
         if record is not None and record.status is Status.PENDING:
@@ -78,6 +89,19 @@ def repair(
                 finding = Finding(MISSING_BLOB, key, record.id)
                 if apply:
                     finding.action = _remove_record(service, record)
+        elif variant is not None:
+            if not _of_current_version(service, variant):
+                finding = Finding(STALE_VARIANT, key, variant.image_id)
+                if apply:
+                    service.repository.delete_variant(key)
+                    service.storage.delete(key)
+                    finding.action = "deleted variant and blob"
+            elif blob is None and variant.created_at <= cutoff and _blob_missing(service, key):
+                # Rendered again on the next request for it.
+                finding = Finding(MISSING_VARIANT, key, variant.image_id)
+                if apply:
+                    service.repository.delete_variant(key)
+                    finding.action = "deleted variant record"
         elif (until := service.repository.retired_until(key)) is not None:
             if until <= now:
                 finding = Finding(RETIRED_BLOB, key)
@@ -85,7 +109,7 @@ def repair(
                     service.storage.delete(key)
                     service.repository.forget_retired(key)
                     finding.action = "deleted blob"
-        elif blob.modified <= cutoff and service.repository.find_key(key) is None:
+        elif blob.modified <= cutoff and not _in_use(service, key):
             finding = Finding(ORPHAN_BLOB, key)
             if apply:
                 service.storage.delete(key)
@@ -109,19 +133,35 @@ def repair(
     return report
 
 
-def _merge(records: Iterator[ImageRecord], blobs: Iterator[StoredBlob]) -> Iterator[Pair]:
-    """Both sorted by key: (key, record or None, blob or None) for every key in either."""
-    record, blob = next(records, None), next(blobs, None)
-    while record is not None or blob is not None:
-        if blob is None or (record is not None and record.key < blob.key):
-            yield record.key, record, None
-            record = next(records, None)
-        elif record is None or blob.key < record.key:
-            yield blob.key, None, blob
-            blob = next(blobs, None)
-        else:
-            yield record.key, record, blob
-            record, blob = next(records, None), next(blobs, None)
+def _merge(
+    records: Iterator[ImageRecord], variants: Iterator[Variant], blobs: Iterator[StoredBlob]
+) -> Iterator[Entry]:
+    """All three sorted by key, merged like sorted files: one entry for every key in any."""
+    tagged = heapq.merge(
+        ((record.key, 0, record) for record in records),
+        ((variant.key, 1, variant) for variant in variants),
+        ((blob.key, 2, blob) for blob in blobs),
+    )
+    for key, group in itertools.groupby(tagged, key=lambda item: item[0]):
+        found: list = [None, None, None]
+        for _, kind, item in group:
+            found[kind] = item
+        yield key, *found
+
+
+def _of_current_version(service: ImageService, variant: Variant) -> bool:
+    try:
+        return service.repository.get(variant.image_id).version == variant.version
+    except NotFound:
+        return False
+
+
+def _in_use(service: ImageService, key: str) -> bool:
+    """Whether a record or a variant uses `key` now (written since the listing)."""
+    return (
+        service.repository.find_key(key) is not None
+        or service.repository.get_variant(key) is not None
+    )
 
 
 def _blob_missing(service: ImageService, key: str) -> bool:

@@ -26,6 +26,8 @@ import functools
 import logging
 import shutil
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,20 +36,31 @@ from typing import BinaryIO
 from flask import current_app
 from werkzeug.datastructures import ETags
 
-from . import deadline, media
+from . import deadline, media, variants
 from .access import EVERYONE, Caller, Keys
 from .config import Settings
 from .errors import (
     ApiError,
     BackendUnavailable,
     Conflict,
+    DecoderBusy,
     MissingFile,
     NotFound,
     PreconditionFailed,
 )
 from .idempotency import Idempotency, Request
 from .pagination import decode_cursor, encode_cursor
-from .records import NO_FILTERS, Clock, Filters, ImageRecord, Status, new_id, new_key, utc_now
+from .records import (
+    NO_FILTERS,
+    Clock,
+    Filters,
+    ImageRecord,
+    Status,
+    Variant,
+    new_id,
+    new_key,
+    utc_now,
+)
 from .repository import Repository
 from .signing import UrlSigner
 from .storage import BlobStorage
@@ -133,6 +146,9 @@ class ImageService:
         self.keys = Keys(repository, clock)
         self.repository = repository
         self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
+        self._rendering = KeyedLocks()
+        #: Variants served from the cache and rendered, by this process.
+        self.variant_counts: Counter[str] = Counter()
 
     @property
     def repository(self) -> Repository:
@@ -273,19 +289,113 @@ class ImageService:
                 if not (error.in_doubt and self._gone(image_id)):
                     raise
             self._discard(current.key)
+            self._remove_variants_of(image_id)
             self.sweep_retired()
             return
         raise Conflict("The image kept changing while it was being deleted; retry")
 
-    def download(self, record: ImageRecord, disposition: str) -> Download:
-        """A presigned redirect in redirect mode, else a way to stream the bytes (opened only
-        when the caller asks, so HEAD and 304 never touch storage)."""
+    def download(self, blob: ImageRecord | Variant, disposition: str) -> Download:
+        """For an image or a variant: a presigned redirect in redirect mode, else a way to
+        stream the bytes (opened only when the caller asks, so HEAD and 304 never touch
+        storage)."""
         if self.settings.download_mode == "redirect":
             url = self.storage.presigned_url(
-                record.key, self.settings.presign_ttl, record.content_type, disposition
+                blob.key, self.settings.presign_ttl, blob.content_type, disposition
             )
             return Download(redirect=url)
-        return Download(open=functools.partial(self.storage.open, record.key))
+        return Download(open=functools.partial(self.storage.open, blob.key))
+
+    def variant(self, record: ImageRecord, spec: variants.VariantSpec) -> Variant:
+        """The variant `spec` of this version of the image: cached, or rendered now, stored
+        and recorded. Threads of one worker that ask for the same one at once render it
+        once; other workers may render it too, to the same key and the same bytes."""
+        key = variants.variant_key(record.id, record.version, spec)
+        found = self.repository.get_variant(key)
+        if found is None:
+            with self._rendering.hold(key):
+                found = self.repository.get_variant(key) or self._render(record, spec, key)
+        else:
+            self.variant_counts["cached"] += 1
+        return found
+
+    def _render(self, record: ImageRecord, spec: variants.VariantSpec, key: str) -> Variant:
+        with (
+            self._source(record) as source,
+            variants.render(source, record.content_type, spec, self.decode_budget) as (
+                out,
+                rendered,
+            ),
+        ):
+            self.storage.put(key, out, spec.content_type)
+        self.variant_counts["rendered"] += 1
+        variant = Variant(
+            key=key,
+            image_id=record.id,
+            version=record.version,
+            params=spec.params,
+            content_type=spec.content_type,
+            size=rendered.size,
+            width=rendered.width,
+            height=rendered.height,
+            sha256=rendered.sha256,
+            created_at=self.clock(),
+        )
+        try:
+            self.repository.insert_variant(variant)
+        except BaseException:
+            self._discard(key)
+            raise
+        # A replace or delete since `record` was read removes the variants it finds after
+        # its write; one recorded after it looked is removed here (retired: this request
+        # is about to send it).
+        if not self._still_current(record):
+            self._remove_variants([variant], retire=True)
+        return variant
+
+    @contextlib.contextmanager
+    def _source(self, record: ImageRecord) -> Iterator[BinaryIO]:
+        """The image's bytes, seekable (Pillow needs to seek): a file as it is, anything
+        else (an S3 stream) copied to a temporary file first."""
+        with self.storage.open(record.key) as blob:
+            if _seekable(blob):
+                yield blob
+                return
+            with tempfile.TemporaryFile() as copy:
+                shutil.copyfileobj(blob, copy, 1024 * 1024)
+                copy.seek(0)
+                yield copy
+
+    def _still_current(self, record: ImageRecord) -> bool:
+        try:
+            return self.repository.get(record.id).version == record.version
+        except NotFound:
+            return False
+
+    def _remove_variants(self, found: list[Variant], retire: bool = False) -> None:
+        """Forget variants, then remove their blobs: now, or (`retire`) once readers that
+        found them are done."""
+        try:
+            for variant in found:
+                self.repository.delete_variant(variant.key)
+                if retire:
+                    self._retire(variant.key)
+                else:
+                    self._discard(variant.key)
+        except BackendUnavailable:
+            log.warning("could not remove the variants of %s; repair will", found[0].image_id)
+
+    def _remove_variants_of(self, image_id: str, before_version: int | None = None) -> None:
+        """After a replace (versions before the new one: retired) or a delete (all: now)."""
+        try:
+            found = self.repository.variants_of(image_id)
+        except BackendUnavailable:
+            log.warning("could not list the variants of %s; repair will remove them", image_id)
+            return
+        if before_version is None:
+            self._remove_variants(found)
+        else:
+            old = [variant for variant in found if variant.version < before_version]
+            self._remove_variants(old, retire=True)
 
     def close(self) -> None:
         """Release the backends' connections."""
@@ -372,6 +482,7 @@ class ImageService:
             self._discard(updated.key)
             raise
         self._retire(current.key)
+        self._remove_variants_of(updated.id, before_version=updated.version)
         return updated
 
     def _read_back(self, image_id: str, key: str) -> ReadBack:
@@ -471,6 +582,42 @@ class ImageService:
             return
         with media.without_metadata(upload.stream, info) as (stream, stored):
             yield media.Upload(stream, upload.filename), stored
+
+
+def _seekable(stream) -> bool:
+    try:
+        return stream.seekable()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class KeyedLocks:
+    """One lock per key, alive while anyone holds or waits for it: threads that work on
+    the same key take turns, others do not wait for them."""
+
+    def __init__(self):
+        self._locks: dict[str, list] = {}  # key: [lock, holders and waiters]
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            budget = deadline.current()
+            timeout = -1 if budget is None else max(budget.remaining(), 0)
+            if not entry[0].acquire(timeout=timeout):
+                raise DecoderBusy("Another request is rendering this variant; retry shortly")
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:

@@ -82,7 +82,12 @@ def test_query_parameters_come_from_the_schemas_the_views_load(document):
         "uploadedBefore",
         "owner",
     }
-    assert query("/api/images/{image_id}/download") == {"disposition", "expires", "signature"}
+    assert query("/api/images/{image_id}/download") == {
+        "disposition",
+        "expires",
+        "signature",
+        *("w", "h", "fit", "format", "q", "upscale"),
+    }
     limit = next(
         p for p in document["paths"]["/api/images"]["get"]["parameters"] if p["name"] == "limit"
     )
@@ -193,6 +198,14 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
     def downloads(method):
         """The same probes for GET and HEAD of a download."""
         call, anonymous = getattr(client, method), getattr(nobody, method)
+
+        def unrenderable():
+            # A stored file damaged behind the service's back cannot give a variant: 422.
+            other = ImagesClient(client).create()["_id"]
+            record = service.repository.get(other)
+            service.storage.put(record.key, io.BytesIO(make_image()[:60]), record.content_type)
+            return call(f"/api/images/{other}/download?w=8")
+
         redirected = getattr(redirect_client, method)
         return [
             lambda: call(download),
@@ -205,6 +218,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             lambda: call(f"/api/images/{missing}/download"),
             lambda: call(download, headers={"If-Match": '"stale"'}),
             lambda: call(download, headers={"Range": "bytes=99999999-"}),
+            unrenderable,
             ("broken", "get", lambda: call(download)),
         ]
 

@@ -1,5 +1,5 @@
-"""Downloads, by RFC 9110: validators (304), single byte ranges (206/416), HEAD, and a
-302 to the bucket in redirect mode."""
+"""Downloads of an image or of a variant of it (see `variants`), by RFC 9110: validators
+(304), single byte ranges (206/416), HEAD, and a 302 to the bucket in redirect mode."""
 
 from __future__ import annotations
 
@@ -11,10 +11,17 @@ from werkzeug.datastructures import ContentRange
 from werkzeug.http import quote_etag
 from werkzeug.wsgi import wrap_file
 
+from .. import variants
 from ..access import Scope
-from ..errors import NotFound, PreconditionFailed, RangeNotSatisfiable
-from ..media import ascii_filename
-from ..records import ImageRecord
+from ..errors import (
+    DecoderBusy,
+    InvalidImage,
+    NotFound,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+)
+from ..media import ascii_filename, renamed
+from ..records import ImageRecord, Variant
 from ..service import current_service
 from .auth import caller
 from .conditions import etags, http_date, parse_http_date
@@ -57,41 +64,58 @@ _HEADERS = {
         ),
         304: Reply("The client's copy is current", headers=DOWNLOAD_HEADERS),
     },
-    errors=(NotFound, PreconditionFailed, RangeNotSatisfiable),
+    errors=(NotFound, PreconditionFailed, RangeNotSatisfiable, InvalidImage, DecoderBusy),
 )
 def download_image(image_id: str):
-    """The image's bytes (attachment, or inline with ?disposition=inline)."""
-    disposition = download_query_schema.load(request.args)["disposition"]
+    """The image's bytes (attachment, or inline with ?disposition=inline), or a variant's
+    with any of w, h, fit, format, q, upscale."""
+    query = download_query_schema.load(request.args)
     service = current_service()
     record = service.get(image_id, caller())
-    response = Response(mimetype=record.content_type)
-    response.set_etag(record.sha256)
+    blob, filename = record, record.filename
+    if (requested := query["variant"]) is not None:
+        spec = variants.plan(
+            requested,
+            (record.width, record.height),
+            record.content_type,
+            _accepts,
+            service.settings.max_variant_dimension,
+        )
+        blob, filename = service.variant(record, spec), renamed(record.filename, spec.format)
+    response = Response(mimetype=blob.content_type)
+    response.set_etag(blob.sha256)
     response.last_modified = record.updated_at
     response.cache_control.no_cache = True  # the content changes when the image is replaced
-    response.headers.set("Content-Disposition", disposition, **_filename_options(record))
+    response.headers.set(
+        "Content-Disposition",
+        query["disposition"],
+        **_filename_options(filename, blob.content_type),
+    )
     response.headers.update(_HEADERS)
+    if requested is not None and requested.format == "auto":
+        response.vary.add("Accept")
     if_match = etags("If-Match")
     if if_match is not None:
-        if not if_match.contains(record.sha256):
+        if not if_match.contains(blob.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
     elif (since := http_date("If-Unmodified-Since")) is not None and not _current_at(record, since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
-    if _not_modified(record):
+    if _not_modified(record, blob):
         response.status_code = 304
         return response
 
-    download = service.download(record, response.headers["Content-Disposition"])
+    download = service.download(blob, response.headers["Content-Disposition"])
     if download.redirect is not None:
         response.status_code = 302
         response.location = download.redirect
         return response
-    byte_range = requested_range(record)
+    byte_range = requested_range(record, blob)
     if byte_range is None:
-        response.content_length = record.size
+        response.content_length = blob.size
     else:
         start, stop = byte_range
         response.status_code = 206
-        response.content_range = ContentRange("bytes", start, stop, record.size)
+        response.content_range = ContentRange("bytes", start, stop, blob.size)
         response.content_length = stop - start
     if request.method == "HEAD":
         return response  # the same headers, and no call to the storage
@@ -102,8 +126,15 @@ def download_image(image_id: str):
     return response
 
 
-def requested_range(record: ImageRecord) -> tuple[int, int] | None:
-    """The single byte range to send, `(start, stop)`, or None for the whole image.
+def _accepts(content_type: str) -> bool:
+    """Whether the request's Accept names `content_type` itself (a wildcard such as
+    curl's `*/*` does not count: it says nothing about AVIF support)."""
+    return any(value == content_type and quality > 0 for value, quality in request.accept_mimetypes)
+
+
+def requested_range(record: ImageRecord, blob: ImageRecord | Variant) -> tuple[int, int] | None:
+    """The single byte range of `blob` (the image's or a variant's) to send, `(start, stop)`,
+    or None for all of it.
 
     Several ranges, other units and a failed If-Range get the whole image, as RFC 9110
     allows; an unsatisfiable single range is a 416.
@@ -117,7 +148,7 @@ def requested_range(record: ImageRecord) -> tuple[int, int] | None:
         # only when it is the Last-Modified and no other version can share it. A value that
         # is neither matches nothing: the whole image.
         date = parse_http_date(if_range.strip())
-        same_etag = if_range.strip() == quote_etag(record.sha256)
+        same_etag = if_range.strip() == quote_etag(blob.sha256)
         same_date = (
             date is not None
             and date == record.updated_at.replace(microsecond=0)
@@ -128,20 +159,20 @@ def requested_range(record: ImageRecord) -> tuple[int, int] | None:
     start = ranges.ranges[0][0]
     if start < 0:
         # A suffix longer than the image asks for all of it (RFC 9110 14.1.2).
-        return max(record.size + start, 0), record.size
-    bounds = ranges.range_for_length(record.size)
+        return max(blob.size + start, 0), blob.size
+    bounds = ranges.range_for_length(blob.size)
     if bounds is None:
-        raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{record.size}"})
+        raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{blob.size}"})
     return bounds
 
 
-def _not_modified(record: ImageRecord) -> bool:
+def _not_modified(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
     """Whether the client's copy is current (RFC 9110 13.2.2: If-None-Match, when sent,
     decides alone; else If-Modified-Since). Werkzeug's `is_resource_modified` also reads
     If-Match, and answered a matching or a stale one with 304."""
     if_none_match = etags("If-None-Match")
     if if_none_match is not None:
-        return if_none_match.contains_weak(record.sha256)
+        return if_none_match.contains_weak(blob.sha256)
     since = http_date("If-Modified-Since")
     return since is not None and _current_at(record, since)
 
@@ -159,14 +190,14 @@ def _current_at(record: ImageRecord, date: datetime) -> bool:
     return date >= _whole_seconds_after(record.updated_at)
 
 
-def _filename_options(record: ImageRecord) -> dict[str, str]:
+def _filename_options(filename: str, content_type: str) -> dict[str, str]:
     """`filename` (an ASCII stand-in) and, for other names, RFC 6266's `filename*`."""
-    fallback = ascii_filename(record.filename, record.content_type)
-    if fallback == record.filename:
+    fallback = ascii_filename(filename, content_type)
+    if fallback == filename:
         return {"filename": fallback}
     return {
         "filename": fallback,
-        "filename*": "UTF-8''" + quote(record.filename, safe="!#$&+-.^_`|~"),
+        "filename*": "UTF-8''" + quote(filename, safe="!#$&+-.^_`|~"),
     }
 
 

@@ -206,7 +206,9 @@ EVERY_RESPONSE_HEADERS = {
     "Content-Security-Policy": {
         "description": "On JSON: `default-src 'none'`; downloads and the docs page have their own"
     },
-    "Vary": {"description": "`Origin` when CORS_ORIGINS is set"},
+    "Vary": {
+        "description": "`Origin` when CORS_ORIGINS is set; `Accept` on a download with format=auto"
+    },
     "RateLimit-Limit": {"description": "Requests allowed in the window (rate-limited routes)"},
     "RateLimit-Remaining": {"description": "Requests left in the window"},
     "RateLimit-Reset": {"description": "Seconds until the window has room again"},

@@ -6,11 +6,22 @@ import functools
 from datetime import UTC
 
 from flask import g, request, url_for
-from marshmallow import EXCLUDE, Schema, fields, post_dump, post_load, validate
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    post_load,
+    validate,
+    validates_schema,
+)
 
+from ..config import Settings
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
 from ..service import current_service
+from ..variants import FITS, OUTPUT_FORMATS, Requested
 
 
 def _download_url(record) -> str:
@@ -222,6 +233,83 @@ class DownloadQuerySchema(Schema):
     signature = fields.String(
         load_default=None, metadata={"description": "A signed URL's signature"}
     )
+    # A variant: none of these, the original.
+    w = Digits(
+        metadata={
+            "maximum": Settings.max_variant_dimension,
+            "description": "A variant's width in pixels (0 or absent: follows the height); "
+            "at most MAX_VARIANT_DIMENSION (4096 by default), and one of VARIANT_SIZES if set",
+        },
+    )
+    h = Digits(
+        metadata={
+            "maximum": Settings.max_variant_dimension,
+            "description": "A variant's height in pixels (0 or absent: follows the width)",
+        },
+    )
+    fit = fields.String(
+        validate=validate.OneOf(FITS),
+        metadata={
+            "description": "With w and h, as CSS object-fit: `contain` keeps the whole picture "
+            "inside w x h, `cover` fills w x h and crops the centre, `fill` stretches"
+        },
+    )
+    format = fields.String(
+        validate=validate.OneOf([*OUTPUT_FORMATS, "auto"]),
+        metadata={
+            "description": "A variant's type (default: the original's); `auto` picks AVIF, "
+            "then WebP, from what Accept lists, else the original's type (Vary: Accept)"
+        },
+    )
+    q = Digits(
+        validate=validate.Range(min=1, max=100),
+        metadata={"description": "JPEG, WebP and AVIF quality (ignored for PNG and GIF)"},
+    )
+    upscale = fields.Boolean(
+        truthy={"true", "1"},
+        falsy={"false", "0"},
+        metadata={"description": "Allow a variant larger than the original (default false)"},
+    )
+
+    @validates_schema
+    def _within_bounds(self, data: dict, **kwargs) -> None:
+        settings = current_service().settings
+        for name in ("w", "h"):
+            if data.get(name, 0) > settings.max_variant_dimension:
+                raise ValidationError(
+                    f"Must be at most {settings.max_variant_dimension} pixels.", name
+                )
+        allowed = settings.variant_sizes
+        size = (data.get("w", 0), data.get("h", 0))
+        if allowed and _asks_variant(data) and size not in allowed:
+            listed = ", ".join(f"{w}x{h}" for w, h in allowed)
+            raise ValidationError(
+                f"{size[0]}x{size[1]} is not one of the sizes offered: {listed}", "w"
+            )
+
+    @post_load
+    def _variant(self, data: dict, **kwargs) -> dict:
+        """`disposition`, and `variant`: the `Requested` variant, None for the original."""
+        variant = None
+        if _asks_variant(data):
+            variant = Requested(
+                width=data.get("w", 0),
+                height=data.get("h", 0),
+                fit=data.get("fit", "contain"),
+                format=data.get("format"),
+                quality=data.get("q"),
+                upscale=data.get("upscale", False),
+            )
+        return {"disposition": data["disposition"], "variant": variant}
+
+
+#: Parameters whose presence asks for a variant rather than the original.
+VARIANT_PARAMETERS = ("w", "h", "fit", "format", "q", "upscale")
+
+
+def _asks_variant(data: dict) -> bool:
+    """Whether a download's query names any variant parameter (none: the original)."""
+    return any(name in data for name in VARIANT_PARAMETERS)
 
 
 class ListQuerySchema(Schema):

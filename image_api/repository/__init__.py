@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ..access import ApiKey
 from ..config import Settings
-from ..records import NO_FILTERS, Claim, Cursor, Filters, ImageRecord, Status
+from ..records import NO_FILTERS, Claim, Cursor, Filters, ImageRecord, Status, Variant
 
 
 class Repository(Protocol):
@@ -41,6 +41,12 @@ class Repository(Protocol):
     - `retire(key, delete_after)` notes a blob to delete at or after that moment;
       `retired_until(key)` returns that moment or None; `due_retired(now, limit)` returns up
       to `limit` keys due at `now`; `forget_retired(key)` drops the note (once deleted).
+
+    Variants (rendered, cached copies of one version of an image; see `variants`):
+    - `insert_variant(variant)` stores one; a variant already stored under its key is kept.
+    - `get_variant(key)` returns it or None; `variants_of(image_id)` returns all of an
+      image's, of any version; `delete_variant(key)` forgets one (a missing one is success).
+    - `scan_variants(after_key, limit)` returns up to `limit` in key order (for repair).
 
     Idempotency keys:
     - `claim(key, fingerprint, resource, now, expires_at)` stores a new key and returns
@@ -96,6 +102,16 @@ class Repository(Protocol):
 
     def forget_retired(self, key: str) -> None: ...
 
+    def insert_variant(self, variant: Variant) -> None: ...
+
+    def get_variant(self, key: str) -> Variant | None: ...
+
+    def variants_of(self, image_id: str) -> list[Variant]: ...
+
+    def delete_variant(self, key: str) -> None: ...
+
+    def scan_variants(self, after_key: str | None, limit: int) -> list[Variant]: ...
+
     def claim(
         self,
         key: str,
@@ -130,6 +146,14 @@ def scan_all(repository: Repository, batch: int = 1000) -> Iterator[ImageRecord]
     """Every record in blob-key order, fetched `batch` at a time."""
     after = None
     while rows := repository.scan(after, batch):
+        yield from rows
+        after = rows[-1].key
+
+
+def scan_all_variants(repository: Repository, batch: int = 1000) -> Iterator[Variant]:
+    """Every variant in key order, fetched `batch` at a time."""
+    after = None
+    while rows := repository.scan_variants(after, batch):
         yield from rows
         after = rows[-1].key
 

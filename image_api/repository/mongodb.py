@@ -18,11 +18,13 @@ from ..errors import BackendUnavailable, Conflict, NotFound
 from ..records import (
     NO_FILTERS,
     RECORD_FIELDS,
+    VARIANT_FIELDS,
     Claim,
     Cursor,
     Filters,
     ImageRecord,
     Status,
+    Variant,
     valid_id,
 )
 
@@ -60,6 +62,12 @@ def _from_document(document: dict) -> ImageRecord:
     values["updated_at"] = _aware(values["updated_at"])
     values["status"] = Status(values["status"])
     return ImageRecord(**values)
+
+
+def _variant_from_document(document: dict) -> Variant:
+    values = {name: document[name] for name in VARIANT_FIELDS if name != "key"}
+    values["created_at"] = _aware(values["created_at"])
+    return Variant(key=document["_id"], **values)
 
 
 def _key_from_document(document: dict) -> ApiKey:
@@ -139,6 +147,7 @@ class MongoRepository:
         self.keys = database.get_collection("idempotency_keys", write_concern=concern)
         self.retired = database.get_collection("retired_blobs", write_concern=concern)
         self.api_keys = database.get_collection("api_keys", write_concern=concern)
+        self.variants = database.get_collection("variants", write_concern=concern)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MongoRepository:
@@ -178,6 +187,7 @@ class MongoRepository:
             self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
             self.retired.create_index("delete_after", name="retired_blobs_due")
             self.api_keys.create_index("name", unique=True, name="api_keys_by_name")
+            self.variants.create_index("image_id", name="variants_by_image")
             # Images stored before owners existed belong to the first admin key's owner.
             self.images.update_many({"owner": {"$exists": False}}, {"$set": {"owner": ADMIN_OWNER}})
         self._indexed = True
@@ -290,6 +300,33 @@ class MongoRepository:
     def forget_retired(self, key: str) -> None:
         with self._errors():
             self.retired.delete_one({"_id": key})
+
+    def insert_variant(self, variant: Variant) -> None:
+        document = dataclasses.asdict(variant)
+        key = document.pop("key")
+        with self._errors():
+            # Another worker's render of the same variant may have come first: keep it.
+            self.variants.update_one({"_id": key}, {"$setOnInsert": document}, upsert=True)
+
+    def get_variant(self, key: str) -> Variant | None:
+        with self._errors():
+            document = self.variants.find_one({"_id": key})
+        return None if document is None else _variant_from_document(document)
+
+    def variants_of(self, image_id: str) -> list[Variant]:
+        with self._errors():
+            found = self.variants.find({"image_id": image_id}).sort("_id", 1)
+            return [_variant_from_document(document) for document in found]
+
+    def delete_variant(self, key: str) -> None:
+        with self._errors():
+            self.variants.delete_one({"_id": key})
+
+    def scan_variants(self, after_key: str | None, limit: int) -> list[Variant]:
+        query = {"_id": {"$gt": after_key}} if after_key else {}
+        with self._errors():
+            found = self.variants.find(query).sort("_id", 1).limit(limit)
+            return [_variant_from_document(document) for document in found]
 
     def claim(
         self,

@@ -18,11 +18,13 @@ from ..errors import BackendUnavailable, Conflict, NotFound
 from ..records import (
     NO_FILTERS,
     RECORD_FIELDS,
+    VARIANT_FIELDS,
     Claim,
     Cursor,
     Filters,
     ImageRecord,
     Status,
+    Variant,
     valid_id,
 )
 
@@ -124,6 +126,22 @@ _MIGRATIONS: list[list[str]] = [
         "ALTER TABLE images ADD COLUMN orientation INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE images ADD COLUMN placeholder TEXT",
     ],
+    [
+        # Rendered variants, cached in the blob storage (repair tells them from orphans).
+        """CREATE TABLE IF NOT EXISTS variants (
+            key TEXT PRIMARY KEY,
+            image_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            params TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS variants_by_image ON variants (image_id)",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -147,6 +165,12 @@ def _to_row(record: ImageRecord) -> dict:
     values["updated_at"] = _to_text(record.updated_at)
     values["status"] = str(record.status)
     return values
+
+
+def _variant_from_row(row: sqlite3.Row) -> Variant:
+    values = dict(row)
+    values["created_at"] = datetime.fromisoformat(values["created_at"])
+    return Variant(**values)
 
 
 def _key_from_row(row: sqlite3.Row) -> ApiKey:
@@ -188,6 +212,8 @@ def _sqlite_errors():
 
 
 _COLUMNS = ", ".join(RECORD_FIELDS)
+_VARIANT_COLUMNS = ", ".join(VARIANT_FIELDS)
+_VARIANT_MARKS = ", ".join(f":{name}" for name in VARIANT_FIELDS)
 _MARKS = ", ".join(f":{name}" for name in RECORD_FIELDS)
 _ASSIGNMENTS = ", ".join(f"{name} = :{name}" for name in RECORD_FIELDS if name != "id")
 
@@ -397,6 +423,31 @@ class SqliteRepository:
 
     def forget_retired(self, key: str) -> None:
         self._execute("DELETE FROM retired_blobs WHERE key = ?", (key,))
+
+    def insert_variant(self, variant: Variant) -> None:
+        values = {**dataclasses.asdict(variant), "created_at": _to_text(variant.created_at)}
+        self._execute(
+            f"INSERT INTO variants ({_VARIANT_COLUMNS}) VALUES ({_VARIANT_MARKS})"
+            " ON CONFLICT (key) DO NOTHING",
+            values,
+        )
+
+    def get_variant(self, key: str) -> Variant | None:
+        row = self._execute("SELECT * FROM variants WHERE key = ?", (key,)).fetchone()
+        return None if row is None else _variant_from_row(row)
+
+    def variants_of(self, image_id: str) -> list[Variant]:
+        rows = self._execute("SELECT * FROM variants WHERE image_id = ? ORDER BY key", (image_id,))
+        return [_variant_from_row(row) for row in rows]
+
+    def delete_variant(self, key: str) -> None:
+        self._execute("DELETE FROM variants WHERE key = ?", (key,))
+
+    def scan_variants(self, after_key: str | None, limit: int) -> list[Variant]:
+        rows = self._execute(
+            "SELECT * FROM variants WHERE key > ? ORDER BY key LIMIT ?", (after_key or "", limit)
+        )
+        return [_variant_from_row(row) for row in rows]
 
     def claim(
         self,
