@@ -13,7 +13,15 @@ import pytest
 from bson import ObjectId
 
 from image_api.errors import BackendUnavailable, Conflict, NotFound
-from image_api.records import RECORD_FIELDS, Filters, ImageRecord, new_id, utc_now
+from image_api.records import (
+    RECORD_FIELDS,
+    Filters,
+    ImageRecord,
+    Variant,
+    new_id,
+    new_key,
+    utc_now,
+)
 from image_api.repository import scan_all
 from image_api.repository.mongodb import MongoRepository
 from image_api.repository.sqlite import SqliteRepository
@@ -263,6 +271,46 @@ def test_release_frees_a_key_and_expired_keys_are_free(repository):
     assert repository.claim("k3", "other", None, expires, expires + timedelta(hours=1)) is None
 
 
+def make_variant(image_id: str, version: int = 1, key: str | None = None, **changes) -> Variant:
+    values = dict(
+        key=key or new_key(),
+        image_id=image_id,
+        version=version,
+        params="64x32;box=0.000,0.000,200.000,100.000;webp;q=80",
+        content_type="image/webp",
+        size=99,
+        width=64,
+        height=32,
+        sha256="1" * 64,
+        created_at=T0,
+    )
+    values.update(changes)
+    return Variant(**values)
+
+
+def test_variants_are_stored_found_listed_and_forgotten(repository):
+    image = make_record()
+    repository.insert(image)
+    first, second = make_variant(image.id), make_variant(image.id, version=2)
+    other = make_variant(new_id())
+    for variant in (first, second, other):
+        repository.insert_variant(variant)
+    assert repository.get_variant(first.key) == first
+    assert repository.get_variant(new_key()) is None
+    assert repository.variants_of(image.id) == sorted([first, second], key=lambda v: v.key)
+    assert repository.variants_of(new_id()) == []
+    # Another worker's render of the same variant, stored second, does not replace it.
+    repository.insert_variant(dataclasses.replace(first, sha256="2" * 64))
+    assert repository.get_variant(first.key) == first
+    everything = sorted([first, second, other], key=lambda v: v.key)
+    assert repository.scan_variants(None, 10) == everything
+    assert repository.scan_variants(everything[0].key, 1) == [everything[1]]
+    repository.delete_variant(first.key)
+    repository.delete_variant(first.key)  # a missing one is success
+    assert repository.get_variant(first.key) is None
+    assert repository.variants_of(image.id) == [second]
+
+
 def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     """The first release kept no schema version, no counters and no claim resource."""
     import sqlite3
@@ -301,6 +349,9 @@ def test_sqlite_upgrades_a_database_an_older_release_made(tmp_path):
     old.insert(turned)
     stored = old.get(turned.id)
     assert (stored.orientation, stored.placeholder) == (6, "#102030")
+    variant = make_variant(turned.id)  # variants came later still
+    old.insert_variant(variant)
+    assert old.variants_of(turned.id) == [variant]
     old.close()
 
 

@@ -51,6 +51,7 @@ _HEADERS = {
         "If-Unmodified-Since",
         "Range",
         "If-Range",
+        "Accept",
     ),
     head=True,
     replies={

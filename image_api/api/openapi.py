@@ -135,6 +135,11 @@ REQUEST_HEADERS = {
         "(else, or when it does not parse, the whole image)",
         "schema": {"type": "string"},
     },
+    "Accept": {
+        "description": "With format=auto: `image/avif` listed picks AVIF, else `image/webp` "
+        "WebP, else the original's type (wildcards name neither)",
+        "schema": {"type": "string"},
+    },
     "Idempotency-Key": {
         "description": "Retry safely: the same key and request within IDEMPOTENCY_TTL get "
         "the first response; the same key with another request gets 422",

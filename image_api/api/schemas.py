@@ -235,6 +235,7 @@ class DownloadQuerySchema(Schema):
     )
     # A variant: none of these, the original.
     w = Digits(
+        validate=validate.Range(min=0),
         metadata={
             "maximum": Settings.max_variant_dimension,
             "description": "A variant's width in pixels (0 or absent: follows the height); "
@@ -242,6 +243,7 @@ class DownloadQuerySchema(Schema):
         },
     )
     h = Digits(
+        validate=validate.Range(min=0),
         metadata={
             "maximum": Settings.max_variant_dimension,
             "description": "A variant's height in pixels (0 or absent: follows the width)",
