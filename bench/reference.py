@@ -1,12 +1,14 @@
 """Reference apps for the benchmarks, served under the same gunicorn configuration as the
-service: a trivial JSON endpoint, a bare Flask `send_file`, and a bare multipart upload that
-saves the file with one fsync."""
+service: a trivial JSON endpoint, a bare Flask `send_file`, a bare multipart upload that
+saves the file with one fsync, and bare thumbnail renders (Pillow, libvips)."""
 
+import io
 import os
 import secrets
 import shutil
 
-from flask import Flask, request, send_file
+from flask import Flask, Response, request, send_file
+from PIL import Image
 
 app = Flask(__name__)
 FILE = os.environ.get("BENCH_FILE", "")
@@ -37,3 +39,26 @@ def upload():
         os.fsync(out.fileno())
         size = out.tell()
     return {"size": size}, 201
+
+
+@app.get("/render")
+def render():
+    """BENCH_FILE as a `w`-pixel WebP by Pillow's fastest path: open, draft (DCT scaling),
+    thumbnail, save. Nothing else: no lookup, no cache, no orientation, no hash."""
+    width = int(request.args["w"])
+    with Image.open(FILE) as image:
+        image.draft("RGB", (width, width))
+        image.thumbnail((width, width))
+        out = io.BytesIO()
+        image.save(out, "WEBP")
+    return Response(out.getvalue(), mimetype="image/webp")
+
+
+@app.get("/render-vips")
+def render_vips():
+    """The same with libvips (`thumbnail`, imgproxy's engine), for the record."""
+    import pyvips
+
+    width = int(request.args["w"])
+    data = pyvips.Image.thumbnail(FILE, width).webpsave_buffer()
+    return Response(data, mimetype="image/webp")

@@ -11,6 +11,7 @@ several rounds and reports the medians and their ratio, so machine noise hits bo
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import io
 import os
 import platform
@@ -154,11 +155,14 @@ def moto_server(port: int):
 
 
 def ensure_tools() -> None:
-    """nginx and wrk from Debian's packages, installed if missing."""
+    """nginx, wrk and libvips (for the record beside Pillow) from Debian's packages,
+    installed if missing."""
     missing = [tool for tool in ("nginx", "wrk") if not shutil.which(tool)]
+    if not ctypes.util.find_library("vips"):
+        missing.append("libvips")
     if not missing:
         return
-    packages = {"nginx": "nginx-light", "wrk": "wrk"}
+    packages = {"nginx": "nginx-light", "wrk": "wrk", "libvips": "libvips42"}
     print(f"installing {', '.join(missing)} from apt", flush=True)
     apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=apt_env)
@@ -505,6 +509,104 @@ def bench_strip(args, work: Path, rows: list) -> None:
     )  # fmt: skip
 
 
+def has_libvips() -> bool:
+    try:
+        import pyvips
+
+        pyvips.version(0)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def timed_get(session: requests.Session, url: str) -> float:
+    """Seconds for one GET, body read."""
+    started = time.perf_counter()
+    response = session.get(url)
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+def bench_variants(args, work: Path, rows: list) -> None:
+    """10 & 11: a 12 MP camera JPEG to a 256 px WebP, first render through the service vs a
+    bare Flask endpoint rendering the same stored file by Pillow's fastest path (open,
+    draft, thumbnail, WebP save; goal: at most 1.3x the time), and libvips for the record;
+    then the cached variant's download vs an original download of the same bytes (goal:
+    at least 0.8 of its requests/s).
+
+    Every service request is a first render: each goes to another upload of the photo.
+    Requests alternate one by one on keep-alive connections; each round's value is the
+    mean of `per_round` requests.
+    """
+    image, per_round = camera_jpeg(), 3
+    data_dir = work / "variants"
+    port, ref_port = free_port(), free_port()
+    vips = has_libvips()
+    with gunicorn("wsgi:app", service_env(data_dir, port)):
+        base = f"http://127.0.0.1:{port}"
+        ids = [upload(base, image, "camera.jpg")["_id"] for _ in range(args.rounds * per_round + 1)]
+        key = record_key(data_dir, ids[0])
+        stored = data_dir / "blobs" / key[:2] / key
+        ref = f"http://127.0.0.1:{ref_port}"
+        with gunicorn(
+            "bench.reference:app",
+            {**service_env(data_dir, ref_port), "BENCH_FILE": str(stored)},
+            "/ping",
+        ):
+            session = requests.Session()
+            variant = "/download?w=256&format=webp"
+            timed_get(session, f"{base}/api/images/{ids.pop()}{variant}")  # warm-up
+            timed_get(session, f"{ref}/render?w=256")
+            if vips:
+                timed_get(session, f"{ref}/render-vips?w=256")
+            ours, bare, libvips = [], [], []
+            for round_ids in zip(*[iter(ids)] * per_round, strict=True):
+                times = {"ours": [], "bare": [], "vips": []}
+                for image_id in round_ids:
+                    times["ours"].append(
+                        timed_get(session, f"{base}/api/images/{image_id}{variant}")
+                    )
+                    times["bare"].append(timed_get(session, f"{ref}/render?w=256"))
+                    if vips:
+                        times["vips"].append(timed_get(session, f"{ref}/render-vips?w=256"))
+                for name, into in (("ours", ours), ("bare", bare), ("vips", libvips)):
+                    if times[name]:
+                        mean = statistics.mean(times[name])
+                        into.append(Load(rps=1 / mean, p50_ms=mean * 1000))
+            rows.append(
+                ratio_row(
+                    "12 MP JPEG to 256 px WebP, first render: service (render, store, record, "
+                    "serve) vs bare Flask + Pillow (draft, thumbnail, save)",
+                    ours, bare, "p50_ms", 1.3,
+                    f"{median(ours, 'p50_ms'):.0f} vs {median(bare, 'p50_ms'):.0f} ms per render",
+                    lower_is_better=True,
+                )
+            )  # fmt: skip
+            if vips:
+                rows.append(
+                    ratio_row(
+                        "for the record: the same bare render with libvips (pyvips thumbnail) "
+                        "vs Pillow",
+                        libvips, bare, "p50_ms", None,
+                        f"{median(libvips, 'p50_ms'):.0f} vs {median(bare, 'p50_ms'):.0f} ms",
+                        lower_is_better=True,
+                    )
+                )  # fmt: skip
+        cached_url = f"{base}/api/images/{ids[0]}{variant}"
+        thumbnail = requests.get(cached_url).content
+        original = upload(base, thumbnail, "thumbnail.webp")
+        assert original["size"] == len(thumbnail), "the variant was stored with changes"
+        cached, plain = side_by_side(cached_url, original["imageUrl"], args)
+    rows.append(
+        ratio_row(
+            f"cached variant download ({len(thumbnail) / 1e3:.0f} KB WebP) vs an original "
+            "download of the same bytes",
+            cached, plain, "rps", 0.8,
+            f"{median(cached, 'rps'):.0f} vs {median(plain, 'rps'):.0f} requests/s",
+        )
+    )  # fmt: skip
+
+
 #: The last commit before API keys, owners, rate limits and signed URLs.
 BEFORE_ACCESS = "ed8850e"
 
@@ -807,14 +909,15 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="download, memory, lists, s3, upload, access, strip, repair, decode",
+        help="download, memory, lists, s3, upload, access, strip, variants, repair, decode",
     )
     args = parser.parse_args()
     ensure_tools()
     started = datetime.now(UTC)
     rows: list = []
     everything = (
-        "download", "memory", "lists", "s3", "upload", "access", "strip", "repair", "decode"
+        "download", "memory", "lists", "s3", "upload", "access", "strip", "variants", "repair",
+        "decode",
     )  # fmt: skip
     chosen = set(args.only or everything)
     with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
@@ -828,6 +931,7 @@ def main() -> None:
             "upload": lambda: bench_upload(args, work, rows),
             "access": lambda: bench_access(args, work, rows),
             "strip": lambda: bench_strip(args, work, rows),
+            "variants": lambda: bench_variants(args, work, rows),
             "repair": lambda: bench_repair(args, work, rows),
             "decode": lambda: bench_decode_memory(args, work, rows),
         }
