@@ -528,7 +528,8 @@ def timed_get(session: requests.Session, url: str) -> float:
 
 
 def bench_variants(args, work: Path, rows: list) -> None:
-    """10 & 11: a 12 MP camera JPEG to a 256 px WebP, first render through the service vs a
+    """10 & 11: a 12 MP camera JPEG to a 256 px WebP (in a 256x256 box, as the reference's
+    `thumbnail((256, 256))`), first render through the service vs a
     bare Flask endpoint rendering the same stored file by Pillow's fastest path (open,
     draft, thumbnail, WebP save; goal: at most 1.3x the time), and libvips for the record;
     then the cached variant's download vs an original download of the same bytes (goal:
@@ -554,7 +555,7 @@ def bench_variants(args, work: Path, rows: list) -> None:
             "/ping",
         ):
             session = requests.Session()
-            variant = "/download?w=256&format=webp"
+            variant = "/download?w=256&h=256&format=webp"
             timed_get(session, f"{base}/api/images/{ids.pop()}{variant}")  # warm-up
             timed_get(session, f"{ref}/render?w=256")
             if vips:
