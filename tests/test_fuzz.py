@@ -14,9 +14,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import ROOT
+import pytest
+
+from tests.helpers import ROOT, Service
 
 FUZZ = ROOT / "tests" / "fuzz"
+
+
+@pytest.fixture
+def running(tmp_path):
+    """The service under gunicorn, one worker, with variants of at most 256 px: the document
+    states that bound, and the fuzzer's largest variants (AVIF of 4096x4096 upscaled from a
+    few pixels) would otherwise take most of its run."""
+    service = Service(tmp_path / "data", {"WEB_CONCURRENCY": "1", "MAX_VARIANT_DIMENSION": "256"})
+    service.start()
+    yield service
+    service.stop()
 
 
 def test_schemathesis_finds_nothing(running):

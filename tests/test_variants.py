@@ -256,6 +256,12 @@ def test_max_variant_dimension_is_a_setting(make_app, tmp_path):
     assert opened(client.get(f"{url}?w=64")).size == (64, 32)
     # A change of format alone is fitted inside the bound.
     assert opened(client.get(f"{url}?format=png")).size == (64, 32)
+    # The API description states this deployment's bound.
+    operation = client.get("/api/openapi.json").get_json()["paths"][
+        "/api/images/{image_id}/download"
+    ]["get"]
+    bounds = {p["name"]: p["schema"].get("maximum") for p in operation["parameters"]}
+    assert (bounds["w"], bounds["h"], bounds["q"]) == (64, 64, 100)
 
 
 def test_variant_sizes_allow_only_the_sizes_listed(make_app, tmp_path):

@@ -22,6 +22,7 @@ from flask import Flask, current_app, request
 from marshmallow import Schema
 
 from ..access import Forbidden, Scope, Unauthorized
+from ..config import Settings
 from ..errors import (
     ApiError,
     BackendUnavailable,
@@ -32,6 +33,7 @@ from ..errors import (
 )
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, ImageRecord
+from ..service import EXTENSION
 from ..signing import InvalidSignature, SignatureExpired
 from . import schemas
 from .conditions import ETAG_LIST
@@ -306,7 +308,18 @@ def build_document(app: Flask) -> dict:
             for parameter in operation["parameters"]:
                 if parameter["in"] == "query":
                     _not_null(parameter["schema"])
+                    _bounded_by_settings(parameter["schema"], app.extensions[EXTENSION].settings)
     return document
+
+
+#: A schema property naming the setting whose value is this deployment's maximum.
+MAXIMUM_SETTING = "x-maximum-setting"
+
+
+def _bounded_by_settings(schema: dict, settings: Settings) -> None:
+    """The document states this deployment's bounds (MAX_VARIANT_DIMENSION, say)."""
+    if (name := schema.pop(MAXIMUM_SETTING, None)) is not None:
+        schema["maximum"] = getattr(settings, name)
 
 
 def _not_null(schema: dict) -> None:

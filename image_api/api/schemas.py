@@ -17,7 +17,6 @@ from marshmallow import (
     validates_schema,
 )
 
-from ..config import Settings
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
 from ..service import current_service
@@ -237,7 +236,7 @@ class DownloadQuerySchema(Schema):
     w = Digits(
         validate=validate.Range(min=0),
         metadata={
-            "maximum": Settings.max_variant_dimension,
+            "x-maximum-setting": "max_variant_dimension",
             "description": "A variant's width in pixels (0 or absent: follows the height); "
             "at most MAX_VARIANT_DIMENSION (4096 by default), and one of VARIANT_SIZES if set",
         },
@@ -245,7 +244,7 @@ class DownloadQuerySchema(Schema):
     h = Digits(
         validate=validate.Range(min=0),
         metadata={
-            "maximum": Settings.max_variant_dimension,
+            "x-maximum-setting": "max_variant_dimension",
             "description": "A variant's height in pixels (0 or absent: follows the width)",
         },
     )
