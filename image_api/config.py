@@ -48,8 +48,13 @@ class Settings:
     # Metadata: MongoDB when a URL is given, else SQLite in the data directory.
     mongodb_url: str | None = None
     mongodb_write_concern: str = "majority"
-    # Downloads: "proxy" streams the bytes; "redirect" (S3 only) answers 302 to a presigned URL.
+    # Downloads: "proxy" streams the bytes; "redirect" (S3 only) answers 302 to a presigned
+    # URL; "accel" (behind nginx, deploy/nginx.conf) answers X-Accel-Redirect and nginx
+    # sends the bytes itself.
     download_mode: str = "proxy"
+    # Blob files' mode on the embedded default: 0640 lets the group read them (nginx's
+    # workers in accel mode, when the service's group is theirs).
+    blob_file_mode: int = 0o600
     presign_ttl: int = 300
     # Limits.
     max_upload_bytes: int = 25 * 1024 * 1024
@@ -67,6 +72,9 @@ class Settings:
     # (w, h) sizes (0: free); empty allows every size up to the bound.
     max_variant_dimension: int = 4096
     variant_sizes: tuple[tuple[int, int], ...] = ()
+    # Variants kept per image (the oldest go first), and renders at once per worker.
+    max_variants_per_image: int = 32
+    render_concurrency: int = 2
     # Network timeouts towards the backends, in seconds.
     backend_connect_timeout: float = 3.0
     backend_read_timeout: float = 10.0
@@ -137,7 +145,10 @@ class Settings:
             aws_secret_access_key=reader.text("AWS_SECRET_ACCESS_KEY"),
             mongodb_url=reader.url("MONGODB_URL", schemes=("mongodb", "mongodb+srv")),
             mongodb_write_concern=reader.text("MONGODB_WRITE_CONCERN") or cls.mongodb_write_concern,
-            download_mode=reader.choice("DOWNLOAD_MODE", ("proxy", "redirect"), cls.download_mode),
+            download_mode=reader.choice(
+                "DOWNLOAD_MODE", ("proxy", "redirect", "accel"), cls.download_mode
+            ),
+            blob_file_mode=reader.file_mode("BLOB_FILE_MODE", cls.blob_file_mode),
             presign_ttl=reader.integer("PRESIGN_TTL", cls.presign_ttl, maximum=7 * 24 * 3600),
             max_upload_bytes=reader.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels),
@@ -150,6 +161,10 @@ class Settings:
                 "MAX_VARIANT_DIMENSION", cls.max_variant_dimension, maximum=16384
             ),
             variant_sizes=reader.sizes("VARIANT_SIZES"),
+            max_variants_per_image=reader.integer(
+                "MAX_VARIANTS_PER_IMAGE", cls.max_variants_per_image
+            ),
+            render_concurrency=reader.integer("RENDER_CONCURRENCY", cls.render_concurrency),
             backend_connect_timeout=reader.seconds(
                 "BACKEND_CONNECT_TIMEOUT", cls.backend_connect_timeout
             ),
@@ -348,6 +363,22 @@ class _Reader:
                 )
             sizes.append((int(width), int(height)))
         return tuple(dict.fromkeys(sizes))
+
+    def file_mode(self, name: str, default: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            mode = int(raw, 8)
+        except ValueError:
+            mode = -1
+        # The owner must read and write; nobody may execute a blob or write another's.
+        if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600 or mode & 0o133:
+            raise ConfigError(
+                f"{name} must be an octal file mode that the owner reads and writes and no one "
+                f"else writes or executes, such as 0600 or 0640; got {raw!r}"
+            )
+        return mode
 
     def formats(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         raw = self.text(name)

@@ -91,6 +91,14 @@ def compensation() -> Iterator[None]:
         _current.reset(token)
 
 
+def extend(seconds: float) -> None:
+    """Give the current budget at least `seconds` more (work that finished late, such as a
+    render under load, is kept and sent rather than thrown away)."""
+    deadline = _current.get()
+    if deadline is not None:
+        deadline.expires = max(deadline.expires, deadline.monotonic() + deadline.reserve + seconds)
+
+
 def is_compensating() -> bool:
     deadline = _current.get()
     return deadline is not None and deadline.compensating

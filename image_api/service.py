@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 
 #: How often a DELETE re-reads an image that a concurrent replace keeps changing.
 _DELETE_TRIES = 5
+#: A render does not start with less of the request's budget left than this, and a finished
+#: one is stored within this much more.
+_RENDER_AT_LEAST = 2.0
+_STORE_RENDER_WITHIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class ImageService:
         self.repository = repository
         self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
         self._rendering = KeyedLocks()
+        self._render_slots = Slots(settings.render_concurrency, settings.decode_wait)
         #: Variants served from the cache and rendered, by this process.
         self.variant_counts: Counter[str] = Counter()
 
@@ -305,6 +310,15 @@ class ImageService:
             return Download(redirect=url)
         return Download(open=functools.partial(self.storage.open, blob.key))
 
+    def accel_path(
+        self, blob: ImageRecord | Variant, byte_range: tuple[int, int] | None, disposition: str
+    ) -> str:
+        """In accel mode: where nginx's internal location serves the bytes from (all of
+        them, or `byte_range`)."""
+        return self.storage.accel_path(
+            blob.key, byte_range, self.settings.presign_ttl, blob.content_type, disposition
+        )
+
     def variant(self, record: ImageRecord, spec: variants.VariantSpec) -> Variant:
         """The variant `spec` of this version of the image: cached, or rendered now, stored
         and recorded. Threads of one worker that ask for the same one at once render it
@@ -319,38 +333,59 @@ class ImageService:
         return found
 
     def _render(self, record: ImageRecord, spec: variants.VariantSpec, key: str) -> Variant:
+        budget = deadline.current()
+        if budget is not None and budget.remaining() < _RENDER_AT_LEAST:
+            raise DecoderBusy("Too little of the request's time is left to render; retry")
         with (
+            self._render_slots.taken(),
             self._source(record) as source,
             variants.render(source, record.content_type, spec, self.decode_budget) as (
                 out,
                 rendered,
             ),
         ):
+            # A finished render is worth keeping even when rendering spent the request's
+            # budget (under load): storing and sending it get a little more.
+            deadline.extend(_STORE_RENDER_WITHIN)
             self.storage.put(key, out, spec.content_type)
-        self.variant_counts["rendered"] += 1
-        variant = Variant(
-            key=key,
-            image_id=record.id,
-            version=record.version,
-            params=spec.params,
-            content_type=spec.content_type,
-            size=rendered.size,
-            width=rendered.width,
-            height=rendered.height,
-            sha256=rendered.sha256,
-            created_at=self.clock(),
-        )
-        try:
-            self.repository.insert_variant(variant)
-        except BaseException:
-            self._discard(key)
-            raise
-        # A replace or delete since `record` was read removes the variants it finds after
-        # its write; one recorded after it looked is removed here (retired: this request
-        # is about to send it).
-        if not self._still_current(record):
-            self._remove_variants([variant], retire=True)
+            self.variant_counts["rendered"] += 1
+            variant = Variant(
+                key=key,
+                image_id=record.id,
+                version=record.version,
+                params=spec.params,
+                content_type=spec.content_type,
+                size=rendered.size,
+                width=rendered.width,
+                height=rendered.height,
+                sha256=rendered.sha256,
+                created_at=self.clock(),
+            )
+            try:
+                self.repository.insert_variant(variant)
+            except BaseException:
+                self._discard(key)
+                raise
+            # A replace or delete since `record` was read removes the variants it finds
+            # after its write; one recorded after it looked is removed here (retired: this
+            # request is about to send it).
+            if not self._still_current(record):
+                self._remove_variants([variant], retire=True)
+            else:
+                self._evict_beyond_limit(record)
         return variant
+
+    def _evict_beyond_limit(self, record: ImageRecord) -> None:
+        """At most MAX_VARIANTS_PER_IMAGE variants per image are kept: the oldest go (retired,
+        for requests streaming them), so no client can fill the storage with renders."""
+        try:
+            found = self.repository.variants_of(record.id)
+        except BackendUnavailable:
+            return  # the next render looks again
+        excess = len(found) - self.settings.max_variants_per_image
+        if excess > 0:
+            oldest = sorted(found, key=lambda variant: variant.created_at)[:excess]
+            self._remove_variants(oldest, retire=True)
 
     @contextlib.contextmanager
     def _source(self, record: ImageRecord) -> Iterator[BinaryIO]:
@@ -618,6 +653,28 @@ class KeyedLocks:
                 entry[1] -= 1
                 if not entry[1]:
                     del self._locks[key]
+
+
+class Slots:
+    """At most `count` renders at once in this process: CPU-bound work on every thread would
+    leave none for other requests (a health check waited 15 s behind ten renders). The
+    excess waits up to `wait` seconds (and the request's budget), then gets `DecoderBusy`."""
+
+    def __init__(self, count: int, wait: float):
+        self._free = threading.BoundedSemaphore(count)
+        self.wait = wait
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        wait = self.wait
+        if (budget := deadline.current()) is not None:
+            wait = max(min(wait, budget.remaining() - _RENDER_AT_LEAST), 0)
+        if not self._free.acquire(timeout=wait):
+            raise DecoderBusy("The server is busy rendering other variants; retry shortly")
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:

@@ -143,13 +143,14 @@ def _geometry(
     width, height = displayed
     wanted_w, wanted_h, fit = requested.width, requested.height, requested.fit
     whole: Box = (0.0, 0.0, float(width), float(height))
+    upscale = requested.upscale
     if not wanted_w and not wanted_h:
-        # A change of format alone: the picture as it is, within the size bound.
+        # A change of format alone: the picture as it is (never enlarged), within the bound.
         wanted_w = wanted_h = max_dimension
-        fit = "contain"
+        fit, upscale = "contain", False
     if not wanted_w or not wanted_h or fit == "contain":
         scales = [s for s in (wanted_w / width, wanted_h / height) if s > 0]
-        scale = _bounded(min(scales), requested.upscale)
+        scale = _bounded(min(scales), upscale)
         return _clamped((width * scale, height * scale), max_dimension), whole
     if fit == "cover":
         # The centre of the picture at the box's aspect ratio, scaled to the box.
@@ -158,12 +159,12 @@ def _geometry(
         else:
             crop_w, crop_h = float(width), width * wanted_h / wanted_w
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
-        scale = _bounded(wanted_w / crop_w, requested.upscale)
+        scale = _bounded(wanted_w / crop_w, upscale)
         size = _clamped((crop_w * scale, crop_h * scale), max_dimension)
         return size, (left, top, left + crop_w, top + crop_h)
     # fill: the whole picture stretched to the box; without upscaling, the box shrinks (its
     # aspect ratio kept) until it fits in the picture.
-    shrink = 1.0 if requested.upscale else min(1.0, width / wanted_w, height / wanted_h)
+    shrink = 1.0 if upscale else min(1.0, width / wanted_w, height / wanted_h)
     return _clamped((wanted_w * shrink, wanted_h * shrink), max_dimension), whole
 
 
@@ -235,7 +236,10 @@ def _render(
         if source_format == "JPEG":
             wanted = (full_h, full_w) if turned else (full_w, full_h)
             image.draft(None, (math.ceil(wanted[0]), math.ceil(wanted[1])))
-        cost = 2 * pixel_bytes(image) + 4 * spec.size[0] * spec.size[1]
+        # Decoded pixels, a premultiplied copy of them when they have alpha (Pillow's
+        # resampling), and the output with the encoder's working copies of it.
+        alpha = 2 if "A" in image.mode or "transparency" in image.info else 1
+        cost = alpha * pixel_bytes(image) + 12 * spec.size[0] * spec.size[1]
         with budget.reserve(cost):
             image.load()
             icc = image.info.get("icc_profile")

@@ -91,6 +91,7 @@ def wide(images):
         ("w=400&h=400&fit=cover&upscale=1", (400, 400)),
         ("w=400&h=100&fit=fill", (200, 50)),
         ("format=webp", (200, 100)),
+        ("upscale=true", (200, 100)),  # no box: the picture's own size, never enlarged
     ],
 )
 def test_a_variant_has_the_size_its_parameters_ask_for(local, local_wide, query, size):
@@ -179,6 +180,7 @@ def test_quality_is_ignored_for_png(local, local_wide, local_service):
         ("image/avif,image/webp,*/*", "image/avif"),
         ("image/webp,image/apng,*/*;q=0.8", "image/webp"),
         ("image/avif;q=0,image/webp", "image/webp"),
+        ("IMAGE/AVIF", "image/avif"),  # media types are case-insensitive
         ("*/*", "image/png"),  # a wildcard says nothing about AVIF: the original's type
         ("image/*", "image/png"),
         (None, "image/png"),
@@ -238,6 +240,10 @@ def test_avif_is_bounded_and_auto_falls_back_to_webp(make_app, tmp_path):
         ("q=101", "q"),
         ("q=-5", "q"),
         ("upscale=maybe", "upscale"),
+        ("w=1&w=2", "w"),  # a proxy that took the other one would cache another picture
+        ("format=webp&format=avif", "format"),
+        ("upscale=true&upscale=false", "upscale"),
+        ("disposition=inline&disposition=attachment", "disposition"),
     ],
 )
 def test_a_bad_parameter_is_a_400_naming_it(local, local_wide, query, parameter):
@@ -438,6 +444,53 @@ def test_renders_share_the_decode_budget(make_app, tmp_path):
     assert busy.status_code == 503
     assert busy.get_json()["code"] == "decoder_busy" and busy.headers["Retry-After"]
     assert client.get(f"{url}?w=50").status_code == 200
+
+
+def test_renders_at_once_are_limited_per_worker(make_app, tmp_path):
+    app = make_app({"DATA_DIR": str(tmp_path), "RENDER_CONCURRENCY": "1", "DECODE_WAIT": "0.05"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    with service._render_slots.taken():  # another request is rendering
+        busy = client.get(f"{url}?w=50")
+        cached = client.get(url)  # originals are not renders
+    assert (busy.status_code, busy.get_json()["code"]) == (503, "decoder_busy")
+    assert busy.headers["Retry-After"] and cached.status_code == 200
+    assert client.get(f"{url}?w=50").status_code == 200
+
+
+def test_a_render_that_spent_the_budget_is_still_stored_and_served(
+    client, service, wide, monkeypatch
+):
+    from image_api import deadline
+
+    render = variants.render
+
+    def slow_render(*args, **kwargs):
+        # As if the render took the rest of the request's budget (a loaded machine).
+        deadline.current().expires = deadline.current().monotonic() - 1
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(variants, "render", slow_render)
+    response = client.get(f"{wide}?w=30")
+    assert response.status_code == 200
+    assert opened(response).size == (30, 15)
+    assert len(service.repository.variants_of(wide.split("/")[3])) == 1
+
+
+def test_an_image_keeps_at_most_max_variants_per_image(make_app, tmp_path, clock):
+    app = make_app({"DATA_DIR": str(tmp_path), "MAX_VARIANTS_PER_IMAGE": "2"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    image_id = ImagesClient(client).create(halves())["_id"]
+    url = f"/api/images/{image_id}/download"
+    for width in (10, 20, 30):
+        assert client.get(f"{url}?w={width}").status_code == 200
+    kept = service.repository.variants_of(image_id)
+    assert sorted(v.width for v in kept) == [20, 30]  # the oldest went
+    clock.advance(service.retention + timedelta(seconds=1))
+    service.sweep_retired(limit=100)
+    stored = {blob.key for blob in service.storage.list()}
+    assert stored == {service.repository.get(image_id).key, *(v.key for v in kept)}
+    assert opened(client.get(f"{url}?w=10")).size == (10, 5)  # rendered again when asked
 
 
 # --- no variant outlives its image or version -----------------------------------------------

@@ -13,6 +13,7 @@ from marshmallow import (
     fields,
     post_dump,
     post_load,
+    pre_load,
     validate,
     validates_schema,
 )
@@ -271,6 +272,15 @@ class DownloadQuerySchema(Schema):
         falsy={"false", "0"},
         metadata={"description": "Allow a variant larger than the original (default false)"},
     )
+
+    @pre_load
+    def _each_once(self, data, **kwargs):
+        """A parameter given twice (`w=1&w=2`) is refused: a cache or proxy in front that
+        took the other value would store another picture under the same URL."""
+        for name in ("disposition", *VARIANT_PARAMETERS):
+            if hasattr(data, "getlist") and len(data.getlist(name)) > 1:
+                raise ValidationError("Given more than once.", name)
+        return data
 
     @validates_schema
     def _within_bounds(self, data: dict, **kwargs) -> None:

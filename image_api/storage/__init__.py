@@ -45,6 +45,9 @@ class BlobStorage(Protocol):
       no blob.
     - `presigned_url(key, ttl, content_type, disposition)` returns a URL a client can GET the
       blob from directly with those response headers, or None if the backend has none.
+    - `accel_path(key, byte_range, ttl, content_type, disposition)` returns the path of
+      nginx's internal location that serves the blob, all of it or `byte_range` (for
+      X-Accel-Redirect; see deploy/nginx.conf).
     - `delete(key)` removes the blob; deleting a missing blob is success.
     - `list()` yields every stored blob in key order (repair merges it with the records).
     - `list_partial()` yields what interrupted writes left (never a reader's business);
@@ -65,6 +68,15 @@ class BlobStorage(Protocol):
         self, key: str, ttl: int, content_type: str, disposition: str
     ) -> str | None: ...
 
+    def accel_path(
+        self,
+        key: str,
+        byte_range: tuple[int, int] | None,
+        ttl: int,
+        content_type: str,
+        disposition: str,
+    ) -> str: ...
+
     def delete(self, key: str) -> None: ...
 
     def list(self) -> Iterator[StoredBlob]: ...
@@ -76,6 +88,19 @@ class BlobStorage(Protocol):
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+#: nginx's internal locations for X-Accel-Redirect (DOWNLOAD_MODE=accel), by what they send:
+#: the service decides the range (or none), nginx sends it. Blob files by their path under
+#: the blob directory (`ranged` honours the client's Range, `whole` ignores it); S3 objects
+#: by a presigned URL's path and query, after the range to ask for (`bytes=0-9` or `-`).
+ACCEL_FILES = {True: "/_accel/ranged/", False: "/_accel/whole/"}
+ACCEL_S3 = "/_accel/s3/"
+
+
+def range_value(byte_range: tuple[int, int] | None) -> str:
+    """A Range header's value for `(start, stop)`; `-` for none."""
+    return "-" if byte_range is None else f"bytes={byte_range[0]}-{byte_range[1] - 1}"
 
 
 def checked_key(key: str) -> str:
@@ -95,4 +120,4 @@ def storage_from_settings(settings: Settings) -> BlobStorage:
         return S3Storage.from_settings(settings)
     from .filesystem import FilesystemStorage
 
-    return FilesystemStorage(settings.data_dir / "blobs")
+    return FilesystemStorage(settings.data_dir / "blobs", settings.blob_file_mode)

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from ..errors import BackendUnavailable, NotFound
 from ..records import valid_key
-from . import Partial, StoredBlob, checked_key
+from . import ACCEL_FILES, Partial, StoredBlob, checked_key
 
 _WRITE_CHUNK = 1024 * 1024
 _TMP_PREFIX = ".tmp-"
@@ -22,17 +22,26 @@ _PARTIAL = re.compile(r"[0-9a-f]{2}/\.tmp-[A-Za-z0-9_]+")
 
 
 class FilesystemStorage:
-    """Blobs as files under `root`, sharded by the first two characters of the key."""
+    """Blobs as files under `root`, sharded by the first two characters of the key.
+
+    Files get `file_mode` (0600 by default: the service's user alone; 0640 lets a group,
+    nginx's in accel mode, read them), and the directories the same rights plus the
+    matching search bits, whatever the umask.
+    """
 
     name = "filesystem"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, file_mode: int = 0o600):
         self.root = Path(root)
+        self.file_mode = file_mode
+        # r on a file needs x on its directories to be reached.
+        self.dir_mode = file_mode | ((file_mode & 0o444) >> 2) | 0o700
 
     def create(self) -> None:
         """Create the root directory (idempotent)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, self.dir_mode)
         except OSError as error:
             raise BackendUnavailable(f"Cannot create blob directory {self.root}") from error
 
@@ -51,9 +60,12 @@ class FilesystemStorage:
                 # The shard's first blob (a mkdir on every put costs a metadata operation).
                 # The new directory's own entry must survive a power cut too.
                 target.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(target.parent, self.dir_mode)
                 _fsync_dir(self.root)
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             try:
+                if self.file_mode != 0o600:  # what mkstemp makes
+                    os.fchmod(fd, self.file_mode)
                 with os.fdopen(fd, "wb") as out:
                     while chunk := stream.read(_WRITE_CHUNK):
                         out.write(chunk)
@@ -80,6 +92,12 @@ class FilesystemStorage:
 
     def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> None:
         return None
+
+    def accel_path(self, key, byte_range, ttl, content_type, disposition) -> str:
+        # The range nginx sends is the client's, which the service has checked to be the
+        # single satisfiable range it would have sent itself.
+        key = checked_key(key)
+        return f"{ACCEL_FILES[byte_range is not None]}{key[:2]}/{key}"
 
     def delete(self, key: str) -> None:
         try:

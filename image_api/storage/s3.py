@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -18,7 +19,7 @@ from .. import deadline
 from ..config import Settings
 from ..errors import BackendUnavailable, NotFound
 from ..records import valid_key
-from . import Partial, StoredBlob, checked_key
+from . import ACCEL_S3, Partial, StoredBlob, checked_key, range_value
 
 #: Tries per call: a refused or reset connection, a 5xx or a throttle is tried again while
 #: the request's budget lasts; a compensating call gets one.
@@ -194,6 +195,11 @@ class S3Storage:
                 raise
 
         return self._attempts(get)["Body"]
+
+    def accel_path(self, key, byte_range, ttl, content_type, disposition) -> str:
+        # nginx's internal location asks the endpoint the URL was signed for, for that range.
+        url = urlsplit(self.presigned_url(key, ttl, content_type, disposition))
+        return f"{ACCEL_S3}{range_value(byte_range)}/{url.path.lstrip('/')}?{url.query}"
 
     def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> str:
         # Signing is local (no request to S3) but costs more than the rest of a redirect,
