@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import access, api, cli, errors, limits
+from . import access, api, cli, errors, limits, nginx
 from .api.auth import refuse_unauthenticated
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
@@ -19,9 +19,6 @@ from .signing import UrlSigner
 from .storage import storage_from_settings
 
 log = logging.getLogger(__name__)
-
-# Room for the multipart envelope around a file of the maximum size.
-_MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_now) -> Flask:
@@ -37,7 +34,8 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     app = Flask(
         __name__, static_folder=None
     )  # no /static route: the API serves no files of its own
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    # An upload of MAX_UPLOAD_BYTES in its multipart envelope: nginx's limit is the same.
+    app.config["MAX_CONTENT_LENGTH"] = nginx.max_body_size(settings)
     app.json.sort_keys = False
     app.wsgi_app = ReadableBody(app.wsgi_app)
     if settings.public_url:

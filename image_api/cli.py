@@ -1,16 +1,18 @@
-"""Operator commands: `flask --app image_api init | keys | repair`."""
+"""Operator commands: `flask --app image_api init | keys | repair | strip-metadata |
+nginx-config`."""
 
 from __future__ import annotations
 
 import json
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import click
 from flask import Flask
 from flask.cli import with_appcontext
 
-from . import access
+from . import access, nginx
 from .errors import ApiError, Conflict, NotFound
 from .records import Status
 from .repair import repair
@@ -204,8 +206,30 @@ def _progress(items, label: str, length: int | None = None, show: bool = True):
         yield from bar
 
 
+NGINX_SOURCE = "flask --app image_api nginx-config"
+
+
+@click.command("nginx-config")
+@click.option("--listen", default="8080", show_default=True, help="nginx's port (or addr:port)")
+@click.option("--upstream", default=None, help="gunicorn's host:port [default: 127.0.0.1:PORT]")
+@click.option("--user", default=None, help="the user (and group) nginx's workers run as")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="write here, not stdout")
+@with_appcontext
+def nginx_config_command(listen, upstream, user, output):
+    """Print deploy/nginx.conf for these settings: nginx in front of gunicorn."""
+    service = current_service()
+    settings = service.settings
+    frontend = nginx.Frontend(listen, upstream or f"127.0.0.1:{settings.port}", user)
+    text = nginx.render(settings, service.storage, frontend, NGINX_SOURCE)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
 def init_app(app: Flask) -> None:
     app.cli.add_command(init_command)
     app.cli.add_command(keys_group)
     app.cli.add_command(repair_command)
     app.cli.add_command(strip_metadata_command)
+    app.cli.add_command(nginx_config_command)

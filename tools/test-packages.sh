@@ -8,6 +8,7 @@ set -euo pipefail
 needed=(
   "chromium chromium tests/test_docs_browser.py (the docs page in a headless browser)"
   "redis-server redis-server the Redis tests of tests/test_limits.py (shared rate limits)"
+  "nginx nginx-light tests/test_nginx.py (nginx in front of gunicorn, accel downloads)"
 )
 
 missing=()
@@ -26,6 +27,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing Debian packages the tests use: ${packages[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  # The nginx package starts a server on port 80; the tests start their own.
+  if [[ " ${packages[*]} " == *" nginx-light "* ]]; then pkill -x nginx || true; fi
 else
   for entry in "${missing[@]}"; do
     read -r command package skipped <<<"$entry"

@@ -1,0 +1,149 @@
+"""The nginx configuration that fronts the service (deploy/nginx.conf), rendered from the
+service's own settings: values such as the body size limit must agree with the service's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .config import Settings
+from .storage import BlobStorage
+
+#: Room for the multipart envelope around a file of the maximum size: the service's own
+#: limit on a request body is MAX_UPLOAD_BYTES plus this.
+MULTIPART_OVERHEAD = 64 * 1024
+
+#: Headers the service sets on a download that nginx would otherwise drop or replace when
+#: it serves the bytes itself (X-Accel-Redirect). Content-Type, Content-Disposition,
+#: Cache-Control and Accept-Ranges it keeps by itself.
+ACCEL_HEADERS = (
+    "ETag",
+    "Last-Modified",
+    "X-Content-Type-Options",
+    "Content-Security-Policy",
+    "Referrer-Policy",
+    "Vary",
+    "Access-Control-Allow-Origin",
+    "Access-Control-Expose-Headers",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+)
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """Where nginx listens, where gunicorn is, and (optionally) the user nginx's workers
+    run as when it starts as root."""
+
+    listen: str = "8080"
+    upstream: str = "127.0.0.1:5000"
+    user: str | None = None
+
+
+def max_body_size(settings: Settings) -> int:
+    """The largest request body the service reads: an upload of MAX_UPLOAD_BYTES in its
+    multipart envelope."""
+    return settings.max_upload_bytes + MULTIPART_OVERHEAD
+
+
+def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source: str) -> str:
+    """deploy/nginx.conf for `settings` (`source` says where they came from)."""
+    template = resources.files(__package__).joinpath("nginx.conf.template").read_text()
+    values = {
+        "SOURCE": source,
+        "USER": f"user {frontend.user};" if frontend.user else "",
+        "UPSTREAM": frontend.upstream,
+        "LISTEN": frontend.listen,
+        "MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
+        "CLIENT_MAX_BODY_SIZE": str(max_body_size(settings)),
+        "REQUEST_TIMEOUT": f"{settings.request_timeout:g}",
+        # Above the service's budget, up to gunicorn's own timeout.
+        "PROXY_TIMEOUT": str(max(settings.gunicorn_timeout, int(settings.request_timeout) + 5)),
+        "BLOB_ROOT": str(Path(settings.data_dir, "blobs").resolve()),
+        "ACCEL_HEADERS": _accel_headers(),
+        "S3_UPSTREAM": "",
+        "S3_LOCATION": "",
+    }
+    if settings.blob_backend == "s3":
+        values.update(_s3_parts(settings, storage))
+    text = template
+    for name, value in values.items():
+        text = text.replace("{{" + name + "}}", value)
+    if "{{" in text:
+        raise ValueError(
+            f"unfilled placeholder in the nginx template: {text[text.index('{{') :][:40]}"
+        )
+    return text
+
+
+def _accel_headers(indent: str = " " * 12) -> str:
+    """The service's download headers, kept by `set` before any proxying (after it,
+    $upstream_http_* would name S3's), and sent with the bytes; nginx's own validators off."""
+    lines = ["etag off;", "if_modified_since off;"]
+    for name in ACCEL_HEADERS:
+        variable = name.lower().replace("-", "_")
+        lines.append(f"set $image_{variable} $upstream_http_{variable};")
+    for name in ACCEL_HEADERS:
+        variable = name.lower().replace("-", "_")
+        lines.append(f"add_header {name} $image_{variable};")
+    return "\n".join(indent + line for line in lines)
+
+
+def _s3_parts(settings: Settings, storage: BlobStorage) -> dict[str, str]:
+    """The S3 endpoint presigned URLs point at (signing is local: no request is made)."""
+    url = urlsplit(storage.presigned_url("0" * 32, 60, "image/png", "attachment"))
+    scheme, host = url.scheme, url.netloc
+    port = url.port or (443 if scheme == "https" else 80)
+    server = f"{url.hostname}:{port}"
+    tls = ""
+    if scheme == "https":
+        tls = (
+            f"\n            proxy_ssl_server_name on;\n            proxy_ssl_name {url.hostname};"
+            "\n            proxy_ssl_verify on;"
+            "\n            proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt;"
+        )
+    location = f"""
+        # S3: the service names a presigned URL's path and query, after the range it decided
+        # (`-`: none); nginx fetches exactly that from the bucket and sends it on.
+        location ~ ^/_accel/s3/(?<accel_range>[^/]+)/(?<accel_object>.*)$ {{
+            internal;
+{_accel_headers()}
+            set $accel_range_header "";
+            if ($accel_range != "-") {{
+                set $accel_range_header $accel_range;
+            }}
+            proxy_method GET;
+            proxy_pass {scheme}://image_api_s3/$accel_object$is_args$args;
+            proxy_set_header Host {host};
+            proxy_set_header Range $accel_range_header;
+            proxy_set_header If-Range "";
+            proxy_set_header If-Match "";
+            proxy_set_header If-None-Match "";
+            proxy_set_header If-Modified-Since "";
+            proxy_set_header If-Unmodified-Since "";
+            proxy_set_header Authorization "";
+            proxy_set_header Cookie "";
+            proxy_set_header X-Forwarded-For "";
+            proxy_set_header X-Forwarded-Proto "";
+            proxy_set_header X-Forwarded-Host "";
+            proxy_set_header X-Forwarded-Port "";
+            proxy_set_header X-Forwarded-Prefix "";
+            proxy_hide_header ETag;
+            proxy_hide_header Last-Modified;
+            proxy_hide_header Accept-Ranges;
+            proxy_hide_header Content-Disposition;
+            proxy_hide_header Cache-Control;
+            proxy_hide_header Expires;
+            proxy_hide_header x-amz-request-id;
+            proxy_hide_header x-amz-id-2;
+            proxy_intercept_errors on;{tls}
+        }}"""
+    upstream = f"""
+    upstream image_api_s3 {{
+        server {server};
+        keepalive 8;
+    }}"""
+    return {"S3_UPSTREAM": upstream, "S3_LOCATION": location}

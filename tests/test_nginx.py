@@ -1,0 +1,378 @@
+"""Debian's nginx in front of real gunicorn, with deploy/nginx.conf as `flask nginx-config`
+renders it: body limits agree, errors stay JSON, links carry the public host and port,
+forged forwarding headers are ignored, slow clients do not reach gunicorn, and in accel
+mode nginx sends the bytes with the service's headers and validators."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from image_api.cli import NGINX_SOURCE as SOURCE
+from image_api.config import Settings
+from image_api.nginx import MULTIPART_OVERHEAD, Frontend, max_body_size, render
+from image_api.storage.filesystem import FilesystemStorage
+from tests.helpers import FAKE_AWS, ROOT, Nginx, Service, make_image
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="nginx is not installed (tools/test-packages.sh)"
+)
+
+MAX_UPLOAD = 200_000
+
+
+@pytest.fixture(scope="module")
+def home():
+    """A directory nginx's unprivileged workers may pass through (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="image-api-nginx-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start_pair(home: Path, name: str, **env) -> tuple[Service, Nginx]:
+    service = Service(
+        home / name / "data",
+        {
+            "WEB_CONCURRENCY": "1",
+            "PROXY_HOPS": "1",
+            "DOWNLOAD_MODE": "accel",
+            "BLOB_FILE_MODE": "0640",
+            "MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+            **env,
+        },
+    )
+    (home / name).mkdir()
+    (home / name).chmod(0o711)
+    if env.get("S3_BUCKET_NAME"):
+        service.init()  # the bucket
+    service.start()
+    front = Nginx(service, home / name / "nginx")
+    try:
+        front.start()
+    except BaseException:
+        service.stop()
+        raise
+    return service, front
+
+
+@pytest.fixture(scope="module")
+def pair(home):
+    """gunicorn (accel mode, embedded default) and nginx in front, for the module."""
+    service, front = start_pair(home, "fs")
+    yield service, front
+    front.stop()
+    service.stop()
+    assert "Traceback" not in service.log.read_text()
+
+
+@pytest.fixture
+def http(pair):
+    service, _ = pair
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {service.key}"
+    yield session
+    session.close()
+
+
+def png_of_size(size: int) -> bytes:
+    """A valid PNG of exactly `size` bytes (a text chunk pads it)."""
+    base = make_image("PNG", (8, 8))
+    end = base.index(b"IEND") - 4
+    padding = size - len(base) - 12 - 4  # chunk length, type and CRC; the "pad\0" key
+    assert padding >= 0
+    body = b"pad\0" + b"x" * padding
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body
+    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    data = base[:end] + chunk + base[end:]
+    assert len(data) == size
+    return data
+
+
+# --- the config agrees with the service ---------------------------------------------------
+
+
+def test_nginx_body_limit_is_the_services_own(pair):
+    _, front = pair
+    conf = (front.prefix / "nginx.conf").read_text()
+    settings = Settings(max_upload_bytes=MAX_UPLOAD)
+    assert f"client_max_body_size {max_body_size(settings)};" in conf
+    assert max_body_size(settings) == MAX_UPLOAD + MULTIPART_OVERHEAD
+
+
+def test_the_checked_in_config_is_what_the_command_renders_by_default():
+    settings = Settings.from_mapping({"DATA_DIR": "/srv/image-api/data"})
+    storage = FilesystemStorage(settings.data_dir / "blobs")
+    rendered = render(settings, storage, Frontend(listen="8080"), SOURCE)
+    assert rendered == (ROOT / "deploy" / "nginx.conf").read_text(), (
+        "deploy/nginx.conf is stale: DATA_DIR=/srv/image-api/data flask --app image_api "
+        "nginx-config --listen 8080 -o deploy/nginx.conf"
+    )
+
+
+# --- uploads and their limits -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "answered_by"),
+    [
+        (0, "service"),  # at the limit: stored
+        (1, "service"),  # a byte over: the service's 413
+        (MULTIPART_OVERHEAD - 400, "service"),
+        (MULTIPART_OVERHEAD + 1, "nginx"),  # the body is over nginx's limit too
+        (10 * MAX_UPLOAD, "nginx"),
+    ],
+)
+def test_every_size_over_the_limit_is_a_json_413(http, pair, extra, answered_by):
+    _, front = pair
+    response = http.post(
+        f"{front.url}/api/images/upload",
+        files={"image": ("big.png", png_of_size(MAX_UPLOAD + extra))},
+    )
+    if extra == 0:
+        assert response.status_code == 201, response.text
+        return
+    assert response.status_code == 413, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["code"] == "file_too_large"
+    by_nginx = "request body is larger than the service accepts" in response.json()["message"]
+    assert by_nginx == (answered_by == "nginx")
+
+
+def test_chunked_uploads_are_buffered_and_limited(http, pair):
+    _, front = pair
+
+    def chunks(data):
+        for i in range(0, len(data), 8192):
+            yield data[i : i + 8192]
+
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + make_image("PNG", (16, 16))
+        + b"\r\n--b--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    response = http.post(f"{front.url}/api/images/upload", data=chunks(body), headers=headers)
+    assert response.status_code == 201, response.text
+    big = b"x" * (max_body_size(Settings(max_upload_bytes=MAX_UPLOAD)) + 10)
+    refused = http.post(f"{front.url}/api/images/upload", data=chunks(big), headers=headers)
+    assert (refused.status_code, refused.json()["code"]) == (413, "file_too_large")
+
+
+# --- links and forwarding headers ---------------------------------------------------------
+
+
+def test_links_carry_the_public_host_and_port_and_forged_headers_do_nothing(http, pair):
+    service, front = pair
+    forged = {
+        "X-Forwarded-Host": "evil.example",
+        "X-Forwarded-Port": "666",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-For": "203.0.113.9",
+    }
+    response = http.post(
+        f"{front.url}/api/images/upload",
+        files={"image": ("a.png", make_image())},
+        headers=forged,
+    )
+    assert response.status_code == 201
+    public = f"http://127.0.0.1:{front.port}/"
+    assert response.headers["Location"].startswith(public)
+    assert response.json()["image"]["imageUrl"].startswith(public)
+    listed = http.get(f"{front.url}/api/images?limit=1", headers=forged)
+    assert listed.headers["Link"].startswith(f"<{public}")
+    # The service saw nginx's view of the client, not the forged address.
+    log = service.log.read_text()
+    assert "203.0.113.9" not in log
+
+
+# --- accel downloads ----------------------------------------------------------------------
+
+
+def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> None:
+    """Full, ranged, suffix, past the end, If-Range, several ranges, 304, 412 and HEAD,
+    byte-exact and with the service's headers."""
+    url = f"{front.url}/api/images/{image_id}/download{variant}"
+    full = http.get(url)
+    assert full.status_code == 200, full.text
+    assert full.content == data
+    etag = full.headers["ETag"]
+    assert etag == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert full.headers["X-Content-Type-Options"] == "nosniff"
+    assert full.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert full.headers["Cache-Control"] == "no-cache"
+    assert full.headers["Content-Disposition"].startswith("attachment")
+    assert "Last-Modified" in full.headers
+    assert full.headers.get("Accept-Ranges") == "bytes"
+    assert "X-Accel-Redirect" not in full.headers
+    for name in ("Content-Type", "Content-Disposition", "Cache-Control", "ETag", "Accept-Ranges"):
+        assert len(full.raw.headers.getlist(name)) == 1, (name, full.headers)
+    part = http.get(url, headers={"Range": "bytes=2-9"})
+    assert (part.status_code, part.content) == (206, data[2:10])
+    assert part.headers["Content-Range"] == f"bytes 2-9/{len(data)}"
+    assert part.headers["ETag"] == etag
+    suffix = http.get(url, headers={"Range": "bytes=-5"})
+    assert (suffix.status_code, suffix.content) == (206, data[-5:])
+    longer = http.get(url, headers={"Range": f"bytes=-{len(data) + 10}"})
+    assert (longer.status_code, longer.content) == (206, data)
+    beyond = http.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.status_code == 416
+    assert beyond.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert beyond.json()["code"] == "range_not_satisfiable"
+    matching = http.get(url, headers={"Range": "bytes=0-3", "If-Range": etag})
+    assert (matching.status_code, matching.content) == (206, data[:4])
+    stale = http.get(url, headers={"Range": "bytes=0-3", "If-Range": '"other"'})
+    assert (stale.status_code, stale.content) == (200, data)
+    dated = http.get(url, headers={"Range": "bytes=0-3", "If-Range": full.headers["Last-Modified"]})
+    assert dated.status_code in (200, 206)  # the service's own date rule decides
+    assert dated.content == (data[:4] if dated.status_code == 206 else data)
+    several = http.get(url, headers={"Range": "bytes=0-1,4-5"})
+    assert (several.status_code, several.content) == (200, data)
+    backwards = http.get(url, headers={"Range": "bytes=5-2"})
+    assert (backwards.status_code, backwards.content) == (200, data)
+    assert http.get(url, headers={"If-None-Match": etag}).status_code == 304
+    assert http.get(url, headers={"If-Match": '"other"'}).status_code == 412
+    head = http.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Content-Length"] == str(len(data)) and head.headers["ETag"] == etag
+
+
+def test_accel_downloads_behave_as_proxy_mode(http, pair):
+    _, front = pair
+    data = make_image("PNG", (120, 80), color="purple")
+    image = http.post(f"{front.url}/api/images/upload", files={"image": ("p.png", data)}).json()
+    accel_checks(http, front, image["image"]["_id"], data)
+
+
+def test_accel_serves_variants_too(http, pair):
+    _, front = pair
+    data = make_image("PNG", (120, 80), color="orange")
+    image_id = http.post(f"{front.url}/api/images/upload", files={"image": ("o.png", data)}).json()[
+        "image"
+    ]["_id"]
+    variant = "?w=60&format=webp"
+    rendered = http.get(f"{front.url}/api/images/{image_id}/download{variant}").content
+    assert Image.open(io.BytesIO(rendered)).size == (60, 40)
+    accel_checks(http, front, image_id, rendered, variant)
+    auto = http.get(
+        f"{front.url}/api/images/{image_id}/download?w=60&format=auto",
+        headers={"Accept": "image/webp"},
+    )
+    assert auto.headers["Content-Type"] == "image/webp" and "Accept" in auto.headers["Vary"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="nginx's workers change user only as root")
+def test_blob_files_nginx_may_not_read_fail_loudly(http, pair):
+    """The workers run as nobody in the service's group: BLOB_FILE_MODE=0640 lets them read;
+    a file of mode 0600 must not be served (and the error is JSON, not nginx's page)."""
+    service, front = pair
+    data = make_image("PNG", (10, 10), color="red")
+    image_id = http.post(f"{front.url}/api/images/upload", files={"image": ("r.png", data)}).json()[
+        "image"
+    ]["_id"]
+    blob = next(
+        p for p in (Path(service.env["DATA_DIR"]) / "blobs").glob("*/*") if p.read_bytes() == data
+    )
+    assert oct(blob.stat().st_mode & 0o777) == "0o640"
+    blob.chmod(0o600)
+    refused = http.get(f"{front.url}/api/images/{image_id}/download")
+    assert refused.status_code == 500
+    assert refused.json()["code"] == "internal_error"
+    blob.chmod(0o640)
+    assert http.get(f"{front.url}/api/images/{image_id}/download").content == data
+
+
+# --- slow clients and a stopped service ---------------------------------------------------
+
+
+def test_slow_clients_do_not_stop_the_service(pair):
+    """50 connections each of slow headers, a slow body and a download never read: with
+    nginx in front none of them holds a gunicorn thread, so others are still answered."""
+    service, front = pair
+    big = service.http.post(
+        f"{service.url}/api/images/upload", files={"image": ("big.png", png_of_size(MAX_UPLOAD))}
+    ).json()["image"]["_id"]
+    held = []
+    try:
+        for _ in range(50):
+            slow_headers = socket.create_connection(("127.0.0.1", front.port))
+            slow_headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            slow_body = socket.create_connection(("127.0.0.1", front.port))
+            slow_body.sendall(
+                b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\n"
+                + service.auth_header
+                + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                + b"Content-Length: 100000\r\n\r\n--b\r\n"
+            )
+            unread = socket.create_connection(("127.0.0.1", front.port))
+            unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            unread.sendall(
+                f"GET /api/images/{big}/download HTTP/1.1\r\nHost: x\r\n".encode()
+                + service.auth_header
+                + b"\r\n"
+            )
+            held += [slow_headers, slow_body, unread]
+        for _ in range(5):
+            assert requests.get(f"{front.url}/healthz", timeout=10).status_code == 200
+            listed = service.http.get(f"{front.url}/api/images?limit=1", timeout=10)
+            assert listed.status_code == 200
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_with_gunicorn_stopped_nginx_answers_json_503(home):
+    service, front = start_pair(home, "stopped")
+    try:
+        service.stop()
+        response = requests.get(f"{front.url}/api/images", timeout=10)
+        assert response.status_code == 503
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert response.json()["code"] == "service_unavailable"
+        assert response.headers["Retry-After"] == "5"
+    finally:
+        front.stop()
+
+
+# --- S3 behind accel ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_pair(home, moto_server):
+    from image_api.records import new_id
+
+    service, front = start_pair(
+        home,
+        "s3",
+        S3_BUCKET_NAME=f"accel-{new_id()}",
+        S3_ENDPOINT_URL=moto_server,
+        **FAKE_AWS,
+    )
+    yield service, front
+    front.stop()
+    service.stop()
+
+
+def test_accel_downloads_from_s3_behave_as_proxy_mode(s3_pair):
+    service, front = s3_pair
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {service.key}"
+    data = make_image("PNG", (90, 70), color="navy")
+    image_id = http.post(f"{front.url}/api/images/upload", files={"image": ("n.png", data)}).json()[
+        "image"
+    ]["_id"]
+    accel_checks(http, front, image_id, data)
+    variant = "?w=30&format=jpeg"
+    rendered = http.get(f"{front.url}/api/images/{image_id}/download{variant}").content
+    accel_checks(http, front, image_id, rendered, variant)
