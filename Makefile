@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test format init repair bench clean
+.PHONY: run run-nginx test format init repair bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.runtime  ## serve on the embedded default (or what .env configures)
 	$(BIN)/flask --app image_api init
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+
+run-nginx: $(VENV)/.runtime  ## gunicorn on PORT and nginx (deploy/nginx.conf) on NGINX_PORT
+	bash tools/run-nginx.sh
 
 test: $(VENV)/.dev  ## lint, format check and the whole test suite
 	bash tools/test-packages.sh

@@ -30,7 +30,7 @@ class Settings:
 
     name: str = "image-api"
     # Serving (gunicorn.conf.py reads these).
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # gunicorn must not face the internet: nginx goes in front
     port: int = 5000
     web_concurrency: int = 2
     gunicorn_threads: int = 4

@@ -1,0 +1,110 @@
+"""The Docker image and compose file. No Docker engine exists on these machines, so they are
+checked as files: the properties a deployment relies on, and that the nginx config compose
+mounts is the one `flask nginx-config` renders for compose's settings."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from image_api.cli import NGINX_SOURCE
+from image_api.config import Settings
+from image_api.nginx import Frontend, render
+from image_api.storage.s3 import S3Storage
+from tests.helpers import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def compose_environment() -> dict[str, str]:
+    """The api service's environment as compose gives it, with the defaults it names."""
+    values = {}
+    for name, value in COMPOSE["services"]["api"]["environment"].items():
+        value = str(value)
+        match = re.fullmatch(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)\}", value)
+        if match:
+            value = match.group(2) if match.group(2) is not None else "x" * 48
+        values[name] = value
+    return values
+
+
+def compose_nginx_config() -> str:
+    settings = Settings.from_mapping(compose_environment())
+    storage = S3Storage.from_settings(settings)
+    return render(settings, storage, Frontend(listen="8080", upstream="api:5000"), NGINX_SOURCE)
+
+
+def test_the_compose_nginx_config_is_rendered_for_composes_settings():
+    assert (ROOT / "deploy" / "nginx.compose.conf").read_text() == compose_nginx_config(), (
+        "deploy/nginx.compose.conf is stale: python -c 'from tests.test_deploy import "
+        'compose_nginx_config as c; open("deploy/nginx.compose.conf", "w").write(c())\''
+    )
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_both_nginx_configs_are_valid_for_nginx(tmp_path):
+    for name in ("nginx.conf", "nginx.compose.conf"):
+        text = (ROOT / "deploy" / name).read_text()
+        # Compose's names resolve only inside compose's network: stand-ins for the check.
+        text = text.replace("api:5000", "127.0.0.1:5000").replace("minio:9000", "127.0.0.1:9000")
+        for directory in ("logs", "tmp"):
+            (tmp_path / directory).mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+        result = subprocess.run(
+            ["nginx", "-t", "-p", str(tmp_path), "-c", name], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def test_compose_publishes_nginx_only_and_pins_every_image():
+    services = COMPOSE["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"nginx"}
+    for name, service in services.items():
+        if "image" in service:
+            image = service["image"]
+            assert ":" in image and not image.endswith(":latest"), (name, image)
+            assert re.search(r":[\w.-]*\d", image), (name, image)  # a version, not a channel
+        else:
+            assert service["build"] == "."
+
+
+def test_compose_checks_health_keeps_data_and_initialises_once():
+    services = COMPOSE["services"]
+    for name in ("api", "nginx", "mongo", "minio"):
+        assert services[name]["healthcheck"]["test"], name
+    assert set(COMPOSE["volumes"]) == {"mongo-data", "minio-data"}
+    assert "mongo-data:/data/db" in services["mongo"]["volumes"]
+    assert "minio-data:/data" in services["minio"]["volumes"]
+    init = services["init"]
+    assert init["entrypoint"] == ["flask", "--app", "image_api", "init"]
+    assert init["restart"] == "no"
+    assert services["api"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
+    for dependency in ("mongo", "minio"):
+        assert init["depends_on"][dependency]["condition"] == "service_healthy"
+    environment = services["api"]["environment"]
+    assert environment == init["environment"]
+    assert environment["SECRET_KEY"].startswith("${SECRET_KEY:?")  # no default secret
+    assert environment["PROXY_HOPS"] == "1" and environment["DOWNLOAD_MODE"] == "accel"
+    mounted = services["nginx"]["volumes"][0]
+    assert mounted.startswith("./deploy/nginx.compose.conf:") and mounted.endswith(":ro")
+
+
+def test_the_image_is_multi_stage_slim_pinned_and_unprivileged():
+    stages = re.findall(r"^FROM (\S+)", DOCKERFILE, re.MULTILINE)
+    assert len(stages) >= 2
+    for base in stages:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
+    assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", DOCKERFILE, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["gunicorn"', DOCKERFILE, re.MULTILINE)
+    assert "HOST=0.0.0.0" in DOCKERFILE  # inside the container; compose publishes nginx only
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for secret_or_local in (".env", ".venv/", "data/", ".git/"):
+        assert secret_or_local in ignored

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make run-nginx`: gunicorn on PORT (loopback) and nginx in front on NGINX_PORT, as one
+# would try the pair on one machine before deploying. Both read the same .env (DATA_DIR,
+# DOWNLOAD_MODE, MAX_UPLOAD_BYTES...); Ctrl-C or SIGTERM stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+command -v nginx >/dev/null 2>&1 || { echo "nginx is missing: apt-get install nginx-light" >&2; exit 1; }
+
+# The service trusts the one proxy in front for X-Forwarded-*, unless .env says otherwise.
+export PROXY_HOPS="${PROXY_HOPS:-1}"
+NGINX_PORT="${NGINX_PORT:-8080}"
+PREFIX="${NGINX_PREFIX:-.nginx}"
+mkdir -p "$PREFIX/logs" "$PREFIX/tmp"
+
+"$BIN/flask" --app image_api init
+"$BIN/flask" --app image_api nginx-config --listen "$NGINX_PORT" --output "$PREFIX/nginx.conf"
+
+"$BIN/gunicorn" --config gunicorn.conf.py wsgi:app &
+gunicorn_pid=$!
+nginx -p "$PREFIX" -c nginx.conf -g "daemon off;" &
+nginx_pid=$!
+stop() {
+  kill -TERM "$gunicorn_pid" 2>/dev/null || true
+  kill -QUIT "$nginx_pid" 2>/dev/null || true
+  wait "$gunicorn_pid" "$nginx_pid" 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+echo "nginx on http://localhost:$NGINX_PORT in front of gunicorn on 127.0.0.1:${PORT:-5000}"
+# Either one ending ends both.
+wait -n "$gunicorn_pid" "$nginx_pid"
