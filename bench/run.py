@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -608,6 +609,109 @@ def bench_variants(args, work: Path, rows: list) -> None:
     )  # fmt: skip
 
 
+@contextmanager
+def fronted(env: dict, nginx_port: int, work: Path):
+    """nginx with the config `flask nginx-config` renders for `env`, in front of the
+    gunicorn `env` describes (workers as root: the bench's data directory is private)."""
+    prefix = work / f"nginx-{nginx_port}"
+    for name in ("logs", "tmp"):
+        (prefix / name).mkdir(parents=True, exist_ok=True)
+    command = [
+        str(BIN / "flask"), "--app", "image_api", "nginx-config",
+        "--listen", f"127.0.0.1:{nginx_port}", "--upstream", f"127.0.0.1:{env['PORT']}",
+        "--output", str(prefix / "nginx.conf"),
+    ]  # fmt: skip
+    if os.geteuid() == 0:
+        command += ["--user", "root"]
+    subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, check=True, capture_output=True)
+    args = ["nginx", "-p", str(prefix), "-c", "nginx.conf", "-g", "daemon off;"]
+    with process(args, ready_url=f"http://127.0.0.1:{nginx_port}/healthz") as proc:
+        yield proc
+
+
+def slow_connections(port: int, download_path: str, count: int = 50) -> list:
+    """`count` each of: headers sent a part at a time and never finished, a body promised
+    and never sent, a large download never read."""
+    held = []
+    for _ in range(count):
+        headers = socket.create_connection(("127.0.0.1", port))
+        headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        body = socket.create_connection(("127.0.0.1", port))
+        body.sendall(
+            b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )
+        unread = socket.create_connection(("127.0.0.1", port))
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        unread.sendall(f"GET {download_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        held += [headers, body, unread]
+    return held
+
+
+def bench_nginx(args, work: Path, rows: list) -> None:
+    """12 & 13: behind nginx (the rendered deploy config). A 5 MB download in accel mode vs
+    nginx serving the same file from disk (goal: at least 0.8); proxy mode through nginx and
+    gunicorn alone for the record; and what 150 slow clients add to a metadata GET's
+    latency through nginx (for the record: a timed test would be flaky)."""
+    data_dir = work / "nginx-fs"
+    port, proxy_port, accel_front, proxy_front, static_port = (free_port() for _ in range(5))
+    accel_env = service_env(data_dir, port, DOWNLOAD_MODE="accel", PROXY_HOPS="1")
+    proxy_env = service_env(data_dir, proxy_port, PROXY_HOPS="1")
+    with gunicorn("wsgi:app", accel_env), gunicorn("wsgi:app", proxy_env):
+        image = upload(f"http://127.0.0.1:{port}", random_png(1300))
+        key = record_key(data_dir, image["_id"])
+        path = f"/api/images/{image['_id']}/download"
+        with (
+            fronted(accel_env, accel_front, work),
+            fronted(proxy_env, proxy_front, work),
+            nginx(data_dir / "blobs", static_port),
+        ):
+            static = f"http://127.0.0.1:{static_port}/{key[:2]}/{key}"
+            accel = f"http://127.0.0.1:{accel_front}{path}"
+            assert requests.get(accel).content == requests.get(static).content
+            ours, theirs = side_by_side(accel, static, args)
+            proxied, theirs_again = side_by_side(
+                f"http://127.0.0.1:{proxy_front}{path}", static, args
+            )
+            direct, theirs_third = side_by_side(
+                f"http://127.0.0.1:{proxy_port}{path}", static, args
+            )
+            metadata = f"http://127.0.0.1:{accel_front}/api/images/{image['_id']}"
+            wrk(metadata, 2)
+            calm, crowded = [], []
+            for _ in range(args.rounds):
+                calm.append(wrk(metadata, args.seconds))
+                held = slow_connections(accel_front, path)
+                try:
+                    crowded.append(wrk(metadata, args.seconds))
+                finally:
+                    for connection in held:
+                        connection.close()
+    size_mb = image["size"] / 1e6
+    for name, a, b, goal in (
+        ("nginx -> service in accel mode", ours, theirs, 0.8),
+        ("for the record: nginx -> service in proxy mode", proxied, theirs_again, None),
+        ("for the record: gunicorn alone (proxy mode)", direct, theirs_third, None),
+    ):
+        rows.append(
+            ratio_row(
+                f"{size_mb:.1f} MB download: {name} vs nginx serving the file from disk",
+                a, b, "rps", goal,
+                f"throughput: {median(a, 'rps') * size_mb:.0f} vs "
+                f"{median(b, 'rps') * size_mb:.0f} MB/s",
+            )
+        )  # fmt: skip
+    rows.append(
+        ratio_row(
+            "for the record: metadata GET through nginx with 150 slow clients held (50 slow "
+            "headers, 50 slow bodies, 50 unread downloads) vs none, p50 latency",
+            crowded, calm, "p50_ms", None,
+            f"{median(crowded, 'p50_ms'):.2f} vs {median(calm, 'p50_ms'):.2f} ms",
+            lower_is_better=True,
+        )
+    )  # fmt: skip
+
+
 #: The last commit before API keys, owners, rate limits and signed URLs.
 BEFORE_ACCESS = "ed8850e"
 
@@ -910,15 +1014,15 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="download, memory, lists, s3, upload, access, strip, variants, repair, decode",
+        help="download, memory, lists, s3, upload, access, strip, variants, nginx, repair, decode",
     )
     args = parser.parse_args()
     ensure_tools()
     started = datetime.now(UTC)
     rows: list = []
     everything = (
-        "download", "memory", "lists", "s3", "upload", "access", "strip", "variants", "repair",
-        "decode",
+        "download", "memory", "lists", "s3", "upload", "access", "strip", "variants", "nginx",
+        "repair", "decode",
     )  # fmt: skip
     chosen = set(args.only or everything)
     with tempfile.TemporaryDirectory(prefix="image-api-bench-") as tmp, ExitStack() as stack:
@@ -933,6 +1037,7 @@ def main() -> None:
             "access": lambda: bench_access(args, work, rows),
             "strip": lambda: bench_strip(args, work, rows),
             "variants": lambda: bench_variants(args, work, rows),
+            "nginx": lambda: bench_nginx(args, work, rows),
             "repair": lambda: bench_repair(args, work, rows),
             "decode": lambda: bench_decode_memory(args, work, rows),
         }

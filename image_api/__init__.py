@@ -9,7 +9,6 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import access, api, cli, errors, limits, nginx
-from .api.auth import refuse_unauthenticated
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
@@ -65,9 +64,6 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock, signer)
 
     errors.init_app(app)
-    api.init_app(app)
-    limits.init_app(app, settings)  # after authentication: the key is known by then
-    # A failed authentication is refused only now, so it too spends the client's budget.
-    app.before_request(refuse_unauthenticated)
+    api.init_app(app, limits.init_app(app, settings))
     cli.init_app(app)
     return app

@@ -163,11 +163,9 @@ class RateLimits:
 
 
 def init_app(app: Flask, settings: Settings) -> RateLimits:
-    """Limit every route but the probes; call after the API's authentication hook, so
-    that the key is known when the limit is checked."""
+    """The rate limits of every route but the probes; the API's hooks check them (after
+    authentication, so that the key is known) and add their headers."""
     limits = RateLimits(settings)
-    app.before_request(limits.check)
-    app.after_request(limits.add_headers)
     app.extensions["image_api.limits"] = limits
     return limits
 

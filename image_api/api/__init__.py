@@ -11,10 +11,11 @@ from werkzeug.routing import BaseConverter
 
 from .. import deadline
 from ..errors import BadRequest
+from ..limits import RateLimits
 from ..records import ID_PATTERN
 from ..service import EXTENSION, current_service
 from . import docs, downloads, health, images
-from .auth import authenticate
+from .auth import authenticate, refuse_unauthenticated
 
 
 class ApiRequest(Request):
@@ -124,7 +125,7 @@ def vary_by_origin(response):
     return response
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, rate_limits: RateLimits) -> None:
     app.request_class = ApiRequest
     # `//api/images//<id>` is not a route: Werkzeug would answer a 308 to a URL built from
     # the request's Host.
@@ -134,11 +135,24 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
-    app.before_request(check_host)
-    app.before_request(start_budget)
-    app.before_request(authenticate)  # it reads the repository: within the budget
+
+    # One hook each way, in this order (Flask's per-hook dispatch costs more than some of
+    # the steps): the host first; authentication reads the repository, so within the
+    # budget; the rate limit once the key is known; and a refused key or signature only
+    # after the limit, so that guessing them spends the client's budget too.
+    def before() -> None:
+        check_host()
+        start_budget()
+        authenticate()
+        rate_limits.check()
+        refuse_unauthenticated()
+
+    def after(response):
+        return secure(rate_limits.add_headers(response))
+
+    app.before_request(before)
     app.teardown_request(end_budget)
-    app.after_request(secure)
+    app.after_request(after)
     origins = app.extensions[EXTENSION].settings.cors_origins
     if origins:
         app.after_request(vary_by_origin)

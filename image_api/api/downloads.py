@@ -23,12 +23,17 @@ from ..errors import (
 from ..media import ascii_filename, renamed
 from ..records import ImageRecord, Variant
 from ..service import current_service
+from ..signing import SIGNATURE_PARAMETERS
 from .auth import caller
 from .conditions import etags, http_date, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
 bp = Blueprint("downloads", __name__, url_prefix="/api/images")
+
+#: A download's query with none of its own parameters (a signed URL's are checked before
+#: the view): the whole original as an attachment, without running the schema.
+PLAIN_DOWNLOAD = {"disposition": "attachment", "variant": None}
 
 _CHUNK = 256 * 1024
 _HEADERS = {
@@ -70,7 +75,11 @@ _HEADERS = {
 def download_image(image_id: str):
     """The image's bytes (attachment, or inline with ?disposition=inline), or a variant's
     with any of w, h, fit, format, q, upscale."""
-    query = download_query_schema.load(request.args)
+    query = (
+        download_query_schema.load(request.args)
+        if request.args.keys() - SIGNATURE_PARAMETERS
+        else PLAIN_DOWNLOAD
+    )
     service = current_service()
     record = service.get(image_id, caller())
     blob, filename = record, record.filename
