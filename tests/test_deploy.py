@@ -34,7 +34,8 @@ def compose_environment() -> dict[str, str]:
 
 
 def compose_nginx_config() -> str:
-    settings = Settings.from_mapping(compose_environment())
+    # DATA_DIR as the Dockerfile sets it (unused on S3, but named by the config).
+    settings = Settings.from_mapping({"DATA_DIR": "/app/data", **compose_environment()})
     storage = S3Storage.from_settings(settings)
     return render(settings, storage, Frontend(listen="8080", upstream="api:5000"), NGINX_SOURCE)
 
