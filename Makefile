@@ -41,7 +41,11 @@ init: $(VENV)/.runtime  ## create the bucket/directory and tables/indexes
 repair: $(VENV)/.runtime  ## report drift between blobs and records (dry run)
 	$(BIN)/flask --app image_api repair
 
-bench: $(VENV)/.dev  ## side-by-side benchmarks; writes docs/benchmarks.md
+$(VENV)/.bench: requirements-bench.txt requirements-dev.txt requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench  ## side-by-side benchmarks; writes docs/benchmarks.md
 	$(BIN)/python bench/run.py
 
 clean:

@@ -180,7 +180,9 @@ ENDPOINTS = {
 }
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+#: Every keyed route stalls at its first read, the key's: one read, one write and the
+#: probe (which needs no key) stand for them all.
+@pytest.mark.parametrize("endpoint", ["upload", "download", "readyz"])
 def test_stalled_mongodb_gives_503_within_the_budget(make_app, tmp_path, stalled_mongodb, endpoint):
     # Timeouts as configured in production: only the budget keeps the request short.
     app = make_app(
