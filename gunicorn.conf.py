@@ -1,9 +1,5 @@
 """gunicorn settings, from the service's own Settings (the environment and `.env`)."""
 
-import re
-
-from gunicorn.glogging import Logger
-
 from image_api.config import Settings
 
 settings = Settings.from_environment()
@@ -20,23 +16,9 @@ graceful_timeout = 30
 # No preload: each worker builds its own app after the fork, so MongoDB, S3 and SQLite
 # clients are never shared across processes.
 preload_app = False
-accesslog = "-"
-
-
-class AccessLog(Logger):
-    """gunicorn's logger, but access lines never hold a signed URL's signature: whoever
-    reads the log could download the image with it until it expires."""
-
-    _SIGNATURE = re.compile(r"(signature=)[^&\s]*")
-
-    def atoms(self, resp, req, environ, request_time):
-        atoms = super().atoms(resp, req, environ, request_time)
-        for name in ("r", "q"):
-            atoms[name] = self._SIGNATURE.sub(r"\1[redacted]", atoms[name])
-        return atoms
-
-
-logger_class = AccessLog
+# No gunicorn access log: the service writes one JSON line per request itself
+# (image_api.logs), with its route, request id and key name, and never a query string.
+accesslog = None
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True
@@ -45,19 +27,25 @@ control_socket_disable = True
 # client even with PROXY_HOPS=0, is off.
 forwarded_allow_ips = ""
 secure_scheme_headers = {}
-# The service's own log lines (image_api.*) go where gunicorn's go, in its format.
+# The service's own lines (image_api.*: one per request, and the rest) are JSON on stdout;
+# gunicorn's own (start, stop, workers) stay in its format on stderr.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
-        "image_api": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        "image_api": {"level": "INFO", "handlers": ["json_console"], "propagate": False},
     },
     "handlers": {
+        # gunicorn's defaults name it for the root logger.
         "console": {
             "class": "logging.StreamHandler",
             "formatter": "generic",
+            "stream": "ext://sys.stdout",
+        },
+        "json_console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
             "stream": "ext://sys.stdout",
         },
         "error_console": {
@@ -67,10 +55,11 @@ logconfig_dict = {
         },
     },
     "formatters": {
+        "json": {"()": "image_api.logs.JsonFormatter"},
         "generic": {
             "format": "%(asctime)s [%(process)d] [%(levelname)s] %(message)s",
             "datefmt": "[%Y-%m-%d %H:%M:%S %z]",
-        }
+        },
     },
 }
 

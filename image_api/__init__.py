@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import access, api, cli, errors, limits, nginx
+from . import access, api, cli, errors, limits, logs, nginx
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
@@ -42,6 +42,7 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     elif settings.proxy_hops:
         hops = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+    app.wsgi_app = logs.RequestLog(app.wsgi_app)  # outermost: every request gets its line
 
     storage = storage_from_settings(settings)
     repository = repository_from_settings(settings)

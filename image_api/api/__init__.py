@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 
-from flask import Flask, Request, request
+from flask import Flask, Request, g, request
 from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
-from .. import deadline
+from .. import deadline, logs
 from ..errors import BadRequest
 from ..limits import RateLimits
 from ..records import ID_PATTERN
@@ -118,6 +118,16 @@ def secure(response):
     return response
 
 
+def note_for_log() -> None:
+    """What the request's log line needs from the app (see `logs.RequestLog`)."""
+    info = request.environ.get(logs.ENVIRON_INFO)
+    if info is not None:
+        key = g.get("api_key")
+        info["route"] = request.url_rule.rule if request.url_rule else None
+        info["key"] = None if key is None else key.name
+        info["client"] = request.remote_addr
+
+
 def vary_by_origin(response):
     """Allowed origins get CORS headers and others none: a cache must keep them apart
     (flask-cors leaves this out when only one origin is allowed)."""
@@ -148,6 +158,7 @@ def init_app(app: Flask, rate_limits: RateLimits) -> None:
         refuse_unauthenticated()
 
     def after(response):
+        note_for_log()
         return secure(rate_limits.add_headers(response))
 
     app.before_request(before)

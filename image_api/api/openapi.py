@@ -221,6 +221,10 @@ EVERY_RESPONSE_HEADERS = {
     "RateLimit-Reset": {"description": "Seconds until the window has room again"},
     "Access-Control-Allow-Origin": {"description": "An origin in CORS_ORIGINS, echoed"},
     "Access-Control-Expose-Headers": {"description": "The headers a browser script may read"},
+    "X-Request-ID": {
+        "description": "The request's id, as in the service's log: the client's own "
+        "X-Request-ID when it is 1-128 of `A-Za-z0-9._:@/+=-`, else a new one"
+    },
 }
 
 #: Headers of every download response, full, partial or not modified.

@@ -1,0 +1,123 @@
+"""Logs: one JSON line per request, and every other line of the service in JSON too, each
+with the id of the request it belongs to.
+
+The request id is the client's `X-Request-ID` when it is well formed (a proxy or a caller
+tracing a request across services), else a new one; it is echoed on the response. The
+request line names the route's pattern and the path, never the query (a signed URL's
+signature is in it), and an API key by its name, never its secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+#: What a client's X-Request-ID may be; anything else is replaced by a new id.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+#: Where the app notes what the request line needs that only it knows (route, key, client).
+ENVIRON_INFO = "image_api.log"
+#: Longest path logged (a client chooses it).
+_MAX_PATH = 512
+
+_current_id: ContextVar[str | None] = ContextVar("image_api_request_id", default=None)
+
+requests_log = logging.getLogger("image_api.requests")
+
+
+def request_id() -> str | None:
+    """The id of the request being handled, if any."""
+    return _current_id.get()
+
+
+class RequestLog:
+    """WSGI middleware, outermost: the request id, and one line per request once the app
+    has answered (the duration is to the response's start: downloads stream afterwards,
+    and wrapping their body would cost gunicorn its sendfile)."""
+
+    def __init__(self, app, monotonic: Callable[[], float] = time.monotonic):
+        self.app = app
+        self.monotonic = monotonic
+
+    def __call__(self, environ, start_response):
+        started = self.monotonic()
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        info: dict = {}
+        environ[ENVIRON_INFO] = info
+        answer: dict = {}
+
+        def start(status, headers, exc_info=None):
+            answer["status"] = int(status.split(" ", 1)[0])
+            answer["bytes_out"] = next(
+                (int(value) for name, value in headers if name.lower() == "content-length"),
+                None,
+            )
+            headers.append(("X-Request-ID", rid))
+            return start_response(status, headers, exc_info)
+
+        token = _current_id.set(rid)
+        try:
+            return self.app(environ, start)
+        finally:
+            _current_id.reset(token)
+            length = environ.get("CONTENT_LENGTH") or ""
+            requests_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": environ.get("REQUEST_METHOD"),
+                        "route": info.get("route"),
+                        "path": environ.get("PATH_INFO", "")[:_MAX_PATH],
+                        "status": answer.get("status"),
+                        "duration_ms": round((self.monotonic() - started) * 1000, 2),
+                        "bytes_in": int(length) if length.isdigit() else None,
+                        "bytes_out": answer.get("bytes_out"),
+                        "key": info.get("key"),
+                        "client": info.get("client", environ.get("REMOTE_ADDR")),
+                        "request_id": rid,
+                    }
+                },
+            )
+
+
+def _stamped(factory):
+    """Log records made during a request carry its id, whenever they are formatted."""
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        record.request_id = _current_id.get()
+        return record
+
+    make.stamps_request_ids = True
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "stamps_request_ids", False):
+    logging.setLogRecordFactory(_stamped(logging.getLogRecordFactory()))
+
+
+class JsonFormatter(logging.Formatter):
+    """A log record as one JSON object: time, level, logger, message, the request's id when
+    there is one, the record's `fields`, and the stack trace of an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update(fields)
+        elif (rid := getattr(record, "request_id", None)) is not None:
+            line["request_id"] = rid
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
