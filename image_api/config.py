@@ -102,6 +102,8 @@ class Settings:
     signed_url_ttl: int = 3600
     # Downloads need no key and no signature: anyone who knows an image's id may fetch it.
     public_read: bool = False
+    # Writes are refused (503 read_only, Retry-After) while reads go on: during a migration.
+    read_only: bool = False
     # Per API key (per client address when anonymous), over any 60 s or other window.
     rate_limit_write: str = "60/minute"
     rate_limit_read: str = "1200/minute"
@@ -181,6 +183,7 @@ class Settings:
                 "SIGNED_URL_TTL", cls.signed_url_ttl, minimum=60, maximum=7 * 24 * 3600
             ),
             public_read=reader.flag("PUBLIC_READ", cls.public_read),
+            read_only=reader.flag("READ_ONLY", cls.read_only),
             rate_limit_write=reader.rate("RATE_LIMIT_WRITE", cls.rate_limit_write),
             rate_limit_read=reader.rate("RATE_LIMIT_READ", cls.rate_limit_read),
             rate_limit_storage_uri=(

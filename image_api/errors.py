@@ -102,6 +102,16 @@ class BackendUnavailable(ApiError):
         self.in_doubt = in_doubt
 
 
+class ReadOnly(ApiError):
+    """READ_ONLY=true (a migration or maintenance): writes wait, reads go on."""
+
+    status, code = 503, "read_only"
+    message = "The service is read-only for maintenance; retry the write later"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"Retry-After": "60"})
+
+
 class DecoderBusy(ApiError):
     """Too many large images are being decoded in this worker: retry shortly."""
 

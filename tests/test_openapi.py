@@ -134,7 +134,7 @@ def test_errors_are_listed_with_their_codes_and_examples(document):
     assert "Retry-After" in upload["503"]["headers"]
     assert set(
         upload["503"]["content"]["application/json"]["schema"]["properties"]["code"]["enum"]
-    ) == {"backend_unavailable", "decoder_busy"}
+    ) == {"backend_unavailable", "decoder_busy", "read_only"}
 
 
 def test_the_examples_are_what_the_service_answers(client, document):

@@ -10,8 +10,8 @@ from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline, logs
-from ..errors import BadRequest
-from ..limits import RateLimits
+from ..errors import BadRequest, ReadOnly
+from ..limits import WRITES, RateLimits
 from ..records import ID_PATTERN
 from ..service import EXTENSION, current_service
 from . import docs, downloads, health, images
@@ -118,6 +118,13 @@ def secure(response):
     return response
 
 
+def refuse_writes_when_read_only() -> None:
+    """READ_ONLY=true: the API's writes get 503 `read_only` with Retry-After; reads (and
+    the variants they render into the cache) go on."""
+    if request.method in WRITES and current_service().settings.read_only:
+        raise ReadOnly()
+
+
 def note_for_log() -> None:
     """What the request's log line needs from the app (see `logs.RequestLog`)."""
     info = request.environ.get(logs.ENVIRON_INFO)
@@ -156,6 +163,7 @@ def init_app(app: Flask, rate_limits: RateLimits) -> None:
         authenticate()
         rate_limits.check()
         refuse_unauthenticated()
+        refuse_writes_when_read_only()
 
     def after(response):
         note_for_log()

@@ -23,6 +23,7 @@ from ..errors import (
     MissingFile,
     NotFound,
     PreconditionFailed,
+    ReadOnly,
     TooManyPixels,
     UnsupportedMediaType,
 )
@@ -97,6 +98,7 @@ UPLOAD_ERRORS = (
     DecoderBusy,
     IdempotencyKeyReused,
     IdempotencyInProgress,
+    ReadOnly,
 )
 
 
@@ -193,7 +195,7 @@ def replace_image(image_id: str):
     scope=Scope.WRITE,
     headers=("If-Match", "If-None-Match"),
     replies={200: Reply("Deleted, with its file", deleted_schema)},
-    errors=(NotFound, PreconditionFailed, Conflict),
+    errors=(NotFound, PreconditionFailed, Conflict, ReadOnly),
 )
 def delete_image(image_id: str):
     """Delete an image and its file."""

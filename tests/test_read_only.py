@@ -1,0 +1,25 @@
+"""READ_ONLY=true (while migrating): writes get a JSON 503 with Retry-After, reads go on."""
+
+from __future__ import annotations
+
+from tests.helpers import ImagesClient, make_image
+
+
+def test_writes_wait_and_reads_go_on(make_app, tmp_path):
+    env = {"DATA_DIR": str(tmp_path)}
+    image = ImagesClient(make_app(env).test_client()).create(make_image(), filename="a.png")
+    client = make_app({**env, "READ_ONLY": "true"}).test_client()
+    url = f"/api/images/{image['_id']}"
+    for response in (
+        ImagesClient(client).upload(),
+        ImagesClient(client).replace(image["_id"]),
+        client.delete(url),
+    ):
+        assert response.status_code == 503
+        assert response.get_json()["code"] == "read_only"
+        assert response.headers["Retry-After"] == "60"
+    assert client.get(url).get_json()["sha256"] == image["sha256"]
+    assert client.get("/api/images").get_json()["total"] == 1
+    assert client.get(f"{url}/download").status_code == 200
+    assert client.get(f"{url}/download?w=10").status_code == 200  # variants are a cache
+    assert client.get("/readyz").status_code == 200
