@@ -1,5 +1,18 @@
 """gunicorn settings, from the service's own Settings (the environment and `.env`)."""
 
+import os
+import shutil
+import tempfile
+
+# Prometheus counts of every worker, in files: one directory per gunicorn master, emptied
+# at start and removed at exit. Set before anything imports prometheus_client (importing
+# image_api does), which chooses how to count once, at its import.
+os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"image-api-metrics-{os.getpid()}"),
+)
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 from image_api.config import Settings
 
 settings = Settings.from_environment()
@@ -62,6 +75,22 @@ logconfig_dict = {
         },
     },
 }
+
+
+def on_starting(server):
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def post_fork(server, worker):

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import access, api, cli, errors, limits, logs, nginx
+from . import access, api, cli, errors, limits, logs, metrics, nginx
 from .config import Settings
 from .middleware import PublicUrl, ReadableBody
 from .records import Clock, utc_now
@@ -44,8 +44,9 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     app.wsgi_app = logs.RequestLog(app.wsgi_app)  # outermost: every request gets its line
 
-    storage = storage_from_settings(settings)
-    repository = repository_from_settings(settings)
+    # Every call to either backend is counted and timed (see `metrics`).
+    storage = metrics.Measured(storage_from_settings(settings))
+    repository = metrics.Measured(repository_from_settings(settings))
     # The embedded default needs no operator step: a local directory and CREATE ... IF NOT
     # EXISTS on a local file are safe and cheap at every start. S3 and MongoDB are set up
     # by `flask init`.

@@ -24,6 +24,7 @@ from collections import deque
 from flask import Flask, g, request
 from limits import RateLimitItem, parse_many, storage, strategies
 
+from . import metrics
 from .api.openapi import current_operation
 from .config import Settings
 from .errors import RateLimited
@@ -130,6 +131,7 @@ class RateLimits:
         limit, _, reset_at, remaining = min(refused or states, key=lambda state: state[3])
         g.rate_limit = (limit, remaining, reset_at)
         if refused:
+            metrics.RATE_LIMITED.labels(budget).inc()
             raise RateLimited(
                 f"Rate limit exceeded ({limit}); retry after Retry-After seconds",
                 headers=self._headers(limit, remaining, reset_at, refused=True),

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from . import metrics
+
 #: What a client's X-Request-ID may be; anything else is replaced by a new id.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 #: Where the app notes what the request line needs that only it knows (route, key, client).
@@ -66,24 +68,22 @@ class RequestLog:
             return self.app(environ, start)
         finally:
             _current_id.reset(token)
+            seconds = self.monotonic() - started
             length = environ.get("CONTENT_LENGTH") or ""
-            requests_log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "method": environ.get("REQUEST_METHOD"),
-                        "route": info.get("route"),
-                        "path": environ.get("PATH_INFO", "")[:_MAX_PATH],
-                        "status": answer.get("status"),
-                        "duration_ms": round((self.monotonic() - started) * 1000, 2),
-                        "bytes_in": int(length) if length.isdigit() else None,
-                        "bytes_out": answer.get("bytes_out"),
-                        "key": info.get("key"),
-                        "client": info.get("client", environ.get("REMOTE_ADDR")),
-                        "request_id": rid,
-                    }
-                },
-            )
+            fields = {
+                "method": environ.get("REQUEST_METHOD"),
+                "route": info.get("route"),
+                "path": environ.get("PATH_INFO", "")[:_MAX_PATH],
+                "status": answer.get("status"),
+                "duration_ms": round(seconds * 1000, 2),
+                "bytes_in": int(length) if length.isdigit() else None,
+                "bytes_out": answer.get("bytes_out"),
+                "key": info.get("key"),
+                "client": info.get("client", environ.get("REMOTE_ADDR")),
+                "request_id": rid,
+            }
+            requests_log.info("request", extra={"fields": fields})
+            metrics.observe_request(fields, seconds)
 
 
 def _stamped(factory):

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from . import deadline, strip
+from . import deadline, metrics, strip
 from .errors import (
     DecoderBusy,
     EmptyFile,
@@ -196,8 +196,11 @@ class DecodeBudget:
         if (budget := deadline.current()) is not None:
             wait = max(min(wait, budget.remaining()), 0)
         with self._changed:
-            if not self._changed.wait_for(lambda: self.in_use + cost <= self.capacity, wait):
-                raise DecoderBusy()
+            if self.in_use + cost > self.capacity:
+                metrics.DECODE_WAITS.inc()
+                if not self._changed.wait_for(lambda: self.in_use + cost <= self.capacity, wait):
+                    metrics.DECODE_REFUSALS.inc()
+                    raise DecoderBusy()
             self.in_use += cost
         try:
             yield

@@ -36,7 +36,7 @@ from typing import BinaryIO
 from flask import current_app
 from werkzeug.datastructures import ETags
 
-from . import deadline, media, variants
+from . import deadline, media, metrics, variants
 from .access import EVERYONE, Caller, Keys
 from .config import Settings
 from .errors import (
@@ -330,6 +330,7 @@ class ImageService:
                 found = self.repository.get_variant(key) or self._render(record, spec, key)
         else:
             self.variant_counts["cached"] += 1
+            metrics.VARIANTS.labels("cache").inc()
         return found
 
     def _render(self, record: ImageRecord, spec: variants.VariantSpec, key: str) -> Variant:
@@ -349,6 +350,7 @@ class ImageService:
             deadline.extend(_STORE_RENDER_WITHIN)
             self.storage.put(key, out, spec.content_type)
             self.variant_counts["rendered"] += 1
+            metrics.VARIANTS.labels("rendered").inc()
             variant = Variant(
                 key=key,
                 image_id=record.id,
@@ -669,8 +671,11 @@ class Slots:
         wait = self.wait
         if (budget := deadline.current()) is not None:
             wait = max(min(wait, budget.remaining() - _RENDER_AT_LEAST), 0)
-        if not self._free.acquire(timeout=wait):
-            raise DecoderBusy("The server is busy rendering other variants; retry shortly")
+        if not self._free.acquire(blocking=False):
+            metrics.DECODE_WAITS.inc()
+            if not self._free.acquire(timeout=wait):
+                metrics.DECODE_REFUSALS.inc()
+                raise DecoderBusy("The server is busy rendering other variants; retry shortly")
         try:
             yield
         finally:

@@ -197,6 +197,13 @@ def test_links_carry_the_public_host_and_port_and_forged_headers_do_nothing(http
     assert "203.0.113.9" not in log
 
 
+def test_metrics_are_not_served_to_the_public_side(http, pair):
+    service, front = pair
+    hidden = http.get(f"{front.url}/metrics")  # even with an admin key
+    assert (hidden.status_code, hidden.json()["code"]) == (404, "not_found")
+    assert service.http.get(f"{service.url}/metrics").status_code == 200  # gunicorn's port
+
+
 # --- accel downloads ----------------------------------------------------------------------
 
 

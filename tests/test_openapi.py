@@ -272,6 +272,12 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             lambda: client.get("/api/openapi.json"),
             lambda: client.get("/api/openapi.json", headers=bad_host),
         ],
+        ("get", "/metrics"): [
+            lambda: client.get("/metrics"),
+            lambda: nobody.get("/metrics"),
+            lambda: reader.get("/metrics"),
+            lambda: client.get("/metrics", headers=unroutable),
+        ],
         ("get", "/healthz"): [
             lambda: client.get("/healthz"),
             lambda: client.get("/healthz", headers=unroutable),
@@ -324,7 +330,7 @@ def test_every_documented_status_of_every_operation_is_answered(
         }
     ).test_client()
     for (method, path), requests in probes.items():
-        if path not in ("/healthz", "/readyz"):
+        if path not in ("/healthz", "/readyz", "/metrics"):
             url = path.replace("{image_id}", image_id)
             requests.append(
                 lambda m=method, u=url: (strict.open(u, method=m), strict.open(u, method=m))[1]

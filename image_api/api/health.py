@@ -1,9 +1,11 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and the metrics."""
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, Response
 
+from .. import metrics
+from ..access import Scope
 from ..service import current_service
 from .openapi import Reply, describe
 from .schemas import health_schema, ready_schema
@@ -28,3 +30,17 @@ def liveness():
 def readiness():
     """Both backends answer; 503 naming the one that does not."""
     return ready_schema.dump({"backends": current_service().ping()})
+
+
+@bp.get("/metrics")
+@describe(
+    scope=Scope.ADMIN,
+    backends=False,
+    limited=False,
+    replies={200: Reply("Prometheus text format, every worker's counts", text="text/plain")},
+)
+def prometheus_metrics():
+    """Requests, bytes, backend calls, variants, decode waits and rate limits, for
+    Prometheus (an admin key: never public)."""
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

@@ -49,6 +49,7 @@ class Reply:
     description: str
     schema: Schema | dict | None = None  # a JSON body dumped by this schema (or a JSON Schema)
     binary: bool = False  # the image's own bytes
+    text: str | None = None  # a text body of this media type (the metrics)
     headers: tuple[str, ...] = ()  # names in RESPONSE_HEADERS
     image_id: str | None = None  # JSON pointer to an image id in the body: links follow it
 
@@ -404,6 +405,8 @@ def _reply(reply: Reply, method: str) -> dict:
     elif method != "HEAD" and reply.binary:
         binary = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
         response["content"] = {content_type: binary for content_type in CONTENT_TYPES.values()}
+    elif method != "HEAD" and reply.text is not None:
+        response["content"] = {reply.text: {"schema": {"type": "string"}}}
     if reply.image_id is not None:
         response["links"] = {
             name: {
