@@ -36,7 +36,7 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     # An upload of MAX_UPLOAD_BYTES in its multipart envelope: nginx's limit is the same.
     app.config["MAX_CONTENT_LENGTH"] = nginx.max_body_size(settings)
     app.json.sort_keys = False
-    app.wsgi_app = ReadableBody(app.wsgi_app)
+    app.wsgi_app = ReadableBody(app.wsgi_app, drain_limit=app.config["MAX_CONTENT_LENGTH"])
     if settings.public_url:
         app.wsgi_app = PublicUrl(app.wsgi_app, settings.public_url)
     elif settings.proxy_hops:

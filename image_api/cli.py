@@ -3,6 +3,7 @@ nginx-config`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from datetime import timedelta
@@ -13,11 +14,14 @@ from flask import Flask
 from flask.cli import with_appcontext
 
 from . import access, nginx
+from . import migrate as migration
+from .config import ConfigError
 from .errors import ApiError, Conflict, NotFound
 from .records import Status
 from .repair import repair
-from .repository import scan_all
+from .repository import repository_from_settings, scan_all
 from .service import current_service
+from .storage import storage_from_settings
 
 
 @click.command("init")
@@ -206,11 +210,77 @@ def _progress(items, label: str, length: int | None = None, show: bool = True):
         yield from bar
 
 
+@click.command("migrate")
+@click.option("--to-s3", "bucket", required=True, help="the S3 bucket to copy blobs to")
+@click.option("--to-mongodb", "mongodb_url", required=True, help="the MongoDB URL (database in it)")
+@click.option("--s3-endpoint-url", default=None, help="an S3-compatible endpoint (MinIO...)")
+@click.option("--aws-region", default=None, help="the bucket's region [default: AWS_REGION]")
+@click.option("--dry-run", is_flag=True, help="count what would be copied; write nothing")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@with_appcontext
+def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, as_json):
+    """Copy everything from the embedded default (directory + SQLite) to S3 + MongoDB:
+    API keys, images, variants and live idempotency keys, each blob's sha256 checked.
+    Run it with READ_ONLY=true (the service too); rerun it after an interruption."""
+    service = current_service()
+    settings = service.settings
+    if settings.blob_backend != "filesystem" or settings.metadata_backend != "sqlite":
+        raise click.ClickException("migrate copies from the embedded default (unset S3, MongoDB)")
+    if not (settings.read_only or dry_run):
+        raise click.ClickException(
+            "set READ_ONLY=true for the service and this command first: a write during the "
+            "copy would be lost"
+        )
+    try:
+        target_settings = dataclasses.replace(
+            settings,
+            s3_bucket_name=bucket,
+            s3_endpoint_url=s3_endpoint_url or settings.s3_endpoint_url,
+            aws_region=aws_region or settings.aws_region,
+            mongodb_url=mongodb_url,
+        )
+        target = migration.Backends(
+            storage_from_settings(target_settings), repository_from_settings(target_settings)
+        )
+    except (ValueError, ConfigError) as error:
+        raise click.ClickException(str(error)) from None
+    source = migration.Backends(service.storage, service.repository)
+
+    def track(items):
+        return _progress(items, "copying", show=not as_json)
+
+    try:
+        report = migration.migrate(source, target, service.clock, dry_run=dry_run, track=track)
+    except ApiError as error:
+        raise click.ClickException(f"{error.message}; rerun to go on from here") from None
+    finally:
+        target.repository.close()
+        target.storage.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        verb = "would copy" if dry_run else "copied"
+        click.echo(
+            f"{verb} {report.keys} API keys, {report.images} images, {report.variants} "
+            f"variants ({report.bytes} bytes) and {report.idempotency_keys} idempotency keys; "
+            f"{report.skipped} were there already"
+        )
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        secret = settings.data_dir / "secret-key"
+        if secret.exists() and not dry_run:
+            click.echo(
+                f"Signed URLs: set SECRET_KEY on the new deployment to the contents of {secret}"
+            )
+    if report.problems:
+        sys.exit(1)
+
+
 NGINX_SOURCE = "flask --app image_api nginx-config"
 
 
 @click.command("nginx-config")
-@click.option("--listen", default="8080", show_default=True, help="nginx's port (or addr:port)")
+@click.option("--listen", default=None, help="nginx's port or addr:port [default: NGINX_PORT]")
 @click.option("--upstream", default=None, help="gunicorn's host:port [default: 127.0.0.1:PORT]")
 @click.option("--user", default=None, help="the user (and group) nginx's workers run as")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="write here, not stdout")
@@ -219,7 +289,9 @@ def nginx_config_command(listen, upstream, user, output):
     """Print deploy/nginx.conf for these settings: nginx in front of gunicorn."""
     service = current_service()
     settings = service.settings
-    frontend = nginx.Frontend(listen, upstream or f"127.0.0.1:{settings.port}", user)
+    frontend = nginx.Frontend(
+        listen or str(settings.nginx_port), upstream or f"127.0.0.1:{settings.port}", user
+    )
     text = nginx.render(settings, service.storage, frontend, NGINX_SOURCE)
     if output:
         Path(output).write_text(text)
@@ -233,3 +305,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(repair_command)
     app.cli.add_command(strip_metadata_command)
     app.cli.add_command(nginx_config_command)
+    app.cli.add_command(migrate_command)

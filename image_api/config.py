@@ -32,6 +32,8 @@ class Settings:
     # Serving (gunicorn.conf.py reads these).
     host: str = "127.0.0.1"  # gunicorn must not face the internet: nginx goes in front
     port: int = 5000
+    # Where nginx listens in front (`flask nginx-config`, `make run-nginx`).
+    nginx_port: int = 8080
     web_concurrency: int = 2
     gunicorn_threads: int = 4
     gunicorn_timeout: int = 60
@@ -135,6 +137,7 @@ class Settings:
             name=reader.text("NAME") or cls.name,
             host=reader.text("HOST") or cls.host,
             port=reader.integer("PORT", cls.port, maximum=65535),
+            nginx_port=reader.integer("NGINX_PORT", cls.nginx_port, maximum=65535),
             web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency),
             gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads),
             gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout),

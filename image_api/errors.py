@@ -129,15 +129,19 @@ class RateLimited(ApiError):
     message = "Rate limit exceeded (60 per 1 minute); retry after Retry-After seconds"
 
 
-# Codes for errors Werkzeug raises before a view runs (routing, multipart parsing).
+# Codes for errors Werkzeug raises before a view runs (routing, multipart parsing), and
+# that nginx in front answers with itself (deploy/nginx.conf: a URI too long for it,
+# gunicorn down).
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     412: "precondition_failed",
     413: "file_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     429: "rate_limited",
+    503: "service_unavailable",
 }
 
 

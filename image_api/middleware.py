@@ -30,18 +30,36 @@ class ReadableBody:
     gunicorn parses chunked bodies while the app reads them, and raises its own
     exceptions (an invalid chunk size, a missing terminator, a bad trailer) from
     `wsgi.input.read()`, deep inside the multipart parser: they would be 500s.
+
+    And a body the app did not read (a request refused for its key or route) is read to
+    its end, up to `drain_limit` bytes, before the response: gunicorn would otherwise take
+    the rest of the body for the next request on the connection and close it without
+    saying so, and nginx, which keeps connections to gunicorn open, sent another client's
+    request down that closed connection (a 502, then a 503 for that client).
     """
 
-    def __init__(self, app):
+    def __init__(self, app, drain_limit: int):
         self.app = app
+        self.drain_limit = drain_limit
 
     def __call__(self, environ, start_response):
         has_body = environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get(
             "HTTP_TRANSFER_ENCODING"
         )
-        if has_body and "wsgi.input" in environ:
-            environ["wsgi.input"] = _Input(environ["wsgi.input"])
-        return self.app(environ, start_response)
+        if not (has_body and "wsgi.input" in environ):
+            return self.app(environ, start_response)
+        stream = environ["wsgi.input"] = _Input(environ["wsgi.input"])
+        result = self.app(environ, start_response)
+        try:
+            left = self.drain_limit
+            while left > 0 and (chunk := stream.read(min(left, _DRAIN_CHUNK))):
+                left -= len(chunk)
+        except BadRequest:
+            pass  # a body that does not parse: gunicorn closes the connection anyway
+        return result
+
+
+_DRAIN_CHUNK = 64 * 1024
 
 
 class _Input:

@@ -250,6 +250,16 @@ def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> 
     assert (backwards.status_code, backwards.content) == (200, data)
     assert http.get(url, headers={"If-None-Match": etag}).status_code == 304
     assert http.get(url, headers={"If-Match": '"other"'}).status_code == 412
+    # Conditions nginx would judge again on its own (and refuse with its HTML 412 or 416)
+    # are answered as the service decided.
+    matching = http.get(url, headers={"If-Match": etag, "Range": "bytes=0-3"})
+    assert (matching.status_code, matching.content) == (206, data[:4])
+    unmodified = http.get(url, headers={"If-Unmodified-Since": full.headers["Last-Modified"]})
+    assert (unmodified.status_code, unmodified.content) == (200, data)
+    garbage = http.get(url, headers={"If-Unmodified-Since": "garbage"})
+    assert (garbage.status_code, garbage.content) == (200, data)
+    huge = http.get(url, headers={"Range": "bytes=0-18446744073709551616"})
+    assert (huge.status_code, huge.content) == (206, data)
     head = http.head(url)
     assert head.status_code == 200 and head.content == b""
     assert head.headers["Content-Length"] == str(len(data)) and head.headers["ETag"] == etag
@@ -312,17 +322,21 @@ def test_slow_clients_do_not_stop_the_service(pair):
     ).json()["image"]["_id"]
     held = []
     try:
-        for _ in range(50):
-            slow_headers = socket.create_connection(("127.0.0.1", front.port))
+        for i in range(50):
+            # From addresses of their own: nginx allows 64 busy connections per address.
+            source = (f"127.0.1.{i + 1}", 0)
+            slow_headers = socket.create_connection(
+                ("127.0.0.1", front.port), source_address=source
+            )
             slow_headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-            slow_body = socket.create_connection(("127.0.0.1", front.port))
+            slow_body = socket.create_connection(("127.0.0.1", front.port), source_address=source)
             slow_body.sendall(
                 b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\n"
                 + service.auth_header
                 + b"Content-Type: multipart/form-data; boundary=b\r\n"
                 + b"Content-Length: 100000\r\n\r\n--b\r\n"
             )
-            unread = socket.create_connection(("127.0.0.1", front.port))
+            unread = socket.create_connection(("127.0.0.1", front.port), source_address=source)
             unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             unread.sendall(
                 f"GET /api/images/{big}/download HTTP/1.1\r\nHost: x\r\n".encode()
@@ -337,6 +351,74 @@ def test_slow_clients_do_not_stop_the_service(pair):
     finally:
         for connection in held:
             connection.close()
+
+
+def test_one_address_holds_at_most_64_busy_connections(pair):
+    _, front = pair
+    held = []
+    try:
+        for _ in range(70):  # bodies promised and never sent: busy connections
+            connection = socket.create_connection(
+                ("127.0.0.1", front.port), source_address=("127.0.2.1", 0)
+            )
+            connection.sendall(
+                b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+            )
+            held.append(connection)
+        answer = held[-1].recv(4096)
+        assert answer.startswith(b"HTTP/1.1 429") and b'"code":"rate_limited"' in answer
+        assert requests.get(f"{front.url}/healthz", timeout=10).status_code == 200  # others
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_a_refused_body_never_costs_another_client_its_request(pair):
+    """A body the service refuses unread (no key, no route, wrong method) is drained, so
+    gunicorn keeps the connection nginx reuses: others never get a 502 or 503 for it."""
+    service, front = pair
+    body = b"a" * 300_000
+    for target in ("/healthz", "/api/images/upload", "/nowhere"):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", front.port)) as attacker:
+                attacker.sendall(
+                    f"POST {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                assert attacker.recv(100).startswith(b"HTTP/1.1 4")
+            for _ in range(3):
+                assert requests.get(f"{front.url}/healthz", timeout=10).status_code == 200
+    # Straight to gunicorn, on one keep-alive connection: the refusal, then a request.
+    with socket.create_connection(("127.0.0.1", service.port)) as connection:
+        connection.sendall(
+            f"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answers = b""
+        while chunk := connection.recv(65536):
+            answers += chunk
+    assert answers.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200" in answers
+
+
+def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
+    _, front = pair
+    with socket.create_connection(("127.0.0.1", front.port)) as raw:
+        raw.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")  # no Host
+        answer = raw.recv(4096)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert b"nosniff" in head and b'"code":"bad_request"' in body
+    long = requests.get(f"{front.url}/api/images?x={'a' * 9000}", timeout=10)
+    assert long.status_code == 414 and long.json()["code"] == "uri_too_long"
+    image = http.post(f"{front.url}/api/images/upload", files={"image": ("s.png", make_image())})
+    anonymous = requests.get(image.json()["image"]["imageUrl"], timeout=10)
+    assert anonymous.status_code == 200
+    front.stop()  # flushes the buffered access log
+    front.start()
+    log = (front.prefix / "logs" / "access.log").read_text()
+    assert "/download" in log and "signature" not in log and "expires" not in log
 
 
 def test_with_gunicorn_stopped_nginx_answers_json_503(home):

@@ -255,6 +255,17 @@ def test_claim_finish_and_replay(repository):
     assert repository.claim("k1", "fp-a", "img-1", now, expires).response == {"id": "abc", "n": 1}
 
 
+def test_claims_are_listed_in_key_order(repository):
+    now = utc_now()
+    for key in ("b", "a", "c"):
+        assert repository.claim(key, f"fp-{key}", None, now, now + timedelta(hours=1)) is None
+    repository.finish("a", {"status": 201})
+    listed = repository.scan_claims(None, 10)
+    assert [claim.key for claim in listed] == ["a", "b", "c"]
+    assert listed[0].response == {"status": 201} and listed[1].response is None
+    assert [claim.key for claim in repository.scan_claims("a", 1)] == ["b"]
+
+
 def test_release_frees_a_key_and_expired_keys_are_free(repository):
     now = utc_now()
     expires = now + timedelta(hours=1)

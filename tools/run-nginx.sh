@@ -9,12 +9,16 @@ command -v nginx >/dev/null 2>&1 || { echo "nginx is missing: apt-get install ng
 
 # The service trusts the one proxy in front for X-Forwarded-*, unless .env says otherwise.
 export PROXY_HOPS="${PROXY_HOPS:-1}"
-NGINX_PORT="${NGINX_PORT:-8080}"
 PREFIX="${NGINX_PREFIX:-.nginx}"
 mkdir -p "$PREFIX/logs" "$PREFIX/tmp"
 
 "$BIN/flask" --app image_api init
-"$BIN/flask" --app image_api nginx-config --listen "$NGINX_PORT" --output "$PREFIX/nginx.conf"
+# nginx's workers run as this user (as root they would otherwise drop to nobody, who may
+# not read the blob files); NGINX_PORT and PORT come from .env or the environment.
+"$BIN/flask" --app image_api nginx-config --user "$(id -un) $(id -gn)" \
+  --output "$PREFIX/nginx.conf"
+listen=$(sed -n 's/^ *listen \([^;]*\);/\1/p' "$PREFIX/nginx.conf" | head -1)
+upstream=$(sed -n 's/^ *server \([^;]*\);/\1/p' "$PREFIX/nginx.conf" | head -1)
 
 "$BIN/gunicorn" --config gunicorn.conf.py wsgi:app &
 gunicorn_pid=$!
@@ -26,6 +30,6 @@ stop() {
   wait "$gunicorn_pid" "$nginx_pid" 2>/dev/null || true
 }
 trap stop INT TERM EXIT
-echo "nginx on http://localhost:$NGINX_PORT in front of gunicorn on 127.0.0.1:${PORT:-5000}"
+echo "nginx on http://localhost:$listen in front of gunicorn on $upstream"
 # Either one ending ends both.
 wait -n "$gunicorn_pid" "$nginx_pid"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from urllib.parse import quote
 
@@ -120,7 +121,7 @@ def download_image(image_id: str):
         response.location = download.redirect
         return response
     byte_range = requested_range(record, blob)
-    if service.settings.download_mode == "accel" and not _if_range_date():
+    if service.settings.download_mode == "accel" and _nginx_agrees(byte_range):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
         # under these headers, with its own validators off. An If-Range date is judged by
         # a rule of ours alone (see `_current_at`): such a request is streamed from here.
@@ -143,10 +144,24 @@ def download_image(image_id: str):
     return response
 
 
-def _if_range_date() -> bool:
-    """Whether If-Range holds something other than an entity tag (a date, or junk)."""
-    if_range = request.headers.get("If-Range")
-    return if_range is not None and not if_range.strip().endswith('"')
+def _nginx_agrees(byte_range: tuple[int, int] | None) -> bool:
+    """Whether nginx, sending the bytes itself, answers exactly as the service decided.
+
+    It judges some headers again: If-Match and If-Unmodified-Since against validators it
+    does not have at that point (a 412 for a request the service accepted), an If-Range
+    date by its own rule, and a Range whose numbers overflow it (a 416 for what the
+    service clamps). Such requests, rare, are streamed by the service instead."""
+    headers = request.headers
+    if "If-Match" in headers or "If-Unmodified-Since" in headers:
+        return False
+    if_range = headers.get("If-Range")
+    if if_range is not None and not if_range.strip().endswith('"'):
+        return False
+    return byte_range is None or not _HUGE_NUMBER.search(headers.get("Range", ""))
+
+
+#: A number nginx's range parser overflows on (it takes up to 2^63 - 1).
+_HUGE_NUMBER = re.compile(r"\d{19,}")
 
 
 def _accepts(content_type: str) -> bool:

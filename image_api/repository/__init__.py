@@ -54,7 +54,8 @@ class Repository(Protocol):
     - `finish(key, response)` records the response; `release(key)` forgets a key whose
       request failed (a retry may run it again); a finished key is kept until it expires.
     - `purge_expired_keys(now, limit)` deletes up to `limit` keys expired at `now` and
-      says how many went.
+      says how many went; `scan_claims(after_key, limit)` returns up to `limit` keys in key
+      order (for a migration).
 
     API keys (never their secrets; see `access`):
     - `insert_api_key(key)` stores a new key; `Conflict` if its id or name is taken.
@@ -122,6 +123,8 @@ class Repository(Protocol):
     ) -> Claim | None: ...
 
     def purge_expired_keys(self, now: datetime, limit: int) -> int: ...
+
+    def scan_claims(self, after_key: str | None, limit: int) -> list[Claim]: ...
 
     def finish(self, key: str, response: dict) -> None: ...
 

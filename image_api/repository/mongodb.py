@@ -64,6 +64,16 @@ def _from_document(document: dict) -> ImageRecord:
     return ImageRecord(**values)
 
 
+def _claim_from_document(document: dict) -> Claim:
+    return Claim(
+        key=document["_id"],
+        fingerprint=document["fingerprint"],
+        resource=document.get("resource"),
+        response=document["response"],
+        expires_at=_aware(document["expires_at"]),
+    )
+
+
 def _variant_from_document(document: dict) -> Variant:
     values = {name: document[name] for name in VARIANT_FIELDS if name != "key"}
     values["created_at"] = _aware(values["created_at"])
@@ -355,13 +365,13 @@ class MongoRepository:
             document = self.keys.find_one({"_id": key})
         if document is None:  # released in between: try again
             return self.claim(key, fingerprint, resource, now, expires_at)
-        return Claim(
-            key=key,
-            fingerprint=document["fingerprint"],
-            resource=document.get("resource"),
-            response=document["response"],
-            expires_at=_aware(document["expires_at"]),
-        )
+        return _claim_from_document(document)
+
+    def scan_claims(self, after_key: str | None, limit: int) -> list[Claim]:
+        query = {"_id": {"$gt": after_key}} if after_key else {}
+        with self._errors():
+            found = self.keys.find(query).sort("_id", 1).limit(limit)
+            return [_claim_from_document(document) for document in found]
 
     def purge_expired_keys(self, now: datetime, limit: int) -> int:
         # The TTL index deletes them within a minute or so; this makes it happen now.

@@ -167,6 +167,16 @@ def _to_row(record: ImageRecord) -> dict:
     return values
 
 
+def _claim_from_row(row: sqlite3.Row) -> Claim:
+    return Claim(
+        key=row["key"],
+        fingerprint=row["fingerprint"],
+        resource=row["resource"],
+        response=json.loads(row["response"]) if row["response"] else None,
+        expires_at=datetime.fromisoformat(row["expires_at"]),
+    )
+
+
 def _variant_from_row(row: sqlite3.Row) -> Variant:
     values = dict(row)
     values["created_at"] = datetime.fromisoformat(values["created_at"])
@@ -471,13 +481,14 @@ class SqliteRepository:
         row = self._execute("SELECT * FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
         if row is None:  # released between the two statements: try again
             return self.claim(key, fingerprint, resource, now, expires_at)
-        return Claim(
-            key=row["key"],
-            fingerprint=row["fingerprint"],
-            resource=row["resource"],
-            response=json.loads(row["response"]) if row["response"] else None,
-            expires_at=datetime.fromisoformat(row["expires_at"]),
+        return _claim_from_row(row)
+
+    def scan_claims(self, after_key: str | None, limit: int) -> list[Claim]:
+        rows = self._execute(
+            "SELECT * FROM idempotency_keys WHERE key > ? ORDER BY key LIMIT ?",
+            (after_key or "", limit),
         )
+        return [_claim_from_row(row) for row in rows]
 
     def purge_expired_keys(self, now: datetime, limit: int) -> int:
         cursor = self._execute(
