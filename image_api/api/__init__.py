@@ -14,7 +14,7 @@ from ..errors import BadRequest, ReadOnly
 from ..limits import WRITES, RateLimits
 from ..records import ID_PATTERN
 from ..service import EXTENSION, current_service
-from . import docs, downloads, health, images
+from . import docs, downloads, gallery, health, images
 from .auth import authenticate, refuse_unauthenticated
 
 
@@ -152,6 +152,7 @@ def init_app(app: Flask, rate_limits: RateLimits) -> None:
     app.register_blueprint(downloads.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(docs.bp)
+    app.register_blueprint(gallery.bp)
 
     # One hook each way, in this order (Flask's per-hook dispatch costs more than some of
     # the steps): the host first; authentication reads the repository, so within the

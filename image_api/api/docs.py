@@ -67,7 +67,7 @@ def docs_asset(name: str):
     raise NotFound("Resource not found")
 
 
-def _serve(directory: Path, name: str) -> Response:
+def _serve(directory: Path, name: str, policy: str = PAGE_POLICY) -> Response:
     """A file of the page, revalidated by ETag. Ranges are not offered (nobody needs part
     of these files), and a failed If-Match is our JSON 412, not Werkzeug's page."""
     response = send_from_directory(directory, name, conditional=False, etag=True, max_age=3600)
@@ -80,7 +80,7 @@ def _serve(directory: Path, name: str) -> Response:
         response.close()
         response = Response(status=304, headers={"ETag": response.headers["ETag"]})
         response.cache_control.max_age = 3600
-    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    response.headers["Content-Security-Policy"] = policy
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.pop("Content-Disposition", None)
     return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC
+from urllib.parse import urlencode
 
 from flask import g, request, url_for
 from marshmallow import (
@@ -24,15 +25,26 @@ from ..service import current_service
 from ..variants import FITS, OUTPUT_FORMATS, Requested
 
 
-def _download_url(record) -> str:
+def _download_url(record, parameters: tuple[tuple[str, str], ...] = ()) -> str:
     # Absolute, and right behind a proxy once ProxyFix trusts its X-Forwarded-* headers;
-    # signed when downloads take signed URLs.
+    # signed when downloads take signed URLs (the parameters too: they cannot be changed).
     url = url_for("downloads.download_image", image_id=record.id, _external=True)
     expires = url_expiry()
     if expires is None:
-        return url
+        return f"{url}?{urlencode(parameters)}" if parameters else url
     path = url_for("downloads.download_image", image_id=record.id)[len(request.script_root) :]
-    return f"{url}?{current_service().signer.sign(path, expires)}"
+    return f"{url}?{current_service().signer.sign(path, expires, parameters)}"
+
+
+#: The variant `thumbnailUrl` names: a square of 256 pixels, in the best format the
+#: browser asking for it takes (AVIF, WebP or the original's).
+THUMBNAIL = (("w", "256"), ("h", "256"), ("fit", "cover"), ("format", "auto"))
+
+
+def _thumbnail_url(record) -> str:
+    # With the version (which the download ignores), so that a browser that cached the
+    # thumbnail of one version does not show it for the next.
+    return _download_url(record, (*THUMBNAIL, ("v", str(record.version))))
 
 
 def url_expiry() -> int | None:
@@ -66,6 +78,17 @@ class ImageSchema(Schema):
             "format": "uri",
             "description": "Where to download it: a signed URL that needs no key, valid for "
             "SIGNED_URL_TTL (when API keys are on and PUBLIC_READ is not)",
+        },
+    )
+    thumbnail_url = fields.Function(
+        _thumbnail_url,
+        data_key="thumbnailUrl",
+        required=True,
+        metadata={
+            "type": "string",
+            "format": "uri",
+            "description": "A 256x256 variant (cover, format=auto) for a grid of thumbnails; "
+            "signed like imageUrl",
         },
     )
     uploaded_at = fields.AwareDateTime(data_key="uploadedAt", required=True)

@@ -1,0 +1,52 @@
+"""The gallery at `/`: one page (HTML, CSS and a script of ours, no build step, nothing from
+elsewhere) to try the service by hand, and to show front-end developers how to use the API.
+The page is public; everything it shows comes from the API with the key it asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flask import Blueprint
+
+from ..errors import NotFound
+from ..service import current_service
+from .docs import _serve
+from .openapi import undocumented
+
+bp = Blueprint("gallery", __name__)
+
+_STATIC = Path(__file__).parent / "static"
+_FILES = {"gallery.js", "gallery.css"}
+
+
+def page_policy() -> str:
+    """Images from this origin (data: and blob: for previews), and in redirect mode from
+    the bucket downloads are sent to; scripts, styles and calls from this origin only."""
+    images = "'self' data: blob:"
+    service = current_service()
+    if service.settings.download_mode == "redirect":
+        url = service.storage.presigned_url("0" * 32, 60, "image/png", "inline")
+        if url:
+            parts = urlsplit(url)
+            images += f" {parts.scheme}://{parts.netloc}"
+    return (
+        f"default-src 'none'; script-src 'self'; style-src 'self'; img-src {images}; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+@bp.get("/")
+@undocumented
+def gallery_page():
+    """The gallery."""
+    return _serve(_STATIC, "gallery.html", page_policy())
+
+
+@bp.get("/gallery/<name>")
+@undocumented
+def gallery_asset(name: str):
+    """The gallery's script and style sheet; nothing else."""
+    if name not in _FILES:
+        raise NotFound("Resource not found")
+    return _serve(_STATIC, name, page_policy())

@@ -1,0 +1,231 @@
+// The gallery: plain JavaScript against the service's API, as a web client would use it.
+// The API key is kept in sessionStorage (this tab only); images are shown through the
+// signed URLs the API returns (thumbnailUrl, imageUrl), so <img> needs no key.
+"use strict";
+
+const KEY = "image-api-key";
+const $ = (id) => document.getElementById(id);
+let cursor = null;
+let loading = false;
+let current = null; // the image the detail view shows
+
+function key() {
+  return sessionStorage.getItem(KEY);
+}
+
+function headers() {
+  const value = key();
+  return value ? { Authorization: `Bearer ${value}` } : {};
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (response.status === 401) {
+    askForKey("That key was refused; enter another.");
+    throw new Error("A valid API key is needed");
+  }
+  const body = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error(explain(response.status, body));
+  return body;
+}
+
+function explain(status, body) {
+  const message = body && body.message ? body.message : "Request failed";
+  return `${message} (${status}${body && body.code ? ` ${body.code}` : ""})`;
+}
+
+function askForKey(message) {
+  $("key-form").hidden = false;
+  $("uploader").hidden = true;
+  $("images").hidden = true;
+  if (message) $("status").textContent = message;
+  $("key").focus();
+}
+
+function start() {
+  $("key-form").hidden = true;
+  $("uploader").hidden = false;
+  $("images").hidden = false;
+  $("grid").replaceChildren();
+  cursor = null;
+  loadMore(true);
+}
+
+async function loadMore(first) {
+  if (loading || (!first && !cursor)) return;
+  loading = true;
+  const query = new URLSearchParams({ limit: "24" });
+  if (cursor) query.set("cursor", cursor);
+  try {
+    const page = await api(`/api/images?${query}`);
+    for (const image of page.images) $("grid").append(tile(image));
+    cursor = page.nextCursor;
+    $("status").textContent = $("grid").children.length ? "" : "No images yet: upload some above.";
+  } catch (error) {
+    $("status").textContent = `Could not load the images: ${error.message}`;
+    $("status").classList.add("error");
+  } finally {
+    loading = false;
+  }
+}
+
+function tile(image, atStart) {
+  const item = document.createElement("li");
+  item.dataset.id = image._id;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.setAttribute("aria-label", `Open ${image.filename}`);
+  const img = document.createElement("img");
+  img.src = image.thumbnailUrl;
+  img.alt = image.filename;
+  img.loading = "lazy";
+  if (image.placeholder) button.style.background = image.placeholder;
+  button.append(img);
+  button.addEventListener("click", () => open(image));
+  item.append(button);
+  if (atStart) $("grid").prepend(item);
+  return item;
+}
+
+function upload(file) {
+  const row = document.createElement("li");
+  const name = document.createElement("span");
+  name.textContent = file.name;
+  const bar = document.createElement("progress");
+  bar.max = 1;
+  bar.value = 0;
+  bar.setAttribute("aria-label", `Uploading ${file.name}`);
+  row.append(name, bar);
+  $("uploads").append(row);
+  const form = new FormData();
+  form.append("image", file, file.name);
+  const request = new XMLHttpRequest();
+  request.open("POST", "/api/images/upload");
+  for (const [header, value] of Object.entries(headers())) request.setRequestHeader(header, value);
+  request.upload.addEventListener("progress", (event) => {
+    if (event.lengthComputable) bar.value = event.loaded / event.total;
+  });
+  request.addEventListener("load", () => {
+    let body = null;
+    try {
+      body = JSON.parse(request.responseText);
+    } catch (error) {
+      body = null;
+    }
+    if (request.status === 201) {
+      bar.value = 1;
+      row.remove();
+      $("status").textContent = "";
+      $("grid").prepend(tile(body.image));
+      return;
+    }
+    if (request.status === 401) askForKey("That key was refused; enter another.");
+    const error = document.createElement("p");
+    error.className = "error";
+    error.textContent = `${file.name} was refused: ${explain(request.status, body)}`;
+    row.append(error);
+    bar.remove();
+  });
+  request.addEventListener("error", () => {
+    const error = document.createElement("p");
+    error.className = "error";
+    error.textContent = `${file.name}: the upload failed (network)`;
+    row.append(error);
+  });
+  request.send(form);
+}
+
+function open(image) {
+  current = image;
+  $("detail-title").textContent = image.filename;
+  $("detail-image").src = image.imageUrl;
+  $("detail-image").alt = image.filename;
+  $("detail-download").href = image.imageUrl;
+  $("detail-download").setAttribute("download", image.filename);
+  const meta = {
+    Type: image.contentType,
+    Size: `${image.width} × ${image.height} px, ${image.size} bytes`,
+    Version: image.version,
+    Uploaded: new Date(image.uploadedAt).toLocaleString(),
+    Updated: new Date(image.updatedAt).toLocaleString(),
+    SHA256: image.sha256,
+  };
+  $("detail-meta").replaceChildren(
+    ...Object.entries(meta).flatMap(([term, value]) => {
+      const dt = document.createElement("dt");
+      dt.textContent = term;
+      const dd = document.createElement("dd");
+      dd.textContent = value;
+      dd.dataset.field = term.toLowerCase();
+      return [dt, dd];
+    }),
+  );
+  $("detail-status").textContent = "";
+  $("detail").showModal();
+}
+
+async function replace(file) {
+  const form = new FormData();
+  form.append("image", file, file.name);
+  $("detail-status").textContent = "Replacing…";
+  try {
+    const body = await api(`/api/images/${current._id}`, { method: "PUT", body: form });
+    const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
+    if (item) item.replaceWith(tile(body.image));
+    open(body.image);
+    $("detail-status").textContent = "Replaced.";
+  } catch (error) {
+    $("detail-status").textContent = `Not replaced: ${error.message}`;
+  }
+}
+
+async function remove() {
+  if (!window.confirm(`Delete ${current.filename}? This cannot be undone.`)) return;
+  try {
+    await api(`/api/images/${current._id}`, { method: "DELETE" });
+    const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
+    if (item) item.remove();
+    $("detail").close();
+    if (!$("grid").children.length) $("status").textContent = "No images yet: upload some above.";
+  } catch (error) {
+    $("detail-status").textContent = `Not deleted: ${error.message}`;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, $("key").value.trim());
+    $("status").textContent = "";
+    start();
+  });
+  $("files").addEventListener("change", () => {
+    for (const file of $("files").files) upload(file);
+    $("files").value = "";
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    for (const file of event.dataTransfer.files) upload(file);
+  });
+  $("replace-file").addEventListener("change", () => {
+    const file = $("replace-file").files[0];
+    $("replace-file").value = "";
+    if (file) replace(file);
+  });
+  $("detail-delete").addEventListener("click", remove);
+  new IntersectionObserver((entries) => {
+    if (entries.some((entry) => entry.isIntersecting)) loadMore(false);
+  }).observe($("more"));
+  // The service tells whether keys are needed: a list without one answers 401 or 200.
+  fetch("/api/images?limit=1", { headers: headers() }).then((response) => {
+    if (response.status === 401) askForKey(key() ? "That key was refused; enter another." : "");
+    else start();
+  });
+});

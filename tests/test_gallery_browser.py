@@ -1,0 +1,164 @@
+"""The gallery at `/`, driven in Debian's headless Chromium against gunicorn at a phone's
+width: a key, two uploads, their thumbnails (signed URLs, no key on <img>), a refused
+upload explained, the keyboard flow, replace and delete; no request leaves the machine,
+no CSP violation, no horizontal scrolling. The screenshot goes to build/gallery.png."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers import ROOT, make_image
+from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="CHROMIUM IS NOT INSTALLED: the gallery was not checked in a browser "
+    "(`make test` installs Debian's chromium when it runs as root)",
+)
+
+SCREENSHOT = ROOT / "build" / "gallery.png"
+ALL_LOADED = (
+    "n => document.querySelectorAll('#grid img').length === n && "
+    "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
+)
+
+
+@pytest.fixture
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        context = browser.new_context(viewport={"width": 375, "height": 740})
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+def wait_until(page, expression: str, arg=None, timeout: float = 15) -> None:
+    """Poll `expression` (a function of `arg`) in the page until it holds. Playwright's own
+    wait_for_function evaluates a string, which the page's CSP rightly forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression, arg):
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        page.wait_for_timeout(50)
+
+
+def focused(page) -> str:
+    return page.evaluate(
+        "document.activeElement.id || document.activeElement.getAttribute('aria-label') || "
+        "document.activeElement.tagName"
+    )
+
+
+def tab_to(page, wanted, tries: int = 12) -> None:
+    for _ in range(tries):
+        page.keyboard.press("Tab")
+        if wanted(focused(page)):
+            return
+    pytest.fail(f"Tab never reached it (last: {focused(page)})")
+
+
+def test_the_gallery_uploads_shows_replaces_and_deletes(running, page, tmp_path):
+    elsewhere, problems = [], []
+
+    def route(route):
+        if route.request.url.startswith(running.url + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", route)
+    page.on(
+        "console",
+        lambda message: (
+            message.type == "error"
+            and "Failed to load resource" not in message.text  # the refused upload's 415
+            and problems.append(message.text)
+        ),
+    )
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.add_init_script(
+        "window.cspViolations = [];"
+        "document.addEventListener('securitypolicyviolation', e =>"
+        " window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    files = {}
+    for name, fmt, colour in (("red.png", "PNG", "red"), ("blue.jpg", "JPEG", "blue")):
+        files[name] = tmp_path / name
+        files[name].write_bytes(make_image(fmt, (120, 80), color=colour))
+    text = tmp_path / "notes.png"
+    text.write_text("this is text, not a picture")
+    green = tmp_path / "green.png"
+    green.write_bytes(make_image("PNG", (60, 90), color="green"))
+
+    page.goto(f"{running.url}/")
+    # Keys are on: the page asks for one, once.
+    page.wait_for_selector("#key", state="visible")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#files", state="visible")
+    wait_until(page, "() => document.getElementById('status').textContent.includes('No images')")
+
+    # The keyboard reaches the picker; two files chosen there upload with progress bars.
+    tab_to(page, lambda name: name == "files")
+    page.set_input_files("#files", [files["red.png"], files["blue.jpg"]])
+    wait_until(page, ALL_LOADED, 2)
+    alts = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
+    assert sorted(alts) == ["blue.jpg", "red.png"]
+    thumbnails = page.eval_on_selector_all("#grid img", "images => images.map(i => i.src)")
+    assert all("signature=" in url and "w=256" in url for url in thumbnails)
+
+    # A refused upload says why.
+    page.set_input_files("#files", text)
+    error = page.wait_for_selector(".uploads .error")
+    assert "notes.png" in error.inner_text() and "415" in error.inner_text()
+
+    # Tab through the thumbnails; Enter opens one, Escape closes it.
+    tab_to(page, lambda name: name.startswith("Open "))
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#detail[open]")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#detail:not([open])", state="attached")
+
+    # Replace the red one from its detail view.
+    page.click('#grid button[aria-label="Open red.png"]')
+    page.wait_for_selector("#detail[open]")
+    page.set_input_files("#replace-file", green)
+    wait_until(page, "() => document.getElementById('detail-status').textContent === 'Replaced.'")
+    assert page.inner_text('#detail-meta dd[data-field="version"]') == "2"
+    assert page.inner_text("#detail-title") == "green.png"
+    page.keyboard.press("Escape")
+    # Its thumbnail is the new picture, not the browser's copy of the old one.
+    wait_until(page, ALL_LOADED, 2)
+    colour = page.evaluate(
+        """() => {
+            const img = document.querySelector('#grid button[aria-label="Open green.png"] img');
+            const canvas = document.createElement('canvas');
+            canvas.width = canvas.height = 1;
+            const context = canvas.getContext('2d');
+            context.drawImage(img, img.naturalWidth / 2, img.naturalHeight / 2, 1, 1, 0, 0, 1, 1);
+            return [...context.getImageData(0, 0, 1, 1).data];
+        }"""
+    )
+    assert colour[1] > 100 and colour[0] < 60, colour  # green
+
+    # Delete the blue one, confirming.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click('#grid button[aria-label="Open blue.jpg"]')
+    page.click("#detail-delete")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 1")
+    wait_until(page, ALL_LOADED, 1)
+
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scroll
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert page.evaluate("window.cspViolations") == []
+    assert elsewhere == [] and problems == []
+    listed = running.http.get(f"{running.url}/api/images").json()
+    assert [(i["filename"], i["version"]) for i in listed["images"]] == [("green.png", 2)]
