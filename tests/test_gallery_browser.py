@@ -162,3 +162,22 @@ def test_the_gallery_uploads_shows_replaces_and_deletes(running, page, tmp_path)
     assert elsewhere == [] and problems == []
     listed = running.http.get(f"{running.url}/api/images").json()
     assert [(i["filename"], i["version"]) for i in listed["images"]] == [("green.png", 2)]
+
+
+def test_the_grid_loads_more_as_you_scroll(running, page):
+    for i in range(30):
+        response = running.http.post(
+            f"{running.url}/api/images/upload",
+            files={"image": (f"{i:02}.png", make_image("PNG", (8, 8), color=(i * 8, 0, 0)))},
+        )
+        assert response.status_code == 201
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 24")
+    names = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
+    assert names[0] == "29.png"  # newest first
+    page.evaluate("() => document.getElementById('more').scrollIntoView()")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 30")
+    names = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
+    assert names == [f"{i:02}.png" for i in reversed(range(30))]
