@@ -13,7 +13,7 @@ os.environ.setdefault(
 )
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
-from image_api.config import Settings
+from image_api.config import Settings  # noqa: E402 (after the variable above)
 
 settings = Settings.from_environment()
 
