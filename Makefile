@@ -29,7 +29,7 @@ test: $(VENV)/.dev  ## lint, format check and the whole test suite
 	bash tools/test-packages.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
