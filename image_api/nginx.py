@@ -16,9 +16,10 @@ from .storage import BlobStorage
 MULTIPART_OVERHEAD = 64 * 1024
 
 #: Headers the service sets on a download that nginx would otherwise drop or replace when
-#: it serves the bytes itself (X-Accel-Redirect). Content-Type, Content-Disposition,
-#: Cache-Control and Accept-Ranges it keeps by itself.
+#: it serves the bytes itself (X-Accel-Redirect), sent with the bytes only (not on nginx's
+#: own errors). Content-Type, Cache-Control and Accept-Ranges it keeps by itself.
 ACCEL_HEADERS = (
+    "Content-Disposition",  # sent as X-Image-Disposition: nginx's errors must not have it
     "ETag",
     "Last-Modified",
     "X-Content-Type-Options",
@@ -85,7 +86,8 @@ def _accel_headers(indent: str = " " * 12) -> str:
     lines = ["etag off;", "if_modified_since off;"]
     for name in ACCEL_HEADERS:
         variable = name.lower().replace("-", "_")
-        lines.append(f"set $image_{variable} $upstream_http_{variable};")
+        upstream = "x_image_disposition" if name == "Content-Disposition" else variable
+        lines.append(f"set $image_{variable} $upstream_http_{upstream};")
     for name in ACCEL_HEADERS:
         variable = name.lower().replace("-", "_")
         lines.append(f"add_header {name} $image_{variable};")

@@ -125,8 +125,12 @@ def download_image(image_id: str):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
         # under these headers, with its own validators off. An If-Range date is judged by
         # a rule of ours alone (see `_current_at`): such a request is streamed from here.
-        disposition = response.headers["Content-Disposition"]
+        disposition = response.headers.pop("Content-Disposition")
         response.headers["X-Accel-Redirect"] = service.accel_path(blob, byte_range, disposition)
+        # Passed under another name, which nginx sends as Content-Disposition with the
+        # bytes only: on its own error (the file gone meanwhile) a `curl -OJ` would have
+        # saved the JSON under the image's name.
+        response.headers["X-Image-Disposition"] = disposition
         return response
     if byte_range is None:
         response.content_length = blob.size
