@@ -7,13 +7,11 @@ import tempfile
 # Prometheus counts of every worker, in files: one directory per gunicorn master, emptied
 # at start and removed at exit. Set before anything imports prometheus_client (importing
 # image_api does), which chooses how to count once, at its import.
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    os.path.join(tempfile.gettempdir(), f"image-api-metrics-{os.getpid()}"),
-)
-os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+# A directory of our own (mkdtemp: an unpredictable name, mode 0700), unless one is given.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-api-metrics-")
 
-from image_api.config import Settings  # noqa: E402 (after the variable above)
+from image_api.config import Settings
 
 settings = Settings.from_environment()
 
@@ -78,9 +76,12 @@ logconfig_dict = {
 
 
 def on_starting(server):
+    # Counts of an earlier run are not this one's.
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(directory, name))
 
 
 def child_exit(server, worker):

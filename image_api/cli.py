@@ -15,7 +15,7 @@ from flask.cli import with_appcontext
 
 from . import access, nginx
 from . import migrate as migration
-from .config import ConfigError
+from .config import ConfigError, Settings
 from .errors import ApiError, Conflict, NotFound
 from .records import Status
 from .repair import repair
@@ -231,19 +231,32 @@ def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, a
             "set READ_ONLY=true for the service and this command first: a write during the "
             "copy would be lost"
         )
+    from pymongo.errors import ConfigurationError
+
     try:
+        # The same checks as the service's own settings: a URL of the right kind, a region.
+        checked = Settings.from_mapping(
+            {
+                "S3_BUCKET_NAME": bucket,
+                "S3_ENDPOINT_URL": s3_endpoint_url or settings.s3_endpoint_url or "",
+                "AWS_REGION": aws_region or settings.aws_region or "",
+                "MONGODB_URL": mongodb_url,
+                "SECRET_KEY": "x" * 48,  # not used to copy; required with MongoDB
+            }
+        )
         target_settings = dataclasses.replace(
             settings,
-            s3_bucket_name=bucket,
-            s3_endpoint_url=s3_endpoint_url or settings.s3_endpoint_url,
-            aws_region=aws_region or settings.aws_region,
-            mongodb_url=mongodb_url,
+            s3_bucket_name=checked.s3_bucket_name,
+            s3_endpoint_url=checked.s3_endpoint_url,
+            aws_region=checked.aws_region,
+            mongodb_url=checked.mongodb_url,
         )
         target = migration.Backends(
             storage_from_settings(target_settings), repository_from_settings(target_settings)
         )
-    except (ValueError, ConfigError) as error:
-        raise click.ClickException(str(error)) from None
+    except (ValueError, ConfigError, ConfigurationError) as error:
+        # pymongo's InvalidURI is a ConfigurationError: a URL without a host, say.
+        raise click.ClickException(f"cannot use the target: {error}") from None
     source = migration.Backends(service.storage, service.repository)
 
     def track(items):
@@ -252,7 +265,11 @@ def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, a
     try:
         report = migration.migrate(source, target, service.clock, dry_run=dry_run, track=track)
     except ApiError as error:
-        raise click.ClickException(f"{error.message}; rerun to go on from here") from None
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        raise click.ClickException(
+            f"{error.message}{cause}; check --to-s3, --to-mongodb and --s3-endpoint-url, "
+            "then rerun: what was copied is kept"
+        ) from None
     finally:
         target.repository.close()
         target.storage.close()

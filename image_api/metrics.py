@@ -59,10 +59,16 @@ DECODE_REFUSALS = Counter(
 RATE_LIMITED = Counter("image_api_rate_limited_total", "Requests refused with 429", ["budget"])
 
 
+#: Methods counted by name; a client may send any token, and each would be a new series.
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+
+
 def observe_request(fields: dict, seconds: float) -> None:
     """One answered request, from its log line's fields (an unrouted one counts as route
-    `none`: paths would make a label of unbounded values)."""
-    route, method = fields["route"] or "none", fields["method"] or "none"
+    `none`, an unknown method as `other`: a client could otherwise add label values
+    without end)."""
+    route = fields["route"] or "none"
+    method = fields["method"] if fields["method"] in _METHODS else "other"
     REQUESTS.labels(route, method, str(fields["status"])).inc()
     REQUEST_SECONDS.labels(route, method).observe(seconds)
     if fields["bytes_in"]:

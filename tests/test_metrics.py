@@ -124,3 +124,11 @@ def test_every_gunicorn_worker_is_counted_and_a_restart_starts_from_zero(tmp_pat
         assert value(text, "image_api_requests_total", route=route, method="GET", status="404") == 0
     finally:
         service.stop()
+
+
+def test_unknown_methods_do_not_add_series(client):
+    for method in ("FOO1", "FOO2", "BAR3"):
+        assert client.open("/healthz", method=method).status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "FOO1" not in text and "BAR3" not in text
+    assert value(text, "image_api_requests_total", route="none", method="other", status="405") >= 3

@@ -141,3 +141,23 @@ def test_an_interrupted_migration_finishes_on_a_rerun_and_the_new_backends_serve
         make_image("PNG", (9, 9)), headers={"Idempotency-Key": "once"}
     )
     assert again.get_json()["image"]["_id"] == made[3]["_id"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--to-mongodb", "mongodb://", "MONGODB_URL"),
+        ("--to-mongodb", "mongodb://user:pw@", "cannot use the target"),
+        ("--to-mongodb", "notaurl", "MONGODB_URL"),
+        ("--s3-endpoint-url", "ftp://x", "S3_ENDPOINT_URL"),
+    ],
+)
+def test_a_bad_target_is_one_line_naming_it(embedded, clock, option, value, problem):
+    env = embedded[1]
+    arguments = {"--to-s3": "migrated", "--to-mongodb": MONGO_URL, option: value}
+    app = build_app({**env, "READ_ONLY": "true", "AWS_REGION": "us-east-1"}, clock)
+    result = app.test_cli_runner().invoke(
+        args=["migrate", *[part for pair in arguments.items() for part in pair], "--dry-run"]
+    )
+    assert result.exit_code != 0
+    assert problem in result.output and "Traceback" not in result.output

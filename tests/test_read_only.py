@@ -23,3 +23,11 @@ def test_writes_wait_and_reads_go_on(make_app, tmp_path):
     assert client.get(f"{url}/download").status_code == 200
     assert client.get(f"{url}/download?w=10").status_code == 200  # variants are a cache
     assert client.get("/readyz").status_code == 200
+
+
+def test_writes_that_could_never_succeed_get_their_own_answer(make_app, tmp_path):
+    client = make_app({"DATA_DIR": str(tmp_path), "READ_ONLY": "true"}).test_client()
+    assert client.patch(f"/api/images/{'0' * 24}").status_code == 405
+    assert client.put("/api/images/upload").status_code == 405
+    assert client.delete("/api/images/nothex").status_code == 404
+    assert client.post("/api/nowhere").status_code == 404

@@ -121,7 +121,11 @@ def secure(response):
 def refuse_writes_when_read_only() -> None:
     """READ_ONLY=true: the API's writes get 503 `read_only` with Retry-After; reads (and
     the variants they render into the cache) go on."""
-    if request.method in WRITES and current_service().settings.read_only:
+    if (
+        request.method in WRITES
+        and request.url_rule is not None  # an unknown route or method: its own 404 or 405
+        and current_service().settings.read_only
+    ):
         raise ReadOnly()
 
 
