@@ -181,3 +181,24 @@ def test_the_grid_loads_more_as_you_scroll(running, page):
     wait_until(page, "() => document.querySelectorAll('#grid li').length === 30")
     names = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
     assert names == [f"{i:02}.png" for i in reversed(range(30))]
+    # A desktop window shows the grid's end without scrolling: it fills itself.
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.reload()
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 30")
+
+
+def test_a_refused_key_is_explained_and_can_be_changed(running, page):
+    page.goto(f"{running.url}/")
+    page.fill("#key", "ключ")  # not something a header can carry
+    page.keyboard.press("Enter")
+    assert "letters, digits and punctuation" in page.inner_text("#key-status")
+    page.fill("#key", "iak_000000000000_wrong")
+    page.keyboard.press("Enter")
+    wait_until(page, "() => document.getElementById('key-status').textContent.includes('refused')")
+    assert page.is_visible("#key-status") and page.evaluate("document.activeElement.id") == "key"
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#files", state="visible")
+    page.click("#change-key")
+    page.wait_for_selector("#key", state="visible")
+    assert page.evaluate("sessionStorage.length") == 0

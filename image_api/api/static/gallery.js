@@ -35,10 +35,13 @@ function explain(status, body) {
 }
 
 function askForKey(message) {
+  if ($("detail").open) $("detail").close();
   $("key-form").hidden = false;
   $("uploader").hidden = true;
   $("images").hidden = true;
-  if (message) $("status").textContent = message;
+  $("change-key").hidden = true;
+  $("key-status").textContent = message || "";
+  $("key").value = "";
   $("key").focus();
 }
 
@@ -46,9 +49,21 @@ function start() {
   $("key-form").hidden = true;
   $("uploader").hidden = false;
   $("images").hidden = false;
+  $("change-key").hidden = !key();
+  $("uploads").replaceChildren();
   $("grid").replaceChildren();
+  $("status").textContent = "";
+  $("status").classList.remove("error");
   cursor = null;
   loadMore(true);
+}
+
+// A key is printable ASCII (what an HTTP header can carry).
+const KEY_SHAPE = /^[\x21-\x7e]+$/;
+
+function sentinelVisible() {
+  const box = $("more").getBoundingClientRect();
+  return box.top < window.innerHeight && box.bottom >= 0;
 }
 
 async function loadMore(first) {
@@ -64,9 +79,12 @@ async function loadMore(first) {
   } catch (error) {
     $("status").textContent = `Could not load the images: ${error.message}`;
     $("status").classList.add("error");
+    return;
   } finally {
     loading = false;
   }
+  // A tall window may show the end of the grid already: keep filling it.
+  if (cursor && sentinelVisible()) loadMore(false);
 }
 
 function tile(image, atStart) {
@@ -195,9 +213,18 @@ async function remove() {
 document.addEventListener("DOMContentLoaded", () => {
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    sessionStorage.setItem(KEY, $("key").value.trim());
-    $("status").textContent = "";
+    const value = $("key").value.trim();
+    if (!KEY_SHAPE.test(value)) {
+      $("key-status").textContent = "An API key is letters, digits and punctuation only.";
+      $("key").focus();
+      return;
+    }
+    sessionStorage.setItem(KEY, value);
     start();
+  });
+  $("change-key").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY);
+    askForKey("");
   });
   $("files").addEventListener("change", () => {
     for (const file of $("files").files) upload(file);
@@ -224,8 +251,11 @@ document.addEventListener("DOMContentLoaded", () => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore(false);
   }).observe($("more"));
   // The service tells whether keys are needed: a list without one answers 401 or 200.
-  fetch("/api/images?limit=1", { headers: headers() }).then((response) => {
-    if (response.status === 401) askForKey(key() ? "That key was refused; enter another." : "");
-    else start();
-  });
+  if (key() && !KEY_SHAPE.test(key())) sessionStorage.removeItem(KEY);
+  fetch("/api/images?limit=1", { headers: headers() })
+    .then((response) => {
+      if (response.status === 401) askForKey(key() ? "That key was refused; enter another." : "");
+      else start();
+    })
+    .catch((error) => askForKey(`The service cannot be reached: ${error.message}`));
 });
