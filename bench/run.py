@@ -633,15 +633,18 @@ def slow_connections(port: int, download_path: str, count: int = 50) -> list:
     """`count` each of: headers sent a part at a time and never finished, a body promised
     and never sent, a large download never read."""
     held = []
-    for _ in range(count):
-        headers = socket.create_connection(("127.0.0.1", port))
+    for i in range(count):
+        # Each from an address of its own: nginx allows 64 busy connections per address,
+        # and the load generator's own address must not be the one refused.
+        source = (f"127.0.1.{i + 1}", 0)
+        headers = socket.create_connection(("127.0.0.1", port), source_address=source)
         headers.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        body = socket.create_connection(("127.0.0.1", port))
+        body = socket.create_connection(("127.0.0.1", port), source_address=source)
         body.sendall(
             b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
         )
-        unread = socket.create_connection(("127.0.0.1", port))
+        unread = socket.create_connection(("127.0.0.1", port), source_address=source)
         unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         unread.sendall(f"GET {download_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         held += [headers, body, unread]
