@@ -100,7 +100,7 @@ def inspect(
     of an animation is decoded, up to `max_animation_pixels` in all; decoding waits for
     room in `budget`.
     """
-    size, sha256 = _measure(stream)
+    size, sha256 = measure(stream)
     if size == 0:
         raise EmptyFile()
     if size > max_bytes:
@@ -220,7 +220,8 @@ def pixel_bytes(image: Image.Image) -> int:
     return width * height * max(len(image.getbands()), 1) * bytes_per_band
 
 
-def _measure(stream: BinaryIO) -> tuple[int, str]:
+def measure(stream: BinaryIO) -> tuple[int, str]:
+    """The size and sha256 of a seekable stream, read from its start; left at position 0."""
     digest = hashlib.sha256()
     size = 0
     stream.seek(0)

@@ -257,9 +257,7 @@ class ImageService:
         strip. With `apply`, its stripped bytes become a new version, on the condition
         that no replace came first (rerunning skips what is done: stripping is idempotent).
         """
-        with self.storage.open(record.key) as blob, tempfile.TemporaryFile() as original:
-            shutil.copyfileobj(blob, original)
-            original.seek(0)
+        with self._source(record) as original:
             upload = media.Upload(original, record.filename)
             with self._prepared(upload, strip=True) as (upload, stored):
                 if stored.sha256 == record.sha256:

@@ -33,7 +33,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from .errors import BadRequest, DecoderBusy, InvalidImage
-from .media import CONTENT_TYPES, FORMATS, DecodeBudget, orientation_of, pixel_bytes
+from .media import CONTENT_TYPES, FORMATS, DecodeBudget, measure, orientation_of, pixel_bytes
 
 FITS = ("contain", "cover", "fill")
 #: `format=` values and the Pillow format each names (`auto` chooses from Accept).
@@ -214,12 +214,8 @@ def render(
                 f"The image cannot be rendered as a {spec.format} variant of "
                 f"{spec.size[0]}x{spec.size[1]}"
             ) from error
-        size, digest = out.tell(), hashlib.sha256()
-        out.seek(0)
-        while chunk := out.read(_SPOOL_BYTES):
-            digest.update(chunk)
-        out.seek(0)
-        yield out, Rendered(size, digest.hexdigest(), width, height)
+        size, sha256 = measure(out)
+        yield out, Rendered(size, sha256, width, height)
 
 
 def _render(

@@ -33,8 +33,8 @@ from .schemas import download_query_schema
 bp = Blueprint("downloads", __name__, url_prefix="/api/images")
 
 #: A download's query with none of its own parameters (a signed URL's are checked before
-#: the view): the whole original as an attachment, without running the schema.
-PLAIN_DOWNLOAD = {"disposition": "attachment", "variant": None}
+#: the view): loaded once, so that such a request skips the schema.
+PLAIN_DOWNLOAD = download_query_schema.load({})
 
 _CHUNK = 256 * 1024
 _HEADERS = {

@@ -307,6 +307,8 @@ class DownloadQuerySchema(Schema):
 
     @validates_schema
     def _within_bounds(self, data: dict, **kwargs) -> None:
+        if not _asks_variant(data):
+            return  # the original: no bound applies
         settings = current_service().settings
         for name in ("w", "h"):
             if data.get(name, 0) > settings.max_variant_dimension:
@@ -315,7 +317,7 @@ class DownloadQuerySchema(Schema):
                 )
         allowed = settings.variant_sizes
         size = (data.get("w", 0), data.get("h", 0))
-        if allowed and _asks_variant(data) and size not in allowed:
+        if allowed and size not in allowed:
             listed = ", ".join(f"{w}x{h}" for w, h in allowed)
             raise ValidationError(
                 f"{size[0]}x{size[1]} is not one of the sizes offered: {listed}", "w"
