@@ -21,11 +21,11 @@ import threading
 import time
 from collections import deque
 
-from flask import Flask, g, request
+from flask import Flask, Request, g
 from limits import RateLimitItem, parse_many, storage, strategies
 
 from . import metrics
-from .api.openapi import current_operation
+from .api.openapi import Operation
 from .config import Settings
 from .errors import RateLimited
 
@@ -36,11 +36,11 @@ WRITES = {"POST", "PUT", "DELETE", "PATCH"}
 _WARN_EVERY = 60.0
 
 
-def client_key() -> str:
+def client_key(req: Request) -> str:
     """Whose budget a request spends: its API key's, else its client address (which
     PROXY_HOPS alone decides: with 0, X-Forwarded-For changes nothing)."""
     key = g.get("api_key")
-    return f"key:{key.id}" if key is not None else f"address:{request.remote_addr}"
+    return f"key:{key.id}" if key is not None else f"address:{req.remote_addr}"
 
 
 class MemoryWindows:
@@ -112,12 +112,14 @@ class RateLimits:
         }
         self._warned_at = -_WARN_EVERY
 
-    def check(self) -> None:
-        """Spend one request of the caller's budget, or raise `RateLimited` (429)."""
-        if _exempt():
+    def check(self, req: Request, operation: Operation | None) -> None:
+        """Spend one request of the caller's budget, or raise `RateLimited` (429).
+        Preflights, and operations declared unlimited (the probes: they must answer
+        whatever the load) spend nothing."""
+        if req.method == "OPTIONS" or operation is None or not operation.limited:
             return
-        budget = "write" if request.method in WRITES else "read"
-        key = client_key()
+        budget = "write" if req.method in WRITES else "read"
+        key = client_key(req)
         try:
             # Every limit of the budget (`60/minute;1000/hour`) is spent; the one with the
             # least room left speaks for the response's headers.
@@ -170,12 +172,3 @@ def init_app(app: Flask, settings: Settings) -> RateLimits:
     limits = RateLimits(settings)
     app.extensions["image_api.limits"] = limits
     return limits
-
-
-def _exempt() -> bool:
-    """Preflights, and operations declared unlimited (the probes: they must answer
-    whatever the load)."""
-    if request.method == "OPTIONS":
-        return True
-    operation = current_operation()
-    return operation is None or not operation.limited

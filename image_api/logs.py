@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -48,18 +48,14 @@ class RequestLog:
 
     def __call__(self, environ, start_response):
         started = self.monotonic()
-        given = environ.get("HTTP_X_REQUEST_ID", "")
-        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        given = environ.get("HTTP_X_REQUEST_ID")
+        rid = given if given and _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
         info: dict = {}
         environ[ENVIRON_INFO] = info
-        answer: dict = {}
+        answer: list = []  # the status line and headers, read once the app has answered
 
         def start(status, headers, exc_info=None):
-            answer["status"] = int(status.split(" ", 1)[0])
-            answer["bytes_out"] = next(
-                (int(value) for name, value in headers if name.lower() == "content-length"),
-                None,
-            )
+            answer[:] = (status, headers)
             headers.append(("X-Request-ID", rid))
             return start_response(status, headers, exc_info)
 
@@ -69,21 +65,37 @@ class RequestLog:
         finally:
             _current_id.reset(token)
             seconds = self.monotonic() - started
+            status, headers = answer or (None, ())
             length = environ.get("CONTENT_LENGTH") or ""
             fields = {
                 "method": environ.get("REQUEST_METHOD"),
                 "route": info.get("route"),
                 "path": environ.get("PATH_INFO", "")[:_MAX_PATH],
-                "status": answer.get("status"),
+                "status": int(status[:3]) if status else None,
                 "duration_ms": round(seconds * 1000, 2),
                 "bytes_in": int(length) if length.isdigit() else None,
-                "bytes_out": answer.get("bytes_out"),
+                "bytes_out": _content_length(headers),
                 "key": info.get("key"),
                 "client": info.get("client", environ.get("REMOTE_ADDR")),
                 "request_id": rid,
             }
-            requests_log.info("request", extra={"fields": fields})
+            if requests_log.isEnabledFor(logging.INFO):
+                # Handed to the handlers directly: Logger.info would also walk the stack
+                # for a caller the line does not show.
+                requests_log.handle(
+                    requests_log.makeRecord(
+                        requests_log.name, logging.INFO, __file__, 0, "request", (), None,
+                        extra={"fields": fields},
+                    )
+                )  # fmt: skip
             metrics.observe_request(fields, seconds)
+
+
+def _content_length(headers) -> int | None:
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return int(value)
+    return None
 
 
 def _stamped(factory):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import mmap
+import operator
 import os
 import re
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageStat, UnidentifiedImageError
 
 from . import deadline, metrics, strip
 from .errors import (
@@ -92,15 +93,21 @@ def inspect(
     max_pixels: int,
     max_animation_pixels: int | None = None,
     budget: DecodeBudget | None = None,
+    digest: bool = True,
 ) -> ImageInfo:
     """Check an upload and describe it, or raise the 4xx error that fits.
 
     The stream must be seekable (Werkzeug spools uploads to a temporary file past 500 KB,
     so nothing here holds a large upload in memory); it is left at position 0. Every frame
     of an animation is decoded, up to `max_animation_pixels` in all; decoding waits for
-    room in `budget`.
+    room in `budget`. Without `digest` its sha256 is left empty (for bytes that are not
+    stored as they are: `without_metadata` hashes what is).
     """
-    size, sha256 = measure(stream)
+    if digest:
+        size, sha256 = measure(stream)
+    else:
+        size, sha256 = stream.seek(0, os.SEEK_END), ""
+        stream.seek(0)
     if size == 0:
         raise EmptyFile()
     if size > max_bytes:
@@ -287,20 +294,21 @@ def orientation_of(image: Image.Image) -> int:
 def _average_colour(image: Image.Image) -> str | None:
     """The mean colour of the visible pixels, from 64x64 of them sampled evenly (nearest
     neighbour: any other filter makes Pillow copy a whole RGBA image to premultiply it,
-    which doubled an upload's peak memory)."""
+    which doubled an upload's peak memory). Opaque pixels are summed by Pillow; only
+    transparency needs the alpha-weighted sums in Python."""
     small = image.resize(
         (min(image.width, 64), min(image.height, 64)), Image.Resampling.NEAREST
     ).convert("RGBA")
-    pixels = small.tobytes()
-    alpha = pixels[3::4]
-    total = sum(alpha)
-    red, green, blue = (
-        sum(value * weight for value, weight in zip(pixels[band::4], alpha, strict=True))
-        for band in range(3)
-    )
+    *colours, alpha = small.split()
+    total = int(ImageStat.Stat(alpha).sum[0])
     if total == 0:
         return None
-    return f"#{red // total:02x}{green // total:02x}{blue // total:02x}"
+    if alpha.getextrema() == (255, 255):
+        sums = [int(band_sum) * 255 for band_sum in ImageStat.Stat(small).sum[:3]]
+    else:
+        weights = alpha.tobytes()
+        sums = [sum(map(operator.mul, band.tobytes(), weights)) for band in colours]
+    return "#" + "".join(f"{band_sum // total:02x}" for band_sum in sums)
 
 
 def sanitize_filename(raw: str | None, image_format: str) -> str:

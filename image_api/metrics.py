@@ -10,6 +10,7 @@ process, whatever the number of apps built in it.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -69,12 +70,21 @@ def observe_request(fields: dict, seconds: float) -> None:
     without end)."""
     route = fields["route"] or "none"
     method = fields["method"] if fields["method"] in _METHODS else "other"
-    REQUESTS.labels(route, method, str(fields["status"])).inc()
-    REQUEST_SECONDS.labels(route, method).observe(seconds)
+    count, duration = _request_series(route, method, fields["status"])
+    count.inc()
+    duration.observe(seconds)
     if fields["bytes_in"]:
         BYTES_IN.labels(route).inc(fields["bytes_in"])
     if fields["bytes_out"]:
         BYTES_OUT.labels(route).inc(fields["bytes_out"])
+
+
+@functools.cache
+def _request_series(route: str, method: str, status: int) -> tuple:
+    """The count and duration series of one route, method and status, looked up once: a
+    `labels()` lookup costs more than the update. (Routes are the app's own, methods
+    and statuses a fixed set: the cache stays small.)"""
+    return REQUESTS.labels(route, method, str(status)), REQUEST_SECONDS.labels(route, method)
 
 
 def exposition() -> tuple[bytes, str]:
@@ -113,6 +123,8 @@ class Measured:
         if name.startswith("_") or not callable(attribute):
             return attribute
         backend, clock = self.inner.name, self._clock
+        duration = BACKEND_SECONDS.labels(backend, name)
+        outcomes: dict[str, object] = {}
 
         def measured(*args, **kwargs):
             started, error = clock(), None
@@ -122,7 +134,12 @@ class Measured:
                 error = failure
                 raise
             finally:
-                BACKEND_CALLS.labels(backend, name, _outcome(error)).inc()
-                BACKEND_SECONDS.labels(backend, name).observe(clock() - started)
+                outcome = _outcome(error)
+                if (count := outcomes.get(outcome)) is None:
+                    count = outcomes[outcome] = BACKEND_CALLS.labels(backend, name, outcome)
+                count.inc()
+                duration.observe(clock() - started)
 
+        # Kept: the next call finds it without __getattr__ and its label lookups.
+        self.__dict__[name] = measured
         return measured

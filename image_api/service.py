@@ -595,7 +595,7 @@ class ImageService:
         except ApiError:
             log.warning("could not remove orphan blob %s; repair will collect it", key)
 
-    def _inspect(self, upload: media.Upload) -> media.ImageInfo:
+    def _inspect(self, upload: media.Upload, digest: bool = True) -> media.ImageInfo:
         return media.inspect(
             upload.stream,
             accepted_formats=self.settings.accepted_formats,
@@ -603,6 +603,7 @@ class ImageService:
             max_pixels=self.settings.max_image_pixels,
             max_animation_pixels=self.settings.max_animation_pixels,
             budget=self.decode_budget,
+            digest=digest,
         )
 
     @contextlib.contextmanager
@@ -611,8 +612,11 @@ class ImageService:
     ) -> Iterator[tuple[media.Upload, media.ImageInfo]]:
         """The upload checked, and as it is stored: without its metadata unless `strip` is
         false (by default STRIP_METADATA; false keeps it byte for byte)."""
-        info = self._inspect(upload)
-        if not (self.settings.strip_metadata if strip is None else strip):
+        if strip is None:
+            strip = self.settings.strip_metadata
+        # Stripped bytes are hashed as they are written: the original's hash would be waste.
+        info = self._inspect(upload, digest=not strip)
+        if not strip:
             yield upload, info
             return
         with media.without_metadata(upload.stream, info) as (stream, stored):

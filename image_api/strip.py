@@ -19,6 +19,7 @@ copies that grow with the number of segments). A file they cannot follow is refu
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -139,19 +140,26 @@ def _entropy_end(data, reader: _Reader, pos: int) -> int:
     """Where the entropy-coded data starting at `pos` ends: at the first 0xFF that starts a
     marker (not a stuffed 0xFF00, a restart marker or a fill byte)."""
     while True:
-        found = data.find(b"\xff", pos)
-        if found < 0 or found + 1 >= reader.size:
+        # Past stuffed bytes and restart markers in C: a photo has one every few hundred
+        # bytes.
+        match = _MARKER_OR_FILL.search(data, pos)
+        if match is None:
             raise Unstrippable("The JPEG's scan data has no end")
-        following = reader.view[found + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7:
-            pos = found + 2
-        elif following == 0xFF:
-            # Fill bytes before a marker: the marker starts at the last 0xFF of the run.
-            pos = found + 1
-            if pos + 1 < reader.size and reader.view[pos + 1] not in (0x00, 0xFF):
-                return pos
-        else:
+        found = match.start()
+        if reader.view[found + 1] != 0xFF:
             return found
+        # Fill bytes before a marker: the marker starts at the last 0xFF of the run.
+        while found + 1 < reader.size and reader.view[found + 1] == 0xFF:
+            found += 1
+        if found + 1 >= reader.size:
+            raise Unstrippable("The JPEG's scan data has no end")
+        if reader.view[found + 1] != 0x00:
+            return found
+        pos = found + 2  # the run ended in a stuffed 0xFF00
+
+
+#: 0xFF followed by anything but a stuffing 0x00 or a restart marker.
+_MARKER_OR_FILL = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 # --- PNG -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ schema. Nothing here touches a backend's driver or decides what the service deci
 
 from __future__ import annotations
 
+import functools
 import re
 
 from flask import Flask, Request, g, request
@@ -10,12 +11,14 @@ from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline, logs
+from ..config import Settings
 from ..errors import BadRequest, ReadOnly
 from ..limits import WRITES, RateLimits
 from ..records import ID_PATTERN
 from ..service import EXTENSION, current_service
 from . import docs, downloads, gallery, health, images
-from .auth import authenticate, refuse_unauthenticated
+from .auth import authenticate
+from .openapi import current_operation
 
 
 class ApiRequest(Request):
@@ -35,23 +38,30 @@ class ImageIdConverter(BaseConverter):
     regex = ID_PATTERN
 
 
-def check_host() -> None:
+def check_host(req: Request, settings: Settings) -> None:
     """Links are built from the Host a request names: it must be a well-formed host[:port],
     one of ALLOWED_HOSTS when that is set, and present (HTTP/1.0 may send none). Probes
     (`/healthz`, `/readyz`) answer whatever the Host: load balancers often send none."""
-    settings = current_service().settings
-    if settings.public_url or request.blueprint == "health":
+    if settings.public_url or req.blueprint == "health":
         return
-    host = request.headers.get("Host")
+    problem = _host_problem(req.environ.get("HTTP_HOST"), settings.allowed_hosts)
+    if problem is not None:
+        raise BadRequest(problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _host_problem(host: str | None, allowed: tuple[str, ...]) -> str | None:
+    """What is wrong with a Host header, if anything (judged once per name: clients send
+    the same few)."""
     if not host:
-        raise BadRequest("A Host header is required")
+        return "A Host header is required"
     match = _HOST.fullmatch(host)
     if not match or (match["port"] is not None and not 0 < int(match["port"]) <= 65535):
-        raise BadRequest("The Host header is not a host[:port] (port 1 to 65535)")
+        return "The Host header is not a host[:port] (port 1 to 65535)"
     named = host.lower()
-    allowed = settings.allowed_hosts
     if allowed and named not in allowed and named.rpartition(":")[0] not in allowed:
-        raise BadRequest(f"Host {host!r} is not served here")
+        return f"Host {host!r} is not served here"
+    return None
 
 
 #: A DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
@@ -61,11 +71,11 @@ _HOST = re.compile(
 )
 
 
-def start_budget() -> None:
+def start_budget(req: Request, settings: Settings) -> None:
     """Every request gets one time budget for all its backend calls."""
     # Kept with the request, not in `g`, which requests share when one runs inside another's
     # app context (a test client in a request, say).
-    request.environ[_BUDGET] = deadline.start(current_service().settings.request_timeout)
+    req.environ[_BUDGET] = deadline.start(settings.request_timeout)
 
 
 def end_budget(_error=None) -> None:
@@ -76,11 +86,6 @@ def end_budget(_error=None) -> None:
 
 _BUDGET = "image_api.budget"
 
-
-#: Every response: never sniffed, never sends a Referer onward; JSON also never runs or
-#: frames as a page. (Downloads and the docs page set their own CSP.)
-SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-JSON_POLICY = "default-src 'none'; frame-ancestors 'none'"
 
 #: What a browser on an allowed origin may send and read (CORS_ORIGINS).
 CORS_ALLOW_HEADERS = [
@@ -105,38 +110,25 @@ CORS_EXPOSE_HEADERS = [
 ]
 
 
-def secure(response):
-    """The security headers, unless the response set its own (downloads, the docs page)."""
-    headers = response.headers
-    for name, value in SECURITY_HEADERS.items():
-        if name not in headers:
-            headers[name] = value
-    if "Content-Security-Policy" not in headers and (response.content_type or "").startswith(
-        "application/json"
-    ):
-        headers["Content-Security-Policy"] = JSON_POLICY
-    return response
-
-
-def refuse_writes_when_read_only() -> None:
+def refuse_writes_when_read_only(req: Request, settings: Settings) -> None:
     """READ_ONLY=true: the API's writes get 503 `read_only` with Retry-After; reads (and
     the variants they render into the cache) go on."""
     if (
-        request.method in WRITES
-        and request.url_rule is not None  # an unknown route or method: its own 404 or 405
-        and current_service().settings.read_only
+        settings.read_only
+        and req.method in WRITES
+        and req.url_rule is not None  # an unknown route or method: its own 404 or 405
     ):
         raise ReadOnly()
 
 
-def note_for_log() -> None:
+def note_for_log(req: Request) -> None:
     """What the request's log line needs from the app (see `logs.RequestLog`)."""
-    info = request.environ.get(logs.ENVIRON_INFO)
+    info = req.environ.get(logs.ENVIRON_INFO)
     if info is not None:
         key = g.get("api_key")
-        info["route"] = request.url_rule.rule if request.url_rule else None
+        info["route"] = req.url_rule.rule if req.url_rule else None
         info["key"] = None if key is None else key.name
-        info["client"] = request.remote_addr
+        info["client"] = req.remote_addr
 
 
 def vary_by_origin(response):
@@ -163,16 +155,23 @@ def init_app(app: Flask, rate_limits: RateLimits) -> None:
     # budget; the rate limit once the key is known; and a refused key or signature only
     # after the limit, so that guessing them spends the client's budget too.
     def before() -> None:
-        check_host()
-        start_budget()
-        authenticate()
-        rate_limits.check()
-        refuse_unauthenticated()
-        refuse_writes_when_read_only()
+        # The request, the service and the operation, looked up once (each proxy access
+        # costs about as much as a step below).
+        req = request._get_current_object()
+        service = current_service()
+        settings = service.settings
+        operation = current_operation(req)
+        check_host(req, settings)
+        start_budget(req, settings)
+        refusal = authenticate(req, service, operation)
+        rate_limits.check(req, operation)
+        if refusal is not None:
+            raise refusal
+        refuse_writes_when_read_only(req, settings)
 
     def after(response):
-        note_for_log()
-        return secure(rate_limits.add_headers(response))
+        note_for_log(request._get_current_object())
+        return rate_limits.add_headers(response)
 
     app.before_request(before)
     app.teardown_request(end_budget)

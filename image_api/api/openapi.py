@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Flask, current_app, request
+from flask import Flask, Request, current_app
 from marshmallow import Schema
 
 from ..access import Forbidden, Scope, Unauthorized
@@ -80,9 +80,10 @@ def describe(**operation) -> Callable:
     return decorate
 
 
-def current_operation() -> Operation | None:
-    """What the view serving this request declared (None: no route, or undocumented)."""
-    view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
+def current_operation(req: Request) -> Operation | None:
+    """What the view serving `req` declared (None: no route, or undocumented)."""
+    endpoint = req.endpoint
+    view = current_app.view_functions.get(endpoint) if endpoint else None
     return getattr(view, "openapi", None)
 
 
