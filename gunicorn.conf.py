@@ -11,6 +11,8 @@ import tempfile
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-api-metrics-")
 
+from gunicorn import glogging
+
 from image_api.config import Settings
 
 settings = Settings.from_environment()
@@ -30,6 +32,18 @@ preload_app = False
 # No gunicorn access log: the service writes one JSON line per request itself
 # (image_api.logs), with its route, request id and key name, and never a query string.
 accesslog = None
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger without its access log. With a `logconfig_dict` (below) gunicorn
+    counts its access log as on even when `accesslog` is unset: every request then built
+    the log's atoms (every header and environ entry) for a logger with no handler."""
+
+    def access(self, resp, req, environ, request_time):
+        pass
+
+
+logger_class = Logger
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True
