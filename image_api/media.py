@@ -294,21 +294,26 @@ def orientation_of(image: Image.Image) -> int:
 def _average_colour(image: Image.Image) -> str | None:
     """The mean colour of the visible pixels, from 64x64 of them sampled evenly (nearest
     neighbour: any other filter makes Pillow copy a whole RGBA image to premultiply it,
-    which doubled an upload's peak memory). Opaque pixels are summed by Pillow; only
-    transparency needs the alpha-weighted sums in Python."""
-    small = image.resize(
-        (min(image.width, 64), min(image.height, 64)), Image.Resampling.NEAREST
-    ).convert("RGBA")
+    which doubled an upload's peak memory). Summed by Pillow; only transparency needs
+    the alpha-weighted sums in Python."""
+    small = image.resize((min(image.width, 64), min(image.height, 64)), Image.Resampling.NEAREST)
+    if small.mode in _OPAQUE_MODES and "transparency" not in small.info:
+        pixels = small.width * small.height
+        sums = ImageStat.Stat(small.convert("RGB")).sum
+        return "#" + "".join(f"{int(band_sum) // pixels:02x}" for band_sum in sums)
+    small = small.convert("RGBA")
     *colours, alpha = small.split()
     total = int(ImageStat.Stat(alpha).sum[0])
     if total == 0:
         return None
-    if alpha.getextrema() == (255, 255):
-        sums = [int(band_sum) * 255 for band_sum in ImageStat.Stat(small).sum[:3]]
-    else:
-        weights = alpha.tobytes()
-        sums = [sum(map(operator.mul, band.tobytes(), weights)) for band in colours]
+    weights = alpha.tobytes()
+    sums = [sum(map(operator.mul, band.tobytes(), weights)) for band in colours]
     return "#" + "".join(f"{band_sum // total:02x}" for band_sum in sums)
+
+
+#: Modes without an alpha band (a greyscale or RGB image may still name a transparent colour
+#: in its `transparency` info; a palette may hold alpha itself).
+_OPAQUE_MODES = frozenset({"1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"})
 
 
 def sanitize_filename(raw: str | None, image_format: str) -> str:

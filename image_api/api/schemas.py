@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import g, request, url_for
 from marshmallow import (
@@ -32,7 +32,8 @@ def _download_url(record, parameters: tuple[tuple[str, str], ...] = ()) -> str:
     expires = url_expiry()
     if expires is None:
         return f"{url}?{urlencode(parameters)}" if parameters else url
-    path = url_for("downloads.download_image", image_id=record.id)[len(request.script_root) :]
+    # The path the download will see (without SCRIPT_NAME), taken from the URL just built.
+    path = urlsplit(url).path[len(request.script_root) :]
     return f"{url}?{current_service().signer.sign(path, expires, parameters)}"
 
 
