@@ -68,8 +68,9 @@ logconfig_dict = {
             "formatter": "generic",
             "stream": "ext://sys.stdout",
         },
+        # Written in batches, within a second (and warnings at once): see BufferedHandler.
         "json_console": {
-            "class": "logging.StreamHandler",
+            "class": "image_api.logs.BufferedHandler",
             "formatter": "json",
             "stream": "ext://sys.stdout",
         },

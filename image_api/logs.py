@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -133,3 +135,63 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+class BufferedHandler(logging.StreamHandler):
+    """A stream handler that writes lines in batches, as nginx's `access_log ... buffer`
+    does: a write (and flush) per request cost more than formatting the line.
+
+    Lines wait at most `interval` seconds (a thread of the process writes them), or until
+    `capacity` characters are waiting; a warning or an error is written at once, after
+    the lines before it. What is waiting is written at exit (`logging.shutdown`) and
+    before a fork; a process killed outright loses at most `interval` seconds of lines.
+    """
+
+    def __init__(self, stream=None, capacity: int = 64 * 1024, interval: float = 1.0):
+        super().__init__(stream)
+        self.capacity = capacity
+        self.interval = interval
+        self._waiting: list[str] = []
+        self._size = 0
+        self._writer_pid: int | None = None  # the process whose thread writes: not a fork's
+        self._wake = threading.Event()
+        os.register_at_fork(before=self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Handler.handle holds self.lock around emit.
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's own rule: report, never raise
+            self.handleError(record)
+            return
+        self._waiting.append(line)
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self.capacity:
+            self._write()
+        elif self._writer_pid != os.getpid():
+            self._writer_pid = os.getpid()
+            threading.Thread(target=self._write_every_interval, daemon=True).start()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._write()
+
+    def close(self) -> None:
+        self.flush()
+        self._wake.set()
+        super().close()
+
+    def _write(self) -> None:
+        if self._waiting:
+            text = "".join(self._waiting)
+            self._waiting.clear()
+            self._size = 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or full stream must not fail a request
+                self.handleError(logging.makeLogRecord({"msg": "buffered log lines"}))
+
+    def _write_every_interval(self) -> None:
+        while not self._wake.wait(self.interval):
+            self.flush()

@@ -4,12 +4,15 @@ request id and stack trace; never a secret or a signed URL's signature."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import threading
+import time
 
 import pytest
 
-from image_api.logs import JsonFormatter
+from image_api.logs import BufferedHandler, JsonFormatter
 from tests.helpers import Faulty, ImagesClient, Service, make_image
 
 FORMAT = JsonFormatter()
@@ -110,3 +113,50 @@ def test_under_gunicorn_every_line_is_json_and_holds_no_secret(tmp_path):
     assert service.key not in log and "signature" not in log
     # gunicorn's own lines (start, workers, stop) are the only ones not in JSON.
     assert all("[INFO]" in line for line in log.splitlines() if not line.startswith("{"))
+
+
+def buffered(**options) -> tuple[logging.Logger, io.StringIO, BufferedHandler]:
+    stream = io.StringIO()
+    handler = BufferedHandler(stream, **options)
+    logger = logging.Logger(f"buffered-{id(stream)}")  # not registered: no other handlers
+    logger.addHandler(handler)
+    return logger, stream, handler
+
+
+def test_buffered_lines_wait_for_a_flush_and_keep_their_order():
+    logger, stream, handler = buffered(interval=3600)
+    logger.info("one")
+    logger.info("two")
+    assert stream.getvalue() == ""
+    handler.flush()
+    assert stream.getvalue() == "one\ntwo\n"
+    handler.flush()  # nothing waiting: nothing written twice
+    assert stream.getvalue() == "one\ntwo\n"
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it():
+    logger, stream, _ = buffered(interval=3600)
+    logger.info("before")
+    logger.warning("trouble")
+    assert stream.getvalue() == "before\ntrouble\n"
+
+
+def test_lines_are_written_when_the_buffer_is_full():
+    logger, stream, _ = buffered(capacity=10, interval=3600)
+    logger.info("12345")
+    assert stream.getvalue() == ""
+    logger.info("67890")  # 12 characters with the newlines: over the capacity
+    assert stream.getvalue() == "12345\n67890\n"
+
+
+def test_waiting_lines_are_written_within_the_interval_and_at_close():
+    logger, stream, _ = buffered(interval=0.01)
+    logger.info("soon")
+    deadline = time.monotonic() + 10
+    while stream.getvalue() == "" and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    assert stream.getvalue() == "soon\n"
+    closing, closing_stream, closing_handler = buffered(interval=3600)
+    closing.info("last")
+    closing_handler.close()
+    assert closing_stream.getvalue() == "last\n"

@@ -34,8 +34,8 @@ from .conditions import etags, preconditions
 from .openapi import Reply, describe
 from .schemas import (
     deleted_schema,
-    dump_image,
     image_etag,
+    image_response,
     image_schema,
     list_query_schema,
     next_page_query,
@@ -166,7 +166,7 @@ def get_image(image_id: str):
     if_none_match = etags("If-None-Match")
     if if_none_match is not None and if_none_match.contains_weak(etag):
         return "", 304, headers
-    return dump_image(record), 200, headers
+    return image_response(record, headers)
 
 
 @bp.put("/<id:image_id>")

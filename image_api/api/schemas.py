@@ -6,7 +6,7 @@ import functools
 from datetime import UTC
 from urllib.parse import urlencode, urlsplit
 
-from flask import g, request, url_for
+from flask import Response, current_app, g, request, url_for
 from marshmallow import (
     EXCLUDE,
     Schema,
@@ -412,6 +412,18 @@ def dump_image(record) -> dict:
     one), so the JSON of one a client keeps fetching is made once per public URL root and
     signed URLs' expiry."""
     return dict(_dump(record, _url_root(), url_expiry()))
+
+
+def image_response(record, headers: dict) -> Response:
+    """One image's metadata as a JSON response: the same bytes `jsonify(dump_image(record))`
+    makes, serialized once per memo entry (a client polling an image re-sends them)."""
+    body = _dump_json(record, _url_root(), url_expiry())
+    return current_app.response_class(body, mimetype="application/json", headers=headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dump_json(record, url_root: tuple, expires: int | None) -> str:
+    return current_app.json.dumps(_dump(record, url_root, expires)) + "\n"
 
 
 def dump_images(records) -> list[dict]:
