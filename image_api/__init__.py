@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import access, api, cli, errors, limits, logs, metrics, nginx
 from .config import Settings
-from .middleware import PublicUrl, ReadableBody, SecurityHeaders
+from .middleware import PublicUrl, ReadableBody, ResponseHeaders
 from .records import Clock, utc_now
 from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
@@ -42,7 +42,7 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     elif settings.proxy_hops:
         hops = settings.proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
-    app.wsgi_app = SecurityHeaders(app.wsgi_app)
+    app.wsgi_app = ResponseHeaders(app.wsgi_app)
     app.wsgi_app = logs.RequestLog(app.wsgi_app)  # outermost: every request gets its line
 
     # Every call to either backend is counted and timed (see `metrics`).

@@ -28,6 +28,7 @@ from . import metrics
 from .api.openapi import Operation
 from .config import Settings
 from .errors import RateLimited
+from .middleware import queue_headers
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,14 @@ class RateLimits:
             return
         refused = [state for state in states if not state[1]]
         limit, _, reset_at, remaining = min(refused or states, key=lambda state: state[3])
-        g.rate_limit = (limit, remaining, reset_at)
         if refused:
             metrics.RATE_LIMITED.labels(budget).inc()
             raise RateLimited(
                 f"Rate limit exceeded ({limit}); retry after Retry-After seconds",
                 headers=self._headers(limit, remaining, reset_at, refused=True),
             )
-
-    def add_headers(self, response):
-        state = g.pop("rate_limit", None)
-        if state is not None and response.status_code != 429:
-            response.headers.extend(self._headers(*state, refused=False))
-        return response
+        # Sent with whatever the request is answered with, error or not.
+        queue_headers(req.environ, self._headers(limit, remaining, reset_at, refused=False))
 
     @staticmethod
     def _headers(limit: RateLimitItem, remaining: int, reset_at: float, refused: bool) -> dict:

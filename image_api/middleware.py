@@ -90,13 +90,24 @@ class _Input:
         return iter(self.readline, b"")
 
 
-class SecurityHeaders:
-    """Every response: never sniffed, never sends a Referer onward; JSON also never runs or
-    frames as a page. A response that set one of these itself (downloads, the docs page)
-    keeps its own.
+#: Where the app queues headers for `ResponseHeaders` to add (see `queue_headers`).
+QUEUED_HEADERS = "image_api.headers"
 
-    Added to the header list the server is given, outside Flask: an error answered before
-    any view (a 404, a 413) gets them too, and a response pays one pass over its headers.
+
+def queue_headers(environ: dict, headers: dict[str, str]) -> None:
+    """Headers for this request's response, whatever answers it (a view or an error)."""
+    environ[QUEUED_HEADERS].extend(headers.items())
+
+
+class ResponseHeaders:
+    """Headers added to the list the server is given, outside Flask: an error answered
+    before any view (a 404, a 413) gets them too, and a response pays one pass over its
+    headers instead of Werkzeug's checks on each.
+
+    Every response: never sniffed, never sends a Referer onward; JSON also never runs or
+    frames as a page. A response that set one of these itself (downloads, the docs page)
+    keeps its own. And what the app queued for the request (`queue_headers`: the rate
+    limit's).
     """
 
     HEADERS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
@@ -106,18 +117,21 @@ class SecurityHeaders:
         self.app = app
 
     def __call__(self, environ, start_response):
+        # Made here, not on first use: a copy of the environ made on the way in (a test's
+        # recorder) shares the list.
+        queued: list[tuple[str, str]] = []
+        environ[QUEUED_HEADERS] = queued
+
         def start(status, headers, exc_info=None):
-            present, json = set(), False
-            for name, value in headers:
-                lower = name.lower()
-                present.add(lower)
-                if lower == "content-type":
-                    json = value.startswith("application/json")
+            present = {name.lower(): value for name, value in headers}
             for name, value in self.HEADERS:
                 if name.lower() not in present:
                     headers.append((name, value))
-            if json and "content-security-policy" not in present:
+            if "content-security-policy" not in present and present.get(
+                "content-type", ""
+            ).startswith("application/json"):
                 headers.append(("Content-Security-Policy", self.JSON_POLICY))
+            headers.extend(queued)
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)

@@ -171,7 +171,7 @@ def init_app(app: Flask, rate_limits: RateLimits) -> None:
 
     def after(response):
         note_for_log(request._get_current_object())
-        return rate_limits.add_headers(response)
+        return response
 
     app.before_request(before)
     app.teardown_request(end_budget)
