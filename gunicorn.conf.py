@@ -26,6 +26,9 @@ threads = settings.gunicorn_threads
 # at start-up) bounds each request's backend calls instead.
 timeout = settings.gunicorn_timeout
 graceful_timeout = 30
+# Workers' heartbeats (an fchmod per loop) on a memory filesystem: on a disk-backed /tmp
+# they can block a worker (gunicorn's docs recommend this in containers).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # No preload: each worker builds its own app after the fork, so MongoDB, S3 and SQLite
 # clients are never shared across processes.
 preload_app = False

@@ -922,7 +922,12 @@ def fmt(values) -> str:
 
 
 def ratio_row(name, a, b, field, goal, note, lower_is_better=False) -> dict:
-    ratio = median(a, field) / median(b, field)
+    """A/B is the median of the rounds' own ratios: each round measures both sides back to
+    back, so a burst of this machine's noise that lasts a few seconds moves one round's
+    ratio (which the median then discards), not one side's median."""
+    ratio = statistics.median(
+        getattr(x, field) / getattr(y, field) for x, y in zip(a, b, strict=True)
+    )
     met = None if goal is None else (ratio <= goal if lower_is_better else ratio >= goal)
     unit = "ms p50" if field == "p50_ms" else "req/s"
     return {
@@ -968,9 +973,11 @@ def write_report(rows: list, args, started: datetime) -> Path:
         "script; the service and the reference apps under `gunicorn.conf.py` (the `make run`",
         "configuration: 2 gthread workers of 4 threads). Each comparison alternates its two",
         f"sides for {args.rounds} rounds of `wrk -t2 -c8 -d{args.seconds}s --latency URL`",
-        "(`-t1 -c1` for list latency) after a 2 s warm-up each, and reports the medians. The load",
-        "generator shares the 2 cores with the servers, so absolute numbers are low and only",
-        "the ratios mean much.",
+        "(`-t1 -c1` for list latency) after a 2 s warm-up each. A and B are each side's median;",
+        "A/B is the median of the rounds' own ratios (each round measures both sides back to",
+        "back, so a burst of noise that hits one side of one round is discarded rather than",
+        "moving that side's median). The load generator shares the 2 cores with the servers,",
+        "so absolute numbers are low and only the ratios mean much.",
         "",
         "| measurement | A | B | A/B | goal | met | notes |",
         "|---|---|---|---|---|---|---|",
