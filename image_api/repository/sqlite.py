@@ -151,9 +151,6 @@ def _to_text(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-_RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(ImageRecord))
-
-
 def _from_row(row: sqlite3.Row) -> ImageRecord:
     values = dict(row)
     values["uploaded_at"] = datetime.fromisoformat(values["uploaded_at"])
@@ -164,7 +161,7 @@ def _from_row(row: sqlite3.Row) -> ImageRecord:
 
 def _to_row(record: ImageRecord) -> dict:
     # Its fields are flat values: asdict's deep copy of each would only cost time.
-    values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+    values = {name: getattr(record, name) for name in RECORD_FIELDS}
     values["uploaded_at"] = _to_text(record.uploaded_at)
     values["updated_at"] = _to_text(record.updated_at)
     values["status"] = str(record.status)
