@@ -1,6 +1,7 @@
 """Reference apps for the benchmarks, served under the same gunicorn configuration as the
-service: a trivial JSON endpoint, a bare Flask `send_file`, a bare multipart upload that
-saves the file with one fsync, and bare thumbnail renders (Pillow, libvips)."""
+service: a trivial JSON endpoint, a bare Flask `send_file`, a bare X-Accel-Redirect, a bare
+multipart upload that saves the file with one fsync, and bare thumbnail renders (Pillow,
+libvips)."""
 
 import io
 import os
@@ -12,6 +13,7 @@ from PIL import Image
 
 app = Flask(__name__)
 FILE = os.environ.get("BENCH_FILE", "")
+ACCEL = os.environ.get("BENCH_ACCEL", "")
 UPLOAD_DIR = os.environ.get("BENCH_UPLOAD_DIR", "")
 
 
@@ -23,6 +25,14 @@ def ping():
 @app.get("/file")
 def file():
     return send_file(FILE, mimetype="image/png")
+
+
+@app.get("/accel")
+def accel():
+    """BENCH_ACCEL (an internal location of the rendered nginx config) for nginx to send,
+    under a strong ETag: the least a download decided by Python and sent by nginx costs.
+    No lookup, no key, no conditions, no log line."""
+    return Response(headers={"X-Accel-Redirect": ACCEL, "ETag": '"bench"'})
 
 
 @app.post("/upload")

@@ -610,7 +610,7 @@ def bench_variants(args, work: Path, rows: list) -> None:
 
 
 @contextmanager
-def fronted(env: dict, nginx_port: int, work: Path):
+def fronted(env: dict, nginx_port: int, work: Path, ready_path: str = "/healthz"):
     """nginx with the config `flask nginx-config` renders for `env`, in front of the
     gunicorn `env` describes (workers as root: the bench's data directory is private)."""
     prefix = work / f"nginx-{nginx_port}"
@@ -625,7 +625,7 @@ def fronted(env: dict, nginx_port: int, work: Path):
         command += ["--user", "root"]
     subprocess.run(command, env={**os.environ, **env}, cwd=ROOT, check=True, capture_output=True)
     args = ["nginx", "-p", str(prefix), "-c", "nginx.conf", "-g", "daemon off;"]
-    with process(args, ready_url=f"http://127.0.0.1:{nginx_port}/healthz") as proc:
+    with process(args, ready_url=f"http://127.0.0.1:{nginx_port}{ready_path}") as proc:
         yield proc
 
 
@@ -657,22 +657,35 @@ def bench_nginx(args, work: Path, rows: list) -> None:
     gunicorn alone for the record; and what 150 slow clients add to a metadata GET's
     latency through nginx (for the record: a timed test would be flaky)."""
     data_dir = work / "nginx-fs"
-    port, proxy_port, accel_front, proxy_front, static_port = (free_port() for _ in range(5))
+    port, proxy_port, ref_port = free_port(), free_port(), free_port()
+    accel_front, proxy_front, ref_front, static_port = (free_port() for _ in range(4))
     accel_env = service_env(data_dir, port, DOWNLOAD_MODE="accel", PROXY_HOPS="1")
     proxy_env = service_env(data_dir, proxy_port, PROXY_HOPS="1")
     with gunicorn("wsgi:app", accel_env), gunicorn("wsgi:app", proxy_env):
         image = upload(f"http://127.0.0.1:{port}", random_png(1300))
         key = record_key(data_dir, image["_id"])
         path = f"/api/images/{image['_id']}/download"
+        ref_env = {
+            **accel_env,
+            "PORT": str(ref_port),
+            "BENCH_ACCEL": f"/_accel/whole/{key[:2]}/{key}",
+        }
         with (
+            gunicorn("bench.reference:app", ref_env, "/ping"),
             fronted(accel_env, accel_front, work),
             fronted(proxy_env, proxy_front, work),
+            fronted(ref_env, ref_front, work, ready_path="/ping"),
             nginx(data_dir / "blobs", static_port),
         ):
             static = f"http://127.0.0.1:{static_port}/{key[:2]}/{key}"
             accel = f"http://127.0.0.1:{accel_front}{path}"
+            bare_accel = f"http://127.0.0.1:{ref_front}/accel"
             assert requests.get(accel).content == requests.get(static).content
+            assert requests.get(bare_accel).content == requests.get(static).content
             ours, theirs = side_by_side(accel, static, args)
+            # The ceiling for any download Python decides: the same nginx and gunicorn
+            # with a Flask view that does nothing but name the file.
+            bare, theirs_bare = side_by_side(bare_accel, static, args)
             proxied, theirs_again = side_by_side(
                 f"http://127.0.0.1:{proxy_front}{path}", static, args
             )
@@ -693,6 +706,7 @@ def bench_nginx(args, work: Path, rows: list) -> None:
     size_mb = image["size"] / 1e6
     for name, a, b, goal in (
         ("nginx -> service in accel mode", ours, theirs, 0.8),
+        ("reference: nginx -> a bare Flask X-Accel-Redirect view", bare, theirs_bare, None),
         ("for the record: nginx -> service in proxy mode", proxied, theirs_again, None),
         ("for the record: gunicorn alone (proxy mode)", direct, theirs_third, None),
     ):
