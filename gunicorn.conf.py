@@ -11,9 +11,10 @@ import tempfile
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-api-metrics-")
 
-from gunicorn import glogging
+from gunicorn import glogging, util
 
 from image_api.config import Settings
+from image_api.errors import server_refusal
 
 settings = Settings.from_environment()
 
@@ -47,6 +48,17 @@ class Logger(glogging.Logger):
 
 
 logger_class = Logger
+
+
+def write_error(sock, status_int, reason, mesg):
+    """What gunicorn refuses itself (a malformed or oversized request line or header, an
+    unsupported Expect) is JSON like every other error, not gunicorn's HTML page: with nginx
+    in front too, which passes gunicorn's answers on. gunicorn's workers call
+    `util.write_error` for every such refusal; the status and the log line stay gunicorn's."""
+    util.write_nonblock(sock, server_refusal(status_int, reason, mesg))
+
+
+util.write_error = write_error
 # gunicorn 27's control socket has one default path per user: several instances on a machine
 # (tests, benchmarks, make run) would fight over it, and nothing here uses it.
 control_socket_disable = True

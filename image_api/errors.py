@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flask import Flask, jsonify
@@ -140,7 +141,9 @@ _HTTP_CODES = {
     413: "file_too_large",
     414: "uri_too_long",
     415: "unsupported_media_type",
+    417: "expectation_failed",
     429: "rate_limited",
+    431: "headers_too_large",
     503: "service_unavailable",
 }
 
@@ -175,6 +178,31 @@ def error_response(status: int, code: str, message: str):
     response = jsonify(error_schema.dump({"message": message, "code": code}))
     response.status_code = status
     return response
+
+
+def server_refusal(status: int, reason: str, detail: str) -> bytes:
+    """The whole HTTP response for a request gunicorn refuses before the app sees it (a
+    request line or header that is not valid HTTP or is over gunicorn's limits, an
+    unsupported Expect or Transfer-Encoding): the service's JSON shape and security headers
+    in place of gunicorn's HTML page, and the connection closed, as gunicorn closes it.
+    gunicorn.conf.py installs it."""
+    code = _HTTP_CODES.get(status, "http_error")
+    message = (detail or reason)[:_MAX_REFUSAL_DETAIL]
+    body = json.dumps({"message": message, "code": code}, separators=(",", ":")).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        "Content-Security-Policy: default-src 'none'; frame-ancestors 'none'\r\n"
+        "Referrer-Policy: no-referrer\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+#: gunicorn's detail quotes what the client sent (a request line of up to 4094 bytes).
+_MAX_REFUSAL_DETAIL = 200
 
 
 def handle_api_error(error: ApiError):

@@ -329,7 +329,7 @@ def assert_log_has_no_traceback(service: Service):
 def test_malformed_chunked_bodies_are_a_400_and_no_traceback(service, chunks):
     status, headers, body = raw_exchange(service, chunked_upload(service, chunks))
     assert status == 400, body
-    assert headers.get("content-type", "").startswith("application/json") or not body
+    assert headers["content-type"] == "application/json" and json.loads(body)["code"]
     service.stop()
     assert_log_has_no_traceback(service)
 
@@ -409,17 +409,71 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
     assert_log_has_no_traceback(service)
 
 
-def test_what_gunicorn_refuses_itself_is_documented(service):
-    """gunicorn refuses a request line over 4094 bytes (414) and a header over 8190 bytes
-    (431) before the app sees them; the document lists both, with gunicorn's HTML page."""
-    response = service.http.get(f"{service.url}/api/images?cursor={'x' * 5000}", timeout=10)
-    assert response.status_code == 414
+REFUSED_BY_GUNICORN = {
+    "request line": (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+    "method": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "version": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
+    "header name": (b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", 400, "bad_request"),
+    "two lengths": (
+        b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        400,
+        "bad_request",
+    ),
+    "transfer coding": (
+        b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    "long request line": (
+        b"GET /api/images?cursor=" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        414,
+        "uri_too_long",
+    ),
+    "long header": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        431,
+        "headers_too_large",
+    ),
+    "many headers": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        + b"\r\n",
+        431,
+        "headers_too_large",
+    ),
+    "expectation": (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n",
+        417,
+        "expectation_failed",
+    ),
+}
+
+
+def test_what_gunicorn_refuses_itself_is_json_and_documented(service):
+    """gunicorn refuses what is not valid HTTP or is over its limits before the app sees
+    it; the answer is the service's JSON, with its security headers, never gunicorn's HTML
+    page, and the document lists each status with its code."""
     document = service.http.get(f"{service.url}/api/openapi.json", timeout=10).json()
     responses = document["paths"]["/api/images/{image_id}"]["get"]["responses"]
-    assert "text/html" in responses["414"]["content"] and "text/html" in responses["431"]["content"]
-    long_header = service.http.get(f"{service.url}/healthz", headers={"X-Big": "a" * 9000})
-    assert long_header.status_code == 431
+    for name, (request, status, code) in REFUSED_BY_GUNICORN.items():
+        answered, headers, body = raw_exchange(service, request)
+        assert answered == status, (name, body)
+        assert headers["content-type"] == "application/json", (name, body)
+        assert headers["x-content-type-options"] == "nosniff"
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert int(headers["content-length"]) == len(body)
+        refusal = json.loads(body)
+        assert refusal["code"] == code and refusal["message"], name
+        assert len(refusal["message"]) <= 200  # never the whole 5000-byte line echoed
+        schema = responses[str(status)]["content"]["application/json"]["schema"]
+        assert code in schema["properties"]["code"]["enum"] or schema == {
+            "$ref": "#/components/schemas/Error"
+        }, (name, schema)
+    # Under the limits, the service answers itself.
     assert (
         service.http.get(f"{service.url}/api/images?cursor={'x' * 3000}", timeout=10).status_code
         == 400
     )
+    service.stop()
+    assert_log_has_no_traceback(service)

@@ -413,13 +413,21 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
     assert b"nosniff" in head and b'"code":"bad_request"' in body
     long = requests.get(f"{front.url}/api/images?x={'a' * 9000}", timeout=10)
     assert long.status_code == 414 and long.json()["code"] == "uri_too_long"
+    # Within nginx's limits but over gunicorn's: gunicorn refuses, in JSON too.
+    longer_than_gunicorn = requests.get(f"{front.url}/api/images?x={'a' * 5000}", timeout=10)
+    assert longer_than_gunicorn.status_code == 414
+    assert longer_than_gunicorn.json()["code"] == "uri_too_long"
+    many = requests.get(f"{front.url}/healthz", headers={f"X-{i}": "y" for i in range(101)})
+    assert many.status_code == 431 and many.json()["code"] == "headers_too_large"
     image = http.post(f"{front.url}/api/images/upload", files={"image": ("s.png", make_image())})
     anonymous = requests.get(image.json()["image"]["imageUrl"], timeout=10)
     assert anonymous.status_code == 200
     front.stop()  # flushes the buffered access log
     front.start()
     log = (front.prefix / "logs" / "access.log").read_text()
-    assert "/download" in log and "signature" not in log and "expires" not in log
+    # The path asked for, not the internal location an accel download was sent from.
+    assert f'GET /api/images/{image.json()["image"]["_id"]}/download HTTP/1.1" 200' in log
+    assert "_accel" not in log and "signature" not in log and "expires" not in log
 
 
 def test_with_gunicorn_stopped_nginx_answers_json_503(home):

@@ -377,11 +377,9 @@ def _operation(view, rule, method: str) -> dict:
         }
         | _error_responses(spec),
     }
-    responses = operation["responses"]
-    # gunicorn (and nginx in front of it) refuse what is not valid HTTP before the service
-    # sees it, with pages of their own.
-    responses["400"]["content"]["text/html"] = _SERVER_PAGE
-    responses |= _SERVER_REFUSALS
+    # gunicorn (and nginx in front of it) refuse what is not valid HTTP, or is over their
+    # limits, before the service sees it: in the same JSON shape (a 400 is `bad_request`).
+    operation["responses"] |= _SERVER_REFUSALS
     if spec.scope is not None:
         # OpenAPI 3.1 lets a requirement of any scheme list roles: the scope a key needs.
         operation["security"] = [{name: [str(spec.scope)]} for name in KEY_SCHEMES]
@@ -470,18 +468,24 @@ def _error_responses(spec: Operation) -> dict:
     return responses
 
 
-#: A request that is not valid HTTP (a bad header, two Content-Lengths...) is a 400 from
-#: gunicorn or nginx, with their own HTML page.
-_SERVER_PAGE = {"schema": {"type": "string", "description": "gunicorn's or nginx's page"}}
+#: What gunicorn refuses itself, before the service sees the request (gunicorn.conf.py has
+#: it answer in the service's JSON shape; nginx in front refuses the same first, in JSON).
 _SERVER_REFUSALS = {
     str(status): {
-        "description": f"{what}: refused by gunicorn (or nginx) with its own HTML page",
-        "content": {"text/html": {"schema": {"type": "string"}}},
+        "description": f"`{code}`: {what}, refused before the service sees the request",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "allOf": [{"$ref": "#/components/schemas/Error"}],
+                    "properties": {"code": {"enum": [code]}},
+                }
+            }
+        },
     }
-    for status, what in [
-        (414, "A request line over 4094 bytes"),
-        (417, "An Expect header other than 100-continue"),
-        (431, "A header over 8190 bytes, or over 100 headers"),
+    for status, code, what in [
+        (414, "uri_too_long", "A request line over 4094 bytes"),
+        (417, "expectation_failed", "An Expect header other than 100-continue"),
+        (431, "headers_too_large", "A header over 8190 bytes, or over 100 headers"),
     ]
 }
 
