@@ -96,7 +96,18 @@ def test_an_unsatisfiable_range_is_416(client, image):
     assert response.get_json()["code"] == "range_not_satisfiable"
 
 
-@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-1", "bytes=oops"])
+@pytest.mark.parametrize("header", ["bytes=-0", "bytes=-000", "bytes= -0 "])
+def test_an_empty_suffix_range_is_416_unless_if_range_fails(client, image, header):
+    """The last zero bytes: a valid range nothing satisfies (RFC 9110 14.1.2)."""
+    _, data, url = image
+    response = client.get(url, headers={"Range": header})
+    assert response.status_code == 416
+    assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+    stale = client.get(url, headers={"Range": header, "If-Range": '"stale"'})
+    assert stale.status_code == 200 and stale.data == data
+
+
+@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-1", "bytes=oops", "bytes=-0,-1"])
 def test_other_ranges_get_the_whole_image(client, image, header):
     _, data, url = image
     response = client.get(url, headers={"Range": header})

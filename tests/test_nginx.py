@@ -237,6 +237,8 @@ def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> 
     assert beyond.status_code == 416
     assert beyond.headers["Content-Range"] == f"bytes */{len(data)}"
     assert beyond.json()["code"] == "range_not_satisfiable"
+    empty = http.get(url, headers={"Range": "bytes=-0"})
+    assert empty.status_code == 416 and empty.headers["Content-Range"] == f"bytes */{len(data)}"
     matching = http.get(url, headers={"Range": "bytes=0-3", "If-Range": etag})
     assert (matching.status_code, matching.content) == (206, data[:4])
     stale = http.get(url, headers={"Range": "bytes=0-3", "If-Range": '"other"'})

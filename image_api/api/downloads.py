@@ -183,23 +183,18 @@ def requested_range(record: ImageRecord, blob: ImageRecord | Variant) -> tuple[i
     Several ranges, other units and a failed If-Range get the whole image, as RFC 9110
     allows; an unsatisfiable single range is a 416.
     """
-    ranges = request.range
-    if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
+    header = request.headers.get("Range")
+    if header is None:
         return None
-    if_range = request.headers.get("If-Range")
-    if if_range is not None:
-        # Strong comparison only (RFC 9110 13.1.5): a weak tag never matches, and a date
-        # only when it is the Last-Modified and no other version can share it. A value that
-        # is neither matches nothing: the whole image.
-        date = parse_http_date(if_range.strip())
-        same_etag = if_range.strip() == quote_etag(blob.sha256)
-        same_date = (
-            date is not None
-            and date == record.updated_at.replace(microsecond=0)
-            and _current_at(record, date)
-        )
-        if not (same_etag or same_date):
-            return None
+    ranges = request.range
+    # `bytes=-0`, the last zero bytes, is a valid range that no representation satisfies
+    # (RFC 9110 14.1.2); Werkzeug does not parse it.
+    empty_suffix = ranges is None and _EMPTY_SUFFIX.fullmatch(header) is not None
+    single = ranges is not None and ranges.units == "bytes" and len(ranges.ranges) == 1
+    if not (single or empty_suffix) or not _if_range_holds(record, blob):
+        return None
+    if empty_suffix:
+        raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{blob.size}"})
     start = ranges.ranges[0][0]
     if start < 0:
         # A suffix longer than the image asks for all of it (RFC 9110 14.1.2).
@@ -208,6 +203,29 @@ def requested_range(record: ImageRecord, blob: ImageRecord | Variant) -> tuple[i
     if bounds is None:
         raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{blob.size}"})
     return bounds
+
+
+#: A single suffix range of length zero.
+_EMPTY_SUFFIX = re.compile(r"bytes=[ \t]*-0+[ \t]*")
+
+
+def _if_range_holds(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
+    """Whether the Range applies: no If-Range, or one that names this version.
+
+    Strong comparison only (RFC 9110 13.1.5): a weak tag never matches, and a date only
+    when it is the Last-Modified and no other version can share it. A value that is
+    neither matches nothing: the whole image."""
+    if_range = request.headers.get("If-Range")
+    if if_range is None:
+        return True
+    date = parse_http_date(if_range.strip())
+    same_etag = if_range.strip() == quote_etag(blob.sha256)
+    same_date = (
+        date is not None
+        and date == record.updated_at.replace(microsecond=0)
+        and _current_at(record, date)
+    )
+    return same_etag or same_date
 
 
 def _not_modified(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
