@@ -250,6 +250,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             lambda: client.get(url),
             lambda: nobody.get(url),
             lambda: client.get(url, headers={"If-None-Match": etag}),
+            lambda: client.get(url, headers={"If-Match": '"stale"'}),
             lambda: client.get(url, headers=bad_host),
             lambda: client.get(f"/api/images/{missing}"),
             ("broken", "get", lambda: client.get(url)),

@@ -1,10 +1,13 @@
-"""Conditional (If-Match) and idempotent (Idempotency-Key) writes over HTTP."""
+"""Conditional (If-Match) and idempotent (Idempotency-Key) writes over HTTP, and the
+preconditions of a metadata read."""
 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
+from werkzeug.http import http_date
 
 from image_api.repository import scan_all
 from tests.helpers import ImagesClient, assert_replaced, make_image
@@ -58,6 +61,35 @@ def test_a_replace_with_the_same_bytes_changes_the_metadata_etag(client, images)
     # The download's ETag names only the bytes, which did not change.
     download_tag = client.get(f"{url}/download").headers["ETag"]
     assert client.delete(url, headers={"If-Match": download_tag}).status_code == 200
+
+
+def test_a_metadata_get_honours_if_match_and_if_unmodified_since(client, images):
+    """RFC 9110 13.1.1: a GET whose If-Match fails is a 412, as writes are; so is one whose
+    If-Unmodified-Since is before the image's last change (when there is no If-Match)."""
+    image_id = images.create(make_image(color="red"))["_id"]
+    url = f"/api/images/{image_id}"
+    first = client.get(url)
+    download_tag = client.get(f"{url}/download").headers["ETag"]
+    modified = first.headers["ETag"]
+    for tag in (modified, download_tag, "*", f'"stale", {modified}'):
+        assert client.get(url, headers={"If-Match": tag}).status_code == 200, tag
+    stale = client.get(url, headers={"If-Match": '"stale"'})
+    assert stale.status_code == 412 and stale.get_json()["code"] == "precondition_failed"
+    # A metadata ETag names the version: another signed URL expiry in it still matches.
+    version = modified.strip('"').rsplit(".", 1)[0]
+    assert client.get(url, headers={"If-Match": f'"{version}.1"'}).status_code == 200
+    assert client.get(url, headers={"If-Match": "not quoted"}).status_code == 400
+    last_modified = client.get(f"{url}/download").last_modified
+    later = http_date(last_modified + timedelta(seconds=5))
+    earlier = http_date(last_modified - timedelta(seconds=5))
+    assert client.get(url, headers={"If-Unmodified-Since": later}).status_code == 200
+    assert client.get(url, headers={"If-Unmodified-Since": earlier}).status_code == 412
+    # If-Match decides alone; a date that is not one is ignored.
+    both = {"If-Match": modified, "If-Unmodified-Since": earlier}
+    assert client.get(url, headers=both).status_code == 200
+    assert client.get(url, headers={"If-Unmodified-Since": "yesterday"}).status_code == 200
+    images.replace(image_id, make_image(color="blue"))
+    assert client.get(url, headers={"If-Match": modified}).status_code == 412
 
 
 @pytest.mark.parametrize("tag", ['""', 'W/""', '"", W/""'])

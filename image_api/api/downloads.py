@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, request
@@ -26,7 +25,7 @@ from ..records import ImageRecord, Variant
 from ..service import current_service
 from ..signing import SIGNATURE_PARAMETERS
 from .auth import caller
-from .conditions import etags, http_date, parse_http_date
+from .conditions import current_at, etags, http_date, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -109,7 +108,7 @@ def download_image(image_id: str):
     if if_match is not None:
         if not if_match.contains(blob.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
-    elif (since := http_date("If-Unmodified-Since")) is not None and not _current_at(record, since):
+    elif (since := http_date("If-Unmodified-Since")) is not None and not current_at(record, since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
     if _not_modified(record, blob):
         response.status_code = 304
@@ -124,7 +123,7 @@ def download_image(image_id: str):
     if service.settings.download_mode == "accel" and _nginx_agrees(byte_range):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
         # under these headers, with its own validators off. An If-Range date is judged by
-        # a rule of ours alone (see `_current_at`): such a request is streamed from here.
+        # a rule of ours alone (see `conditions.current_at`): such a request is streamed from here.
         disposition = response.headers.pop("Content-Disposition")
         response.headers["X-Accel-Redirect"] = service.accel_path(blob, byte_range, disposition)
         # Passed under another name, which nginx sends as Content-Disposition with the
@@ -223,7 +222,7 @@ def _if_range_holds(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
     same_date = (
         date is not None
         and date == record.updated_at.replace(microsecond=0)
-        and _current_at(record, date)
+        and current_at(record, date)
     )
     return same_etag or same_date
 
@@ -236,20 +235,7 @@ def _not_modified(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
     if if_none_match is not None:
         return if_none_match.contains_weak(blob.sha256)
     since = http_date("If-Modified-Since")
-    return since is not None and _current_at(record, since)
-
-
-def _current_at(record: ImageRecord, date: datetime) -> bool:
-    """Whether a copy dated `date` (an HTTP date: whole seconds) is surely this version.
-
-    Two versions replaced within one second share a Last-Modified, so a date within the
-    second of a replace cannot tell them apart: only a date from the next whole second on
-    proves the copy current. The first version has no predecessor to be confused with: its
-    own Last-Modified is enough.
-    """
-    if record.version == 1:
-        return date >= record.updated_at.replace(microsecond=0)
-    return date >= _whole_seconds_after(record.updated_at)
+    return since is not None and current_at(record, since)
 
 
 def _filename_options(filename: str, content_type: str) -> dict[str, str]:
@@ -261,15 +247,3 @@ def _filename_options(filename: str, content_type: str) -> dict[str, str]:
         "filename": fallback,
         "filename*": "UTF-8''" + quote(filename, safe="!#$&+-.^_`|~"),
     }
-
-
-def _whole_seconds_after(moment: datetime) -> datetime:
-    """The first whole second at or after `moment`.
-
-    HTTP dates have one-second resolution: two versions replaced within one second share a
-    Last-Modified. A date validator proves a client's copy current only if it is no earlier
-    than this (RFC 9110 8.8.2.2), so If-Modified-Since and If-Range dates are compared with
-    it, not with the truncated date sent.
-    """
-    whole = moment.replace(microsecond=0)
-    return whole if whole == moment else whole + timedelta(seconds=1)

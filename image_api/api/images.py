@@ -30,7 +30,7 @@ from ..errors import (
 from ..media import Upload
 from ..service import current_service
 from .auth import caller
-from .conditions import etags, preconditions
+from .conditions import etags, preconditions, read_preconditions
 from .openapi import Reply, describe
 from .schemas import (
     deleted_schema,
@@ -151,16 +151,17 @@ def list_images():
 @bp.get("/<id:image_id>")
 @describe(
     scope=Scope.READ,
-    headers=("If-None-Match",),
+    headers=("If-Match", "If-None-Match", "If-Unmodified-Since"),
     replies={
         200: Reply("The image's metadata", image_schema, headers=("ETag",), image_id="/_id"),
         304: Reply("If-None-Match names the current ETag", headers=("ETag",)),
     },
-    errors=(NotFound,),
+    errors=(NotFound, PreconditionFailed),
 )
 def get_image(image_id: str):
     """One image's metadata."""
     record = current_service().get(image_id, caller())
+    read_preconditions(record)
     etag = image_etag(record)
     headers = {"ETag": quote_etag(etag)}
     if_none_match = etags("If-None-Match")
