@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 # Prometheus counts of every worker, in files: one directory per gunicorn master, emptied
@@ -13,10 +14,14 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 from gunicorn import glogging, util
 
-from image_api.config import Settings
+from image_api.config import ConfigError, Settings
 from image_api.errors import server_refusal
 
-settings = Settings.from_environment()
+try:
+    settings = Settings.from_environment()
+except ConfigError as error:
+    # One line naming the variable, not gunicorn's traceback of its config file.
+    sys.exit(f"image-api: {error.message}")
 
 bind = settings.bind
 workers = settings.web_concurrency

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import click
 from dotenv import dotenv_values
 
 #: Formats accepted by default, as Pillow names them.
@@ -20,8 +21,11 @@ KNOWN_FORMATS = DEFAULT_FORMATS
 MIN_SECRET_LENGTH = 32
 
 
-class ConfigError(RuntimeError):
-    """A configuration value is missing, malformed or conflicting."""
+class ConfigError(click.ClickException):
+    """A configuration value is missing, malformed or conflicting.
+
+    A click exception so that a `flask` command (which builds the app first) prints it as
+    one line, `Error: ...`, and exits with status 1, instead of a traceback."""
 
 
 @dataclass(frozen=True)

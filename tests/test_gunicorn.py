@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -477,3 +478,36 @@ def test_what_gunicorn_refuses_itself_is_json_and_documented(service):
     )
     service.stop()
     assert_log_has_no_traceback(service)
+
+
+def _exits(command: list[str], service: Service) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=ROOT, env=service.env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path):
+    """A wrong setting names itself in one line, not a traceback: for gunicorn's master
+    (which reads the settings), for `flask` commands (which build the app), and for
+    gunicorn's workers when only building the app finds it (then gunicorn stops, as for
+    any worker that cannot boot, instead of starting it again and again)."""
+    malformed = Service(tmp_path / "data", {"MAX_UPLOAD_BYTES": "lots"})
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    for command in (
+        [gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"],
+        [sys.executable, "-m", "flask", "--app", "image_api", "keys", "list"],
+        [sys.executable, "-m", "flask", "--app", "image_api", "nginx-config"],
+    ):
+        result = _exits(command, malformed)
+        assert result.returncode == 1, result.stderr
+        assert "MAX_UPLOAD_BYTES must be an integer, got 'lots'" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    data = tmp_path / "short-secret"
+    data.mkdir()
+    (data / "secret-key").write_text("too short")
+    # One worker: with two, gunicorn's master can itself fail on the second one's exit
+    # while it stops (its own traceback, status 1).
+    one_worker = Service(data, {"WEB_CONCURRENCY": "1"})
+    short = _exits([gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"], one_worker)
+    assert short.returncode == 3, short.stderr  # gunicorn's "worker failed to boot"
+    assert f"{data / 'secret-key'} must hold at least 32 characters" in short.stderr
