@@ -72,7 +72,7 @@ class RequestLog:
             fields = {
                 "method": environ.get("REQUEST_METHOD"),
                 "route": info.get("route"),
-                "path": environ.get("PATH_INFO", "")[:_MAX_PATH],
+                "path": _path(environ),
                 "status": int(status[:3]) if status else None,
                 "duration_ms": round(seconds * 1000, 2),
                 "bytes_in": int(length) if length.isdigit() else None,
@@ -91,6 +91,15 @@ class RequestLog:
                     )
                 )  # fmt: skip
             metrics.observe_request(fields, seconds)
+
+
+def _path(environ) -> str:
+    """The path as the client sent it: WSGI hands its bytes over as latin-1, so a UTF-8
+    name (`/api/images/café`) would be logged as mojibake (`cafÃ©`)."""
+    path = environ.get("PATH_INFO", "")[:_MAX_PATH]
+    if path.isascii():
+        return path
+    return path.encode("latin-1", "replace").decode("utf-8", "replace")
 
 
 def _content_length(headers) -> int | None:

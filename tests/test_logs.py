@@ -64,6 +64,17 @@ def test_refused_and_unrouted_requests_are_logged_too(client, caplog):
     assert (unrouted["status"], unrouted["route"]) == (404, None)
 
 
+def test_a_non_ascii_path_is_logged_as_sent(client, caplog):
+    """WSGI hands the path's bytes over as latin-1: the line has the UTF-8 the client sent,
+    and bytes that are not UTF-8 as replacement characters."""
+    caplog.set_level(logging.INFO, logger="image_api.requests")
+    client.get("/api/images/caf%C3%A9")
+    client.get("/api/images/%FF")
+    utf8, invalid = lines(caplog)
+    assert utf8["path"] == "/api/images/café" and utf8["status"] == 404
+    assert invalid["path"] == "/api/images/\ufffd"
+
+
 def test_a_signed_download_is_logged_without_its_query(client, caplog):
     caplog.set_level(logging.INFO, logger="image_api.requests")
     image = ImagesClient(client).create()
