@@ -8,7 +8,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 #: Where the service reads the time: `utc_now` in production, a fake one in tests.
@@ -89,6 +89,18 @@ class ImageRecord:
         replaces with the same bytes."""
         return f"{self.sha256}.{self.version}"
 
+    def current_at(self, date: datetime) -> bool:
+        """Whether a copy dated `date` (an HTTP date: whole seconds) is surely this version.
+
+        Two versions replaced within one second share a Last-Modified, so a date within the
+        second of a replace cannot tell them apart: only a date from the next whole second
+        on proves the copy current. The first version has no predecessor to be confused
+        with: its own Last-Modified is enough.
+        """
+        if self.version == 1:
+            return date >= self.updated_at.replace(microsecond=0)
+        return date >= _whole_seconds_after(self.updated_at)
+
     def to_json(self) -> dict:
         """Plain JSON types, for storing a response to replay."""
         values = dataclasses.asdict(self)
@@ -163,3 +175,15 @@ class Claim:
     resource: str | None
     response: dict | None  # None while the first request is still running
     expires_at: datetime
+
+
+def _whole_seconds_after(moment: datetime) -> datetime:
+    """The first whole second at or after `moment`.
+
+    HTTP dates have one-second resolution: two versions replaced within one second share a
+    Last-Modified. A date validator proves a client's copy current only if it is no earlier
+    than this (RFC 9110 8.8.2.2), so If-Modified-Since and If-Range dates are compared with
+    it, not with the truncated date sent.
+    """
+    whole = moment.replace(microsecond=0)
+    return whole if whole == moment else whole + timedelta(seconds=1)

@@ -30,7 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import BinaryIO
 
 from flask import current_app
@@ -95,21 +95,32 @@ class Download:
 
 @dataclass(frozen=True)
 class Preconditions:
-    """A write's If-Match and If-None-Match (werkzeug `ETags`; a star matches any image),
-    checked against the version the write applies to."""
+    """A request's If-Match and If-None-Match (werkzeug `ETags`; a star matches any image)
+    and If-Unmodified-Since, checked against the version it applies to."""
 
     if_match: ETags | None = None
     if_none_match: ETags | None = None
+    if_unmodified_since: datetime | None = None
 
     @property
     def given(self) -> bool:
-        return self.if_match is not None or self.if_none_match is not None
+        return (
+            self.if_match is not None
+            or self.if_none_match is not None
+            or self.if_unmodified_since is not None
+        )
 
     def check(self, current: ImageRecord) -> None:
         # A download's ETag names the bytes; a metadata ETag the bytes and the version.
         tags = (current.sha256, current.version_tag)
-        if self.if_match is not None and not any(map(self.if_match.contains, tags)):
-            raise PreconditionFailed()
+        if self.if_match is not None:
+            if not any(map(self.if_match.contains, tags)):
+                raise PreconditionFailed()
+        # Only without If-Match (RFC 9110 13.2.2), which is the more accurate.
+        elif self.if_unmodified_since is not None and not current.current_at(
+            self.if_unmodified_since
+        ):
+            raise PreconditionFailed("The image was modified after If-Unmodified-Since")
         if self.if_none_match is not None and any(map(self.if_none_match.contains_weak, tags)):
             raise PreconditionFailed("The image matches If-None-Match; nothing was changed")
 

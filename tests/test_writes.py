@@ -92,6 +92,31 @@ def test_a_metadata_get_honours_if_match_and_if_unmodified_since(client, images)
     assert client.get(url, headers={"If-Match": modified}).status_code == 412
 
 
+def test_put_and_delete_honour_if_unmodified_since(client, images):
+    """RFC 9110 13.1.4: a write dated before the image's last change is a lost update, a
+    412 that changes nothing; If-Match, when sent too, decides alone."""
+    original = make_image(color="red")
+    image_id = images.create(original)["_id"]
+    url = f"/api/images/{image_id}"
+    last_modified = client.get(f"{url}/download").last_modified
+    earlier = http_date(last_modified - timedelta(seconds=5))
+    stale = images.replace(
+        image_id, make_image(color="blue"), headers={"If-Unmodified-Since": earlier}
+    )
+    assert stale.status_code == 412 and stale.get_json()["code"] == "precondition_failed"
+    assert client.delete(url, headers={"If-Unmodified-Since": earlier}).status_code == 412
+    assert client.get(f"{url}/download").data == original
+    assert client.get(url).get_json()["version"] == 1
+    etag = client.get(url).headers["ETag"]
+    both = {"If-Match": etag, "If-Unmodified-Since": earlier}
+    assert images.replace(image_id, make_image(color="green"), headers=both).status_code == 200
+    replaced = client.get(f"{url}/download").last_modified
+    after = {"If-Unmodified-Since": http_date(replaced + timedelta(seconds=5))}
+    assert images.replace(image_id, make_image(color="white"), headers=after).status_code == 200
+    # A value that is not an HTTP date is ignored, as RFC 9110 has it.
+    assert client.delete(url, headers={"If-Unmodified-Since": "not a date"}).status_code == 200
+
+
 @pytest.mark.parametrize("tag", ['""', 'W/""', '"", W/""'])
 def test_an_empty_entity_tag_matches_no_image(client, images, tag):
     """Werkzeug reads an empty tag as None (schemathesis found a 500 there)."""

@@ -12,13 +12,13 @@ junk, numeric zones, lists, no weekday), so a mangled date could answer 304 or 4
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from flask import request
 from werkzeug.datastructures import ETags
 from werkzeug.http import parse_etags
 
-from ..errors import BadRequest, PreconditionFailed
+from ..errors import BadRequest
 from ..records import ImageRecord
 from ..service import Preconditions
 
@@ -42,8 +42,13 @@ def etags(header: str) -> ETags | None:
 def preconditions() -> Preconditions:
     """A write's If-Match and If-None-Match, when it has them, as the versions they name: a
     download's ETag (the sha256) or a metadata ETag (`<sha256>.<version>`, whose signed
-    URLs' expiry is no part of the version: `schemas.image_etag`)."""
-    return Preconditions(_versions(etags("If-Match")), _versions(etags("If-None-Match")))
+    URLs' expiry is no part of the version: `schemas.image_etag`); and its
+    If-Unmodified-Since."""
+    return Preconditions(
+        _versions(etags("If-Match")),
+        _versions(etags("If-None-Match")),
+        http_date("If-Unmodified-Since"),
+    )
 
 
 #: A metadata ETag with its signed URLs' expiry: the version is the first two parts.
@@ -120,35 +125,8 @@ def parse_http_date(value: str) -> datetime | None:
 
 def read_preconditions(record: ImageRecord) -> None:
     """A read's If-Match, or without one its If-Unmodified-Since (RFC 9110 13.2.2): a 412
-    when the image is not the version they name. If-Match takes the image's download ETag
-    or its metadata ETag (a signed URL's expiry in it aside), as writes do."""
-    if_match = _versions(etags("If-Match"))
-    if if_match is not None:
-        Preconditions(if_match).check(record)
-    elif (since := http_date("If-Unmodified-Since")) is not None and not current_at(record, since):
-        raise PreconditionFailed("The image was modified after If-Unmodified-Since")
-
-
-def current_at(record: ImageRecord, date: datetime) -> bool:
-    """Whether a copy dated `date` (an HTTP date: whole seconds) is surely this version.
-
-    Two versions replaced within one second share a Last-Modified, so a date within the
-    second of a replace cannot tell them apart: only a date from the next whole second on
-    proves the copy current. The first version has no predecessor to be confused with: its
-    own Last-Modified is enough.
-    """
-    if record.version == 1:
-        return date >= record.updated_at.replace(microsecond=0)
-    return date >= _whole_seconds_after(record.updated_at)
-
-
-def _whole_seconds_after(moment: datetime) -> datetime:
-    """The first whole second at or after `moment`.
-
-    HTTP dates have one-second resolution: two versions replaced within one second share a
-    Last-Modified. A date validator proves a client's copy current only if it is no earlier
-    than this (RFC 9110 8.8.2.2), so If-Modified-Since and If-Range dates are compared with
-    it, not with the truncated date sent.
-    """
-    whole = moment.replace(microsecond=0)
-    return whole if whole == moment else whole + timedelta(seconds=1)
+    when the image is not the version they name."""
+    Preconditions(
+        if_match=_versions(etags("If-Match")),
+        if_unmodified_since=http_date("If-Unmodified-Since"),
+    ).check(record)

@@ -25,7 +25,7 @@ from ..records import ImageRecord, Variant
 from ..service import current_service
 from ..signing import SIGNATURE_PARAMETERS
 from .auth import caller
-from .conditions import current_at, etags, http_date, parse_http_date
+from .conditions import etags, http_date, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -108,7 +108,7 @@ def download_image(image_id: str):
     if if_match is not None:
         if not if_match.contains(blob.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
-    elif (since := http_date("If-Unmodified-Since")) is not None and not current_at(record, since):
+    elif (since := http_date("If-Unmodified-Since")) is not None and not record.current_at(since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
     if _not_modified(record, blob):
         response.status_code = 304
@@ -123,7 +123,7 @@ def download_image(image_id: str):
     if service.settings.download_mode == "accel" and _nginx_agrees(byte_range):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
         # under these headers, with its own validators off. An If-Range date is judged by
-        # a rule of ours alone (see `conditions.current_at`): such a request is streamed from here.
+        # a rule of ours alone (see `ImageRecord.current_at`): such a request is streamed from here.
         disposition = response.headers.pop("Content-Disposition")
         response.headers["X-Accel-Redirect"] = service.accel_path(blob, byte_range, disposition)
         # Passed under another name, which nginx sends as Content-Disposition with the
@@ -222,7 +222,7 @@ def _if_range_holds(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
     same_date = (
         date is not None
         and date == record.updated_at.replace(microsecond=0)
-        and current_at(record, date)
+        and record.current_at(date)
     )
     return same_etag or same_date
 
@@ -235,7 +235,7 @@ def _not_modified(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
     if if_none_match is not None:
         return if_none_match.contains_weak(blob.sha256)
     since = http_date("If-Modified-Since")
-    return since is not None and current_at(record, since)
+    return since is not None and record.current_at(since)
 
 
 def _filename_options(filename: str, content_type: str) -> dict[str, str]:

@@ -174,7 +174,13 @@ def get_image(image_id: str):
 @describe(
     scope=Scope.WRITE,
     upload=True,
-    headers=("If-Match", "If-None-Match", "Idempotency-Key", "Content-Encoding"),
+    headers=(
+        "If-Match",
+        "If-None-Match",
+        "If-Unmodified-Since",
+        "Idempotency-Key",
+        "Content-Encoding",
+    ),
     replies={
         200: Reply(
             "Replaced; version is one up", updated_schema, headers=("ETag",), image_id="/image/_id"
@@ -194,7 +200,7 @@ def replace_image(image_id: str):
 @bp.delete("/<id:image_id>")
 @describe(
     scope=Scope.WRITE,
-    headers=("If-Match", "If-None-Match"),
+    headers=("If-Match", "If-None-Match", "If-Unmodified-Since"),
     replies={200: Reply("Deleted, with its file", deleted_schema)},
     errors=(NotFound, PreconditionFailed, Conflict, ReadOnly),
 )
