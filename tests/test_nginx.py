@@ -421,6 +421,10 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
     assert longer_than_gunicorn.json()["code"] == "uri_too_long"
     many = requests.get(f"{front.url}/healthz", headers={f"X-{i}": "y" for i in range(101)})
     assert many.status_code == 431 and many.json()["code"] == "headers_too_large"
+    # Over nginx's own limit: nginx refuses it, with the status gunicorn would give.
+    big = requests.get(f"{front.url}/healthz", headers={"X-Big": "a" * 9000}, timeout=10)
+    assert big.status_code == 431 and big.json()["code"] == "headers_too_large"
+    assert big.headers["X-Content-Type-Options"] == "nosniff"
     image = http.post(f"{front.url}/api/images/upload", files={"image": ("s.png", make_image())})
     anonymous = requests.get(image.json()["image"]["imageUrl"], timeout=10)
     assert anonymous.status_code == 200
