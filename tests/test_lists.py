@@ -6,6 +6,8 @@ import re
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.helpers import make_image
 
 
@@ -70,6 +72,17 @@ def test_filters_and_total(client, images):
     assert client.get(f"/api/images?uploadedBefore={before}").get_json()["total"] == 3
     future = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
     assert client.get(f"/api/images?uploadedAfter={future}").get_json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=1&limit=2", "cursor=a&cursor=b", "contentType=image/png&contentType=image/gif"],
+)
+def test_a_list_parameter_given_twice_is_400(client, query):
+    """Not read as its first value: the client meant something the list does not do."""
+    response = client.get(f"/api/images?{query}")
+    assert response.status_code == 400
+    assert "more than once" in response.get_json()["message"]
 
 
 def test_bad_filters_are_400(client):

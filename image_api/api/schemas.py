@@ -301,10 +301,7 @@ class DownloadQuerySchema(Schema):
     def _each_once(self, data, **kwargs):
         """A parameter given twice (`w=1&w=2`) is refused: a cache or proxy in front that
         took the other value would store another picture under the same URL."""
-        for name in ("disposition", *VARIANT_PARAMETERS):
-            if hasattr(data, "getlist") and len(data.getlist(name)) > 1:
-                raise ValidationError("Given more than once.", name)
-        return data
+        return _refuse_repeats(data, ("disposition", *VARIANT_PARAMETERS))
 
     @validates_schema
     def _within_bounds(self, data: dict, **kwargs) -> None:
@@ -349,6 +346,14 @@ def _asks_variant(data: dict) -> bool:
     return any(name in data for name in VARIANT_PARAMETERS)
 
 
+def _refuse_repeats(data, names):
+    """`data` (the query's MultiDict), when it holds each of `names` at most once."""
+    for name in names:
+        if hasattr(data, "getlist") and len(data.getlist(name)) > 1:
+            raise ValidationError("Given more than once.", name)
+    return data
+
+
 class ListQuerySchema(Schema):
     """Query parameters of `GET /api/images`."""
 
@@ -367,6 +372,14 @@ class ListQuerySchema(Schema):
         validate=validate.Length(min=1, max=200),
         metadata={"description": "An admin key's choice of owner (others see their own)"},
     )
+
+    @pre_load
+    def _each_once(self, data, **kwargs):
+        """A parameter given twice (`limit=1&limit=2`, `owner=a&owner=b`) is refused, not
+        read as its first value: the client meant something the list does not do."""
+        return _refuse_repeats(
+            data, [field.data_key or name for name, field in self.fields.items()]
+        )
 
     @post_load
     def make_filters(self, data: dict, **kwargs) -> dict:
