@@ -232,11 +232,7 @@ def _render(
         if source_format == "JPEG":
             wanted = (full_h, full_w) if turned else (full_w, full_h)
             image.draft(None, (math.ceil(wanted[0]), math.ceil(wanted[1])))
-        # Decoded pixels, a premultiplied copy of them when they have alpha (Pillow's
-        # resampling), and the output with the encoder's working copies of it.
-        alpha = 2 if "A" in image.mode or "transparency" in image.info else 1
-        cost = alpha * pixel_bytes(image) + 12 * spec.size[0] * spec.size[1]
-        with budget.reserve(cost):
+        with budget.reserve(_render_cost(image, orientation, spec)):
             image.load()
             icc = image.info.get("icc_profile")
             frame = _workable(image)
@@ -254,6 +250,30 @@ def _render(
                 options["icc_profile"] = icc
             frame.save(out, spec.format, **options)
             return frame.size
+
+
+def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int:
+    """Bytes of pixels a render of `image` (as decoded: a JPEG draft is smaller) may hold
+    at once, counted as if every copy lived to the end: the decoded frame; its copy in a
+    mode the filters take (`_workable`: a palette image with transparency becomes RGBA, four
+    times its decoded size; 16-bit greyscale goes through two float copies); a turned copy
+    (EXIF orientation); Pillow's premultiplied copy when there is alpha; and the output
+    with the encoder's working copies of it. Counting the decoded frame alone let a
+    palette or 16-bit render take four times what DECODE_MEMORY allowed."""
+    pixels = image.width * image.height
+    alpha = "A" in image.mode or "transparency" in image.info
+    grey = image.mode in ("1", "L", "LA", "La") or image.mode.startswith("I") or image.mode == "F"
+    bands = (2 if alpha else 1) if grey else (4 if alpha else 3)
+    cost = pixel_bytes(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        cost += pixels * (4 + 4 + 1)  # as float, scaled as float, then 8 bits
+    elif image.mode not in ("RGB", "RGBA", "L", "LA") or "transparency" in image.info:
+        cost += pixels * bands
+    if orientation in _TRANSPOSE:
+        cost += pixels * bands
+    if alpha:
+        cost += pixels * bands
+    return cost + 12 * spec.size[0] * spec.size[1]
 
 
 def _workable(image: Image.Image) -> Image.Image:

@@ -446,6 +446,31 @@ def test_renders_share_the_decode_budget(make_app, tmp_path):
     assert client.get(f"{url}?w=50").status_code == 200
 
 
+def _transparent_palette_png(side: int) -> bytes:
+    image = Image.new("P", (side, side), 1)
+    image.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    out = io.BytesIO()
+    image.save(out, "PNG", transparency=0)
+    return out.getvalue()
+
+
+def test_a_render_reserves_the_copies_it_makes_not_only_the_decoded_pixels(make_app, tmp_path):
+    """A palette PNG with transparency decodes to one byte a pixel, but is rendered from an
+    RGBA copy (four) and Pillow's premultiplied copy of that (four more): 2.3 MB at
+    500x500, not the 0.5 MB the decoded frame alone would reserve. With 2 MB of the budget
+    free, it waits and gets 503; an RGB PNG of the same size (0.8 MB) renders."""
+    app = make_app({"DATA_DIR": str(tmp_path), "DECODE_MEMORY": "4000000", "DECODE_WAIT": "0.05"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    images = ImagesClient(client)
+    palette = images.create(_transparent_palette_png(500), filename="p.png")["_id"]
+    rgb = images.create(make_image("PNG", (500, 500)), filename="rgb.png")["_id"]
+    with service.decode_budget.reserve(2_000_000):  # another decode holds half
+        busy = client.get(f"/api/images/{palette}/download?w=50")
+        assert (busy.status_code, busy.get_json()["code"]) == (503, "decoder_busy")
+        assert client.get(f"/api/images/{rgb}/download?w=50").status_code == 200
+    assert client.get(f"/api/images/{palette}/download?w=50").status_code == 200
+
+
 def test_renders_at_once_are_limited_per_worker(make_app, tmp_path):
     app = make_app({"DATA_DIR": str(tmp_path), "RENDER_CONCURRENCY": "1", "DECODE_WAIT": "0.05"})
     client, service = app.test_client(), app.extensions["image_api"]
