@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: How often a DELETE re-reads an image that a concurrent replace keeps changing.
 _DELETE_TRIES = 5
+#: Unconditional replaces re-read and try again this often when other replaces win.
+_REPLACE_TRIES = 5
 #: A render does not start with less of the request's budget left than this, and a finished
 #: one is stored within this much more.
 _RENDER_AT_LEAST = 2.0
@@ -248,13 +250,14 @@ class ImageService:
             return self._replace(current, upload, info, conditional=preconditions.given)
 
         def find_result(first: str):
-            # `first` names the image and the version the first request would have made.
+            # `first` names the image and the version the first request would have made
+            # (or a later one: an unconditional replace that lost a race tries again).
             first_id, version = first.split("@")
             try:
                 found = self.repository.get(first_id)
             except NotFound:
                 return None
-            wrote = found.version == int(version) and found.sha256 == info.sha256
+            wrote = found.version >= int(version) and found.sha256 == info.sha256
             return found if wrote else None
 
         request = Request(
@@ -496,36 +499,47 @@ class ImageService:
             raise
 
     def _replace(self, current, upload, info, conditional: bool) -> ImageRecord:
+        """Store the new bytes, then switch the record to them if it is still `current`.
+
+        A conditional replace that finds another version is `PreconditionFailed`; an
+        unconditional one replaces whatever version is current instead (the last writer
+        wins), re-reading it a few times if other replaces keep winning the race.
+        """
         # The new bytes go under a new key, so the old image stays readable until the
         # record switches over, and a lost race or a failure never touches it.
-        updated = dataclasses.replace(
-            current,
-            key=new_key(),
-            **_described(info, upload.filename),
-            version=current.version + 1,
-            updated_at=max(self.clock(), current.updated_at),
-        )
+        key = new_key()
         try:
-            self.storage.put(updated.key, upload.stream, info.content_type)
+            self.storage.put(key, upload.stream, info.content_type)
         except BaseException:
             # A failed or interrupted put may have left part of an object (S3 multipart).
-            self._discard(updated.key)
+            self._discard(key)
             raise
         try:
-            self.repository.update(updated, expected_version=current.version)
+            for _ in range(_REPLACE_TRIES):
+                updated = dataclasses.replace(
+                    current,
+                    key=key,
+                    **_described(info, upload.filename),
+                    version=current.version + 1,
+                    updated_at=max(self.clock(), current.updated_at),
+                )
+                try:
+                    self.repository.update(updated, expected_version=current.version)
+                    break
+                except Conflict:
+                    if conditional:
+                        raise PreconditionFailed() from None
+                    current = self.repository.get(current.id)  # replaced meanwhile
+            else:
+                raise Conflict("The image kept changing while it was being replaced; retry")
         except BackendUnavailable as error:
-            outcome = self._read_back(updated.id, updated.key) if error.in_doubt else None
+            outcome = self._read_back(current.id, key) if error.in_doubt else None
             if outcome is not ReadBack.LANDED:
                 if outcome is not ReadBack.UNKNOWN:
-                    self._discard(updated.key)
+                    self._discard(key)
                 raise
-        except Conflict:
-            self._discard(updated.key)
-            if conditional:
-                raise PreconditionFailed() from None
-            raise
         except BaseException:
-            self._discard(updated.key)
+            self._discard(key)  # a lost race, the image deleted meanwhile, or a failure
             raise
         self._retire(current.key)
         self._remove_variants_of(updated.id, before_version=updated.version)

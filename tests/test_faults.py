@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from image_api.errors import BackendUnavailable
+from image_api.errors import BackendUnavailable, Conflict
 from image_api.repository import scan_all
 from tests.helpers import (
     TEST_SECRET,
@@ -184,24 +184,27 @@ def test_blob_delete_failure_after_the_record_is_gone_still_deletes(client, imag
     assert state(service) == ({}, [key])
 
 
-def test_concurrent_replaces_leave_no_orphan(client, images, service):
-    image_id = images.create()["_id"]
-    old_key = service.repository.get(image_id).key
+def _race_two_replaces(client, service, image_id, headers=None) -> dict[str, int]:
+    """Two PUTs of `image_id` that have both read version 1 and stored their bytes before
+    either switches the record; the status each colour got."""
     real = service.repository
     both_read = threading.Barrier(2, timeout=10)
+    first_tries = threading.local()
 
     class RaceToUpdate(Faulty):
         def update(self, record, expected_version):
-            both_read.wait()  # both requests have read version 1 and written a blob
+            if not getattr(first_tries, "done", False):
+                first_tries.done = True
+                both_read.wait()  # both requests have read version 1 and written a blob
             return real.update(record, expected_version)
 
     service.repository = RaceToUpdate(real)
-    statuses = []
+    statuses = {}
 
     def put(color):
         own_client = ImagesClient(client.application.test_client())
-        response = own_client.replace(image_id, make_image(color=color))
-        statuses.append(response.status_code)
+        response = own_client.replace(image_id, make_image(color=color), headers=headers)
+        statuses[color] = response.status_code
 
     threads = [threading.Thread(target=put, args=(c,)) for c in ("red", "blue")]
     for thread in threads:
@@ -209,7 +212,49 @@ def test_concurrent_replaces_leave_no_orphan(client, images, service):
     for thread in threads:
         thread.join()
     service.repository = real
-    assert sorted(statuses) == [200, 409]
+    return statuses
+
+
+def test_concurrent_unconditional_replaces_both_land_last_writer_wins(client, images, service):
+    """A PUT without preconditions replaces whatever version is current: the one that
+    lost the race re-reads and lands on top (version 3), and both replaced blobs are
+    retired, none orphaned."""
+    image_id = images.create()["_id"]
+    old_key = service.repository.get(image_id).key
+    statuses = _race_two_replaces(client, service, image_id)
+    assert statuses == {"red": 200, "blue": 200}
+    record = service.repository.get(image_id)
+    assert record.version == 3
+    keys = sorted(blob.key for blob in service.storage.list())
+    assert len(keys) == 3 and old_key in keys and record.key in keys
+    middle = next(key for key in keys if key not in (old_key, record.key))
+    for replaced in (old_key, middle):
+        assert service.repository.retired_until(replaced) is not None
+    assert service.repository.retired_until(record.key) is None
+    assert client.get(f"/api/images/{image_id}/download").data in (
+        make_image(color="red"),
+        make_image(color="blue"),
+    )
+
+
+def test_a_replace_that_keeps_losing_races_is_a_409_and_leaves_no_blob(client, images, service):
+    image_id = images.create()["_id"]
+    old_key = service.repository.get(image_id).key
+    real = service.repository
+    service.repository = Faulty(real, "update", error=Conflict("another replace won"))
+    response = images.replace(image_id, make_image(color="blue"))
+    service.repository = real
+    assert response.status_code == 409 and response.get_json()["code"] == "conflict"
+    assert [blob.key for blob in service.storage.list()] == [old_key]
+    assert service.repository.get(image_id).version == 1
+
+
+def test_concurrent_conditional_replaces_one_wins_and_the_other_is_412(client, images, service):
+    image_id = images.create()["_id"]
+    old_key = service.repository.get(image_id).key
+    etag = client.get(f"/api/images/{image_id}").headers["ETag"]
+    statuses = _race_two_replaces(client, service, image_id, headers={"If-Match": etag})
+    assert sorted(statuses.values()) == [200, 412]
     assert_replaced(service, image_id, old_key)  # the loser's blob is gone
     assert client.get(f"/api/images/{image_id}").get_json()["version"] == 2
 
