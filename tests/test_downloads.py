@@ -96,7 +96,7 @@ def test_an_unsatisfiable_range_is_416(client, image):
     assert response.get_json()["code"] == "range_not_satisfiable"
 
 
-@pytest.mark.parametrize("header", ["bytes=-0", "bytes=-000", "bytes= -0 "])
+@pytest.mark.parametrize("header", ["bytes=-0", "bytes=-000", "Bytes=-0"])
 def test_an_empty_suffix_range_is_416_unless_if_range_fails(client, image, header):
     """The last zero bytes: a valid range nothing satisfies (RFC 9110 14.1.2)."""
     _, data, url = image
@@ -107,7 +107,21 @@ def test_an_empty_suffix_range_is_416_unless_if_range_fails(client, image, heade
     assert stale.status_code == 200 and stale.data == data
 
 
-@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "items=0-1", "bytes=oops", "bytes=-0,-1"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=0-1,5-6",
+        "items=0-1",
+        "bytes=oops",
+        "bytes=-0,-1",
+        # Whitespace RFC 9110 has no place for (nginx, in accel mode, parses it otherwise).
+        "bytes=\t0-9",
+        "bytes = 0-9",
+        "bytes=0-9\t",
+        "bytes=0 -9",
+        "bytes=0-9,",
+    ],
+)
 def test_other_ranges_get_the_whole_image(client, image, header):
     _, data, url = image
     response = client.get(url, headers={"Range": header})

@@ -183,7 +183,7 @@ def requested_range(record: ImageRecord, blob: ImageRecord | Variant) -> tuple[i
     allows; an unsatisfiable single range is a 416.
     """
     header = request.headers.get("Range")
-    if header is None:
+    if header is None or not _RANGES.fullmatch(header):
         return None
     ranges = request.range
     # `bytes=-0`, the last zero bytes, is a valid range that no representation satisfies
@@ -204,8 +204,13 @@ def requested_range(record: ImageRecord, blob: ImageRecord | Variant) -> tuple[i
     return bounds
 
 
+#: RFC 9110 14.1.1's `ranges-specifier` for bytes: no whitespace but around commas. Werkzeug
+#: takes more (`bytes=\t0-9`, `bytes = 0-9`), and nginx, sending a range in accel mode,
+#: would judge those differently (its HTML 416): such a header is ignored, as any other
+#: Range the service does not take.
+_RANGES = re.compile(r"(?i:bytes)=(\d+-\d*|-\d+)([ \t]*,[ \t]*(\d+-\d*|-\d+))*")
 #: A single suffix range of length zero.
-_EMPTY_SUFFIX = re.compile(r"bytes=[ \t]*-0+[ \t]*")
+_EMPTY_SUFFIX = re.compile(r"(?i:bytes)=-0+")
 
 
 def _if_range_holds(record: ImageRecord, blob: ImageRecord | Variant) -> bool:
