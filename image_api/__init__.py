@@ -9,7 +9,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import access, api, cli, errors, limits, logs, metrics, nginx
-from .config import Settings
+from .config import ConfigError, Settings
 from .middleware import PublicUrl, ReadableBody, ResponseHeaders
 from .records import Clock, utc_now
 from .repository import repository_from_settings
@@ -51,19 +51,24 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     # The embedded default needs no operator step: a local directory and CREATE ... IF NOT
     # EXISTS on a local file are safe and cheap at every start. S3 and MongoDB are set up
     # by `flask init`.
-    if settings.blob_backend == "filesystem":
-        storage.create()
-    if settings.metadata_backend == "sqlite":
-        repository.create()
-        if settings.auth:
-            access.ensure_admin_key(repository, settings.data_dir, clock)
+    try:
+        if settings.blob_backend == "filesystem":
+            storage.create()
+        if settings.metadata_backend == "sqlite":
+            repository.create()
+            if settings.auth:
+                access.ensure_admin_key(repository, settings.data_dir, clock)
+        signer = None
+        if settings.signs_urls:
+            # Settings insist on SECRET_KEY with MongoDB; on SQLite, one is made on first start.
+            secret = settings.secret_key or access.ensure_secret_key(settings.data_dir)
+            signer = UrlSigner(secret, settings.signed_url_ttl, clock)
+    except (errors.BackendUnavailable, OSError) as error:
+        # A DATA_DIR that cannot be used (a file, read-only, /proc...) is a setting to fix.
+        cause = error.__cause__ or error
+        raise ConfigError(f"DATA_DIR {settings.data_dir} cannot be used: {cause}") from error
     if not settings.auth:
         log.warning("AUTH=off: every client may read, replace and delete every image")
-    signer = None
-    if settings.signs_urls:
-        # Settings insist on SECRET_KEY with MongoDB; on SQLite, one is made on first start.
-        secret = settings.secret_key or access.ensure_secret_key(settings.data_dir)
-        signer = UrlSigner(secret, settings.signed_url_ttl, clock)
     app.extensions[EXTENSION] = ImageService(storage, repository, settings, clock, signer)
 
     errors.init_app(app)

@@ -502,6 +502,14 @@ def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path)
         assert result.returncode == 1, result.stderr
         assert "MAX_UPLOAD_BYTES must be an integer, got 'lots'" in result.stderr
         assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    unusable = Service(not_a_directory, {"WEB_CONCURRENCY": "1"})
+    listed = _exits([sys.executable, "-m", "flask", "--app", "image_api", "keys", "list"], unusable)
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    assert f"DATA_DIR {not_a_directory} cannot be used" in listed.stderr
+    served = _exits([gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"], unusable)
+    assert served.returncode == 3 and f"DATA_DIR {not_a_directory}" in served.stderr
     data = tmp_path / "short-secret"
     data.mkdir()
     (data / "secret-key").write_text("too short")
