@@ -144,7 +144,9 @@ _HTTP_CODES = {
     417: "expectation_failed",
     429: "rate_limited",
     431: "headers_too_large",
+    501: "not_implemented",
     503: "service_unavailable",
+    505: "http_version_not_supported",
 }
 
 

@@ -416,6 +416,23 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
     assert b"nosniff" in head and b'"code":"bad_request"' in body
+    assert b"Referrer-Policy: no-referrer" in head and b"frame-ancestors 'none'" in head
+    refused_by_nginx = {
+        b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n": (b"505", b"http_version_not_supported"),
+        b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n": (
+            b"501",
+            b"not_implemented",
+        ),
+        b"TRACE /api/images HTTP/1.1\r\nHost: x\r\n\r\n": (b"405", b"method_not_allowed"),
+    }
+    for request, (status, code) in refused_by_nginx.items():
+        with socket.create_connection(("127.0.0.1", front.port)) as raw:
+            raw.sendall(request)
+            head, _, body = raw.recv(4096).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status), (request, head)
+        assert b"application/json" in head and b'"code":"' + code + b'"' in body, (request, body)
+        assert b"nosniff" in head and b"Referrer-Policy" in head
+        assert (b"Allow: GET" in head) == (status == b"405")
     long = requests.get(f"{front.url}/api/images?x={'a' * 9000}", timeout=10)
     assert long.status_code == 414 and long.json()["code"] == "uri_too_long"
     # Within nginx's limits but over gunicorn's: gunicorn refuses, in JSON too.
