@@ -306,9 +306,12 @@ def nginx_config_command(listen, upstream, user, output):
     """Print deploy/nginx.conf for these settings: nginx in front of gunicorn."""
     service = current_service()
     settings = service.settings
-    frontend = nginx.Frontend(
-        listen or str(settings.nginx_port), upstream or f"127.0.0.1:{settings.port}", user
-    )
+    try:
+        frontend = nginx.Frontend(
+            listen or str(settings.nginx_port), upstream or f"127.0.0.1:{settings.port}", user
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     text = nginx.render(settings, service.storage, frontend, NGINX_SOURCE)
     if output:
         Path(output).write_text(text)

@@ -3,6 +3,7 @@ service's own settings: values such as the body size limit must agree with the s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -37,11 +38,38 @@ ACCEL_HEADERS = (
 @dataclass(frozen=True)
 class Frontend:
     """Where nginx listens, where gunicorn is, and (optionally) the user nginx's workers
-    run as when it starts as root."""
+    run as when it starts as root. Each is checked: it is written into the config as it
+    is, so a stray `;` or `}` would add directives of its own."""
 
     listen: str = "8080"
     upstream: str = "127.0.0.1:5000"
     user: str | None = None
+
+    def __post_init__(self):
+        problems = [
+            f"--{name} must be {form}, got {value!r}"
+            for name, value, pattern, form in (
+                ("listen", self.listen, _LISTEN, "a port or host:port"),
+                ("upstream", self.upstream, _UPSTREAM, "host:port or unix:/path"),
+                ("user", self.user, _USER, "a user name and optionally a group"),
+            )
+            if value is not None and not (pattern.fullmatch(value) and _valid_port(value))
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+_PORT = r"[1-9][0-9]{0,4}"
+_LISTEN = re.compile(rf"(?:{_HOST}:)?{_PORT}")
+_UPSTREAM = re.compile(rf"{_HOST}:{_PORT}|unix:/[^\s;{{}}'\"\\]+")
+_USER = re.compile(r"[A-Za-z0-9._-]+(?: [A-Za-z0-9._-]+)?")
+
+
+def _valid_port(value: str) -> bool:
+    """A value ending in a port names one nginx can use (1 to 65535)."""
+    port = re.search(r":?([0-9]+)$", value)
+    return value.startswith("unix:") or port is None or 0 < int(port[1]) <= 65535
 
 
 def max_body_size(settings: Settings) -> int:

@@ -4,9 +4,11 @@ mounts is the one `flask nginx-config` renders for compose's settings."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -109,3 +111,37 @@ def test_the_image_is_multi_stage_slim_pinned_and_unprivileged():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for secret_or_local in (".env", ".venv/", "data/", ".git/"):
         assert secret_or_local in ignored
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--listen", "abc"),
+        ("--listen", "70000"),
+        ("--listen", "8080; } server { listen 9999"),
+        ("--upstream", "127.0.0.1:5000; } server { listen 9999; }"),
+        ("--upstream", "gunicorn"),
+        ("--user", "root; daemon off"),
+    ],
+)
+def test_nginx_config_refuses_what_would_add_directives(tmp_path, option, value):
+    """The options are written into the config as they are: a value that is not an
+    address (or a user) is refused, naming the option, and nothing is written."""
+    output = tmp_path / "nginx.conf"
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "image_api", "nginx-config", option, value,
+         "--output", str(output)],
+        cwd=ROOT, env={**os.environ, "DATA_DIR": str(tmp_path / "data")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and f"{option} must be" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not output.exists()
+
+
+def test_nginx_config_takes_addresses_unix_sockets_and_a_user_with_a_group():
+    for listen, upstream, user in [
+        ("8080", "127.0.0.1:5000", None),
+        ("127.0.0.1:8080", "unix:/run/gunicorn.sock", "nobody nogroup"),
+        ("[::1]:8080", "api:5000", "www-data"),
+    ]:
+        assert Frontend(listen, upstream, user).listen == listen
