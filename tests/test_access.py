@@ -142,9 +142,15 @@ def test_x_api_key_works_and_other_schemes_are_refused(keyed):
     assert client.get("/api/images", headers={"X-API-Key": secrets["read"]}).status_code == 200
     basic = client.get("/api/images", headers={"Authorization": f"Basic {secrets['read']}"})
     assert basic.status_code == 401 and "Bearer" in basic.get_json()["message"]
-    # Authorization wins over X-API-Key: one bad credential is not rescued by another.
+    # Two different keys: one bad credential is not rescued by another, and a request
+    # does not act as whichever of two good keys the service happens to read first.
     both = {"Authorization": "Bearer nonsense", "X-API-Key": secrets["read"]}
     assert client.get("/api/images", headers=both).status_code == 401
+    two = {"Authorization": f"Bearer {secrets['write']}", "X-API-Key": secrets["read"]}
+    refused = client.get("/api/images", headers=two)
+    assert refused.status_code == 401 and "different keys" in refused.get_json()["message"]
+    same = {"Authorization": f"Bearer {secrets['read']}", "X-API-Key": secrets["read"]}
+    assert client.get("/api/images", headers=same).status_code == 200
 
 
 def test_probes_and_the_description_need_no_key(app):

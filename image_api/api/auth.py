@@ -40,16 +40,22 @@ def authenticate(
 
 
 def presented_key(environ: dict) -> str | None:
-    """The secret in `Authorization: Bearer ...`, else in `X-API-Key`."""
+    """The secret in `Authorization: Bearer ...` or in `X-API-Key`. Both may be sent only
+    with the same key: which of two keys a request acts as is not guessed."""
     header = environ.get("HTTP_AUTHORIZATION")
-    if header is not None:
-        # Only HTTP's own whitespace around the parts: not Unicode's (NBSP, NEL...).
-        scheme, _, secret = header.strip(_OWS).partition(" ")
-        if scheme.lower() != "bearer":
-            raise Unauthorized("Send the API key as Authorization: Bearer <key>")
-        return secret.strip(_OWS)
     key = environ.get("HTTP_X_API_KEY")
-    return None if key is None else key.strip(_OWS)
+    if key is not None:
+        key = key.strip(_OWS)
+    if header is None:
+        return key
+    # Only HTTP's own whitespace around the parts: not Unicode's (NBSP, NEL...).
+    scheme, _, secret = header.strip(_OWS).partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthorized("Send the API key as Authorization: Bearer <key>")
+    secret = secret.strip(_OWS)
+    if key is not None and key != secret:
+        raise Unauthorized("Authorization and X-API-Key name different keys: send one")
+    return secret
 
 
 _OWS = " \t"
