@@ -126,6 +126,9 @@ def parse_http_date(value: str) -> datetime | None:
 def read_preconditions(record: ImageRecord) -> None:
     """A read's If-Match, or without one its If-Unmodified-Since (RFC 9110 13.2.2): a 412
     when the image is not the version they name."""
+    environ = request.environ
+    if "HTTP_IF_MATCH" not in environ and "HTTP_IF_UNMODIFIED_SINCE" not in environ:
+        return  # the usual read: nothing to parse
     Preconditions(
         if_match=_versions(etags("If-Match")),
         if_unmodified_since=http_date("If-Unmodified-Since"),
