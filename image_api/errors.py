@@ -9,6 +9,8 @@ from flask import Flask, jsonify
 from marshmallow import Schema, ValidationError, fields
 from werkzeug.exceptions import HTTPException
 
+from .middleware import ResponseHeaders
+
 log = logging.getLogger(__name__)
 
 
@@ -191,16 +193,15 @@ def server_refusal(status: int, reason: str, detail: str) -> bytes:
     code = _HTTP_CODES.get(status, "http_error")
     message = (detail or reason)[:_MAX_REFUSAL_DETAIL]
     body = json.dumps({"message": message, "code": code}, separators=(",", ":")).encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Connection: close\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "X-Content-Type-Options: nosniff\r\n"
-        "Content-Security-Policy: default-src 'none'; frame-ancestors 'none'\r\n"
-        "Referrer-Policy: no-referrer\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    headers = [
+        ("Connection", "close"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        *ResponseHeaders.HEADERS,
+        ("Content-Security-Policy", ResponseHeaders.JSON_POLICY),
+    ]
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return (head + "\r\n").encode("latin-1") + body
 
 
 #: gunicorn's detail quotes what the client sent (a request line of up to 4094 bytes).
