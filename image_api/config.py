@@ -17,6 +17,11 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF")
 KNOWN_FORMATS = DEFAULT_FORMATS
 
 
+#: A DNS name or IPv4 address, or a bracketed IPv6 address (in a Host header, in nginx's
+#: addresses), and a port's digits, which must also be at most 65535.
+HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+PORT_PATTERN = r"[1-9][0-9]{0,4}"
+
 #: The shortest SECRET_KEY accepted (characters; a generated one has 64).
 MIN_SECRET_LENGTH = 32
 

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Settings
+from .config import HOST_PATTERN, PORT_PATTERN, Settings
 from .storage import BlobStorage
 
 #: Room for the multipart envelope around a file of the maximum size: the service's own
@@ -53,23 +53,23 @@ class Frontend:
                 ("upstream", self.upstream, _UPSTREAM, "host:port or unix:/path"),
                 ("user", self.user, _USER, "a user name and optionally a group"),
             )
-            if value is not None and not (pattern.fullmatch(value) and _valid_port(value))
+            if value is not None and not _fits(pattern, value)
         ]
         if problems:
             raise ValueError("; ".join(problems))
 
 
-_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
-_PORT = r"[1-9][0-9]{0,4}"
-_LISTEN = re.compile(rf"(?:{_HOST}:)?{_PORT}")
-_UPSTREAM = re.compile(rf"{_HOST}:{_PORT}|unix:/[^\s;{{}}'\"\\]+")
+_PORT = rf"(?P<port>{PORT_PATTERN})"
+_LISTEN = re.compile(rf"(?:{HOST_PATTERN}:)?{_PORT}")
+_UPSTREAM = re.compile(rf"{HOST_PATTERN}:{_PORT}|unix:/[^\s;{{}}'\"\\]+")
 _USER = re.compile(r"[A-Za-z0-9._-]+(?: [A-Za-z0-9._-]+)?")
 
 
-def _valid_port(value: str) -> bool:
-    """A value ending in a port names one nginx can use (1 to 65535)."""
-    port = re.search(r":?([0-9]+)$", value)
-    return value.startswith("unix:") or port is None or 0 < int(port[1]) <= 65535
+def _fits(pattern: re.Pattern, value: str) -> bool:
+    """`value` is all `pattern`, and a port in it one nginx can use (1 to 65535)."""
+    match = pattern.fullmatch(value)
+    port = match and match.groupdict().get("port")
+    return match is not None and (port is None or int(port) <= 65535)
 
 
 def max_body_size(settings: Settings) -> int:

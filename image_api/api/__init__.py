@@ -11,7 +11,7 @@ from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline, logs
-from ..config import Settings
+from ..config import HOST_PATTERN, PORT_PATTERN, Settings
 from ..errors import BadRequest, ReadOnly
 from ..limits import WRITES, RateLimits
 from ..records import ID_PATTERN
@@ -64,11 +64,8 @@ def _host_problem(host: str | None, allowed: tuple[str, ...]) -> str | None:
     return None
 
 
-#: A DNS name or IPv4 address, or a bracketed IPv6 address, and an optional port.
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
-    r"(?::(?P<port>[1-9]\d{0,4}))?"
-)
+#: A host and an optional port.
+_HOST = re.compile(rf"{HOST_PATTERN}(?::(?P<port>{PORT_PATTERN}))?")
 
 
 def start_budget(req: Request, settings: Settings) -> None:
