@@ -261,34 +261,44 @@ def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int
     with the encoder's working copies of it. Counting the decoded frame alone let a
     palette or 16-bit render take four times what DECODE_MEMORY allowed."""
     pixels = image.width * image.height
-    alpha = "A" in image.mode or "transparency" in image.info
-    grey = image.mode in ("1", "L", "LA", "La") or image.mode.startswith("I") or image.mode == "F"
-    bands = (2 if alpha else 1) if grey else (4 if alpha else 3)
+    mode = _workable_mode(image)
     cost = pixel_bytes(image)
-    if image.mode.startswith("I") or image.mode == "F":
+    if _numeric(image):
         cost += pixels * (4 + 4 + 1)  # as float, scaled as float, then 8 bits
-    elif image.mode not in ("RGB", "RGBA", "L", "LA") or "transparency" in image.info:
-        cost += pixels * bands
+    elif image.mode != mode or "transparency" in image.info:
+        cost += pixels * len(mode)
     if orientation in _TRANSPOSE:
-        cost += pixels * bands
-    if alpha:
-        cost += pixels * bands
+        cost += pixels * len(mode)
+    if "A" in mode:
+        cost += pixels * len(mode)
     return cost + 12 * spec.size[0] * spec.size[1]
 
 
 def _workable(image: Image.Image) -> Image.Image:
-    """The frame in a mode the resampling filters take: L, LA, RGB or RGBA."""
-    mode = image.mode
-    # A transparent colour (palette, greyscale or RGB) becomes an alpha channel.
-    alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
-    if mode in ("RGB", "RGBA", "L", "LA") and "transparency" not in image.info:
+    """The frame in a mode the resampling filters take (`_workable_mode`)."""
+    mode = _workable_mode(image)
+    if image.mode == mode and "transparency" not in image.info:
         return image
-    if mode.startswith("I") or mode == "F":
+    if _numeric(image):
         # 16- and 32-bit greyscale: scaled into 8 bits, not clipped at 255.
         return image.convert("F").point(lambda value: value / 256).convert("L")
-    if mode in ("1", "L", "LA", "La"):
-        return image.convert("LA" if alpha else "L")
-    return image.convert("RGBA" if alpha else "RGB")
+    return image.convert(mode)
+
+
+def _workable_mode(image: Image.Image) -> str:
+    """L, LA, RGB or RGBA: greyscale or colour as the image is, with alpha when it has an
+    alpha band or a transparent colour (palette, greyscale or RGB). 16- and 32-bit
+    greyscale become L."""
+    if _numeric(image):
+        return "L"
+    alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+    if image.mode in ("1", "L", "LA", "La"):
+        return "LA" if alpha else "L"
+    return "RGBA" if alpha else "RGB"
+
+
+def _numeric(image: Image.Image) -> bool:
+    return image.mode.startswith("I") or image.mode == "F"
 
 
 def _encodable(frame: Image.Image, output: str) -> Image.Image:
