@@ -20,6 +20,16 @@ from .storage import storage_from_settings
 log = logging.getLogger(__name__)
 
 
+class ImageApp(Flask):
+    """Flask, with an empty answer to OPTIONS that says so: `Allow` and no body, where
+    Flask's claims an empty text/html page."""
+
+    def make_default_options_response(self):
+        response = super().make_default_options_response()
+        del response.headers["Content-Type"]
+        return response
+
+
 def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_now) -> Flask:
     """Build the app: settings, backends, service, blueprints, error handlers and CLI.
 
@@ -30,9 +40,7 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     settings = (
         Settings.from_mapping(overrides) if overrides is not None else Settings.from_environment()
     )
-    app = Flask(
-        __name__, static_folder=None
-    )  # no /static route: the API serves no files of its own
+    app = ImageApp(__name__, static_folder=None)  # no /static: the API serves no files of its own
     # An upload of MAX_UPLOAD_BYTES in its multipart envelope: nginx's limit is the same.
     app.config["MAX_CONTENT_LENGTH"] = nginx.max_body_size(settings)
     app.json.sort_keys = False

@@ -712,6 +712,23 @@ def test_the_upload_path_answers_405_for_other_methods_and_allows_only_post(clie
     assert_error(client.get("/api/images/upload"), 405, "method_not_allowed")
 
 
+def test_options_answers_allow_and_an_empty_body_of_no_type(client):
+    """OPTIONS on a route is its methods in `Allow` and nothing else: not an empty page
+    said to be text/html."""
+    image = ImagesClient(client).create()
+    for path, methods in (
+        ("/api/images", {"GET", "HEAD", "OPTIONS"}),
+        (f"/api/images/{image['_id']}", {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}),
+        (f"/api/images/{image['_id']}/download", {"GET", "HEAD", "OPTIONS"}),
+        ("/healthz", {"GET", "HEAD", "OPTIONS"}),
+    ):
+        response = client.options(path)
+        assert response.status_code == 200, path
+        assert set(response.headers["Allow"].split(", ")) == methods, path
+        assert "Content-Type" not in response.headers and response.data == b"", path
+        assert response.headers["Content-Length"] == "0"
+
+
 def test_a_malformed_image_id_is_a_404_from_routing(client):
     for image_id in ("ABCDEF0123456789abcdef01", "0" * 23, "0" * 25, "upload2"):
         assert_error(client.get(f"/api/images/{image_id}"), 404, "not_found")
