@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -42,8 +43,9 @@ sys.path.insert(0, str(ROOT))
 from bench.decode_memory_bench import bench_decode_memory  # noqa: E402
 from bench.processes import free_port, worker_pids  # noqa: E402
 from bench.repair_bench import bench_repair  # noqa: E402
-from image_api.records import new_id  # noqa: E402
+from image_api.records import new_id, utc_now  # noqa: E402
 from image_api.repository.sqlite import SqliteRepository  # noqa: E402
+from image_api.signing import UrlSigner  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
@@ -110,13 +112,34 @@ def gunicorn(app: str, env: dict, ready_path: str = "/healthz", cwd: Path = ROOT
         yield proc
 
 
+#: Debian's njs module (libnginx-mod-http-js), for the signed-URL reference of bench_nginx.
+NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
+
+
 @contextmanager
-def nginx(root: Path, port: int):
+def nginx(root: Path, port: int, signed: tuple[Path, bytes] | None = None):
+    """nginx serving the files under `root`. With `signed` (a directory of one symlink per
+    image id, and the key signed URLs are made with), also the service's download path:
+    its signed URL checked by nginx itself (bench/signed.js) and the file the image's
+    symlink names sent, as a deployment that takes Python off that path would."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
     conf = workdir / "nginx.conf"
     temp = {name: workdir / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    module, script, location = "", "", ""
+    if signed is not None:
+        by_id, key = signed
+        module = f"load_module {NJS_MODULE};"
+        script = f"js_import bench from {ROOT / 'bench/signed.js'}; js_set $signed bench.signed;"
+        location = f"""
+        location ~ "^/api/images/(?<image_id>[0-9a-f]{{24}})/download$" {{
+            set $signing_key {key.hex()};
+            if ($signed != "ok") {{ return 403; }}
+            etag off;
+            alias {by_id}/$image_id;
+        }}"""
     conf.write_text(
         f"""
+{module}
 user root;
 worker_processes 2;
 daemon off;
@@ -133,9 +156,10 @@ http {{
     uwsgi_temp_path {temp["uwsgi"]};
     scgi_temp_path {temp["scgi"]};
     default_type application/octet-stream;
+    {script}
     server {{
         listen 127.0.0.1:{port};
-        root {root};
+        root {root};{location}
     }}
 }}
 """
@@ -156,14 +180,21 @@ def moto_server(port: int):
 
 
 def ensure_tools() -> None:
-    """nginx, wrk and libvips (for the record beside Pillow) from Debian's packages,
-    installed if missing."""
+    """nginx, wrk, libvips (for the record beside Pillow) and nginx's njs module (for a
+    reference row) from Debian's packages, installed if missing."""
     missing = [tool for tool in ("nginx", "wrk") if not shutil.which(tool)]
     if not ctypes.util.find_library("vips"):
         missing.append("libvips")
+    if not NJS_MODULE.exists():
+        missing.append("njs")
     if not missing:
         return
-    packages = {"nginx": "nginx-light", "wrk": "wrk", "libvips": "libvips42"}
+    packages = {
+        "nginx": "nginx-light",
+        "wrk": "wrk",
+        "libvips": "libvips42",
+        "njs": "libnginx-mod-http-js",
+    }
     print(f"installing {', '.join(missing)} from apt", flush=True)
     apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=apt_env)
@@ -670,22 +701,28 @@ def bench_nginx(args, work: Path, rows: list) -> None:
             "PORT": str(ref_port),
             "BENCH_ACCEL": f"/_accel/whole/{key[:2]}/{key}",
         }
+        by_id, signer = signed_links(data_dir, work, image["_id"], key)
         with (
             gunicorn("bench.reference:app", ref_env, "/ping"),
             fronted(accel_env, accel_front, work),
             fronted(proxy_env, proxy_front, work),
             fronted(ref_env, ref_front, work, ready_path="/ping"),
-            nginx(data_dir / "blobs", static_port),
+            nginx(data_dir / "blobs", static_port, (by_id, signer.key)),
         ):
             static = f"http://127.0.0.1:{static_port}/{key[:2]}/{key}"
             accel = f"http://127.0.0.1:{accel_front}{path}"
             bare_accel = f"http://127.0.0.1:{ref_front}/accel"
+            signed = f"http://127.0.0.1:{static_port}{path}?{signer.sign(path, signer.expiry())}"
             assert requests.get(accel).content == requests.get(static).content
             assert requests.get(bare_accel).content == requests.get(static).content
+            assert requests.get(signed).content == requests.get(static).content
+            assert requests.get(signed.replace("signature=", "signature=x")).status_code == 403
             ours, theirs = side_by_side(accel, static, args)
             # The ceiling for any download Python decides: the same nginx and gunicorn
             # with a Flask view that does nothing but name the file.
             bare, theirs_bare = side_by_side(bare_accel, static, args)
+            # And without Python: nginx checks the signature and follows a symlink.
+            by_nginx, theirs_signed = side_by_side(signed, static, args)
             proxied, theirs_again = side_by_side(
                 f"http://127.0.0.1:{proxy_front}{path}", static, args
             )
@@ -707,6 +744,13 @@ def bench_nginx(args, work: Path, rows: list) -> None:
     for name, a, b, goal in (
         ("nginx -> service in accel mode", ours, theirs, 0.8),
         ("reference: nginx -> a bare Flask X-Accel-Redirect view", bare, theirs_bare, None),
+        (
+            "reference: nginx alone, checking the signed URL (njs) and following a symlink "
+            "per image",
+            by_nginx,
+            theirs_signed,
+            None,
+        ),
         ("for the record: nginx -> service in proxy mode", proxied, theirs_again, None),
         ("for the record: gunicorn alone (proxy mode)", direct, theirs_third, None),
     ):
@@ -727,6 +771,15 @@ def bench_nginx(args, work: Path, rows: list) -> None:
             lower_is_better=True,
         )
     )  # fmt: skip
+
+
+def signed_links(data_dir: Path, work: Path, image_id: str, key: str):
+    """For the nginx-alone reference: a directory with a symlink from the image's id to its
+    blob, and a signer of the service's kind (`signing.UrlSigner`) with a fresh secret."""
+    by_id = work / "by-id"
+    by_id.mkdir(exist_ok=True)
+    (by_id / image_id).symlink_to(data_dir / "blobs" / key[:2] / key)
+    return by_id, UrlSigner(secrets.token_urlsafe(48), 3600, utc_now)
 
 
 #: The last commit before API keys, owners, rate limits and signed URLs.

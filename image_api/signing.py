@@ -44,8 +44,9 @@ class UrlSigner:
     """Signs and checks download URLs with one secret."""
 
     def __init__(self, secret: str, ttl: int, clock: Clock):
-        # A key of its own, so SECRET_KEY could serve another purpose without the two mixing.
-        self._key = hmac.digest(secret.encode(), b"image-api signed download URLs v1", "sha256")
+        # A key of its own, so SECRET_KEY could serve another purpose without the two mixing
+        # (and what another verifier of these URLs, such as nginx, would be given).
+        self.key = hmac.digest(secret.encode(), b"image-api signed download URLs v1", "sha256")
         self.ttl = ttl
         self.step = max(1, ttl // 10)
         self.clock = clock
@@ -84,5 +85,5 @@ class UrlSigner:
     def _signature(self, path: str, expires: str, parameters: list[tuple[str, str]]) -> str:
         # One line each, parameters in a canonical order: no two requests share a message.
         message = "\n".join((path, expires, urlencode(sorted(parameters))))
-        digest = hmac.digest(self._key, message.encode(), hashlib.sha256)
+        digest = hmac.digest(self.key, message.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
