@@ -220,11 +220,44 @@ class DecodeBudget:
 _UNBOUNDED = DecodeBudget(capacity=1 << 62, wait=0)
 
 
-def pixel_bytes(image: Image.Image) -> int:
-    """Bytes Pillow holds for one decoded frame (at least one per band and pixel)."""
-    width, height = image.size
-    bytes_per_band = 2 if image.mode.startswith("I;16") else 4 if image.mode in "IF" else 1
-    return width * height * max(len(image.getbands()), 1) * bytes_per_band
+def stored_bytes(mode: str) -> int:
+    """Bytes Pillow stores a pixel of `mode` in: one for 1, L and P, two for 16-bit
+    greyscale, four for everything else (RGB and LA too: three and two bands are padded)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_cost(image: Image.Image, every_frame: bool = False) -> int:
+    """Bytes a decode of `image` (opened, not loaded) holds at its peak: of its first frame,
+    or of `every_frame` of an animation.
+
+    The decoded frame, and what the decoder holds beside it, which depends on the format:
+    WebP decodes to an RGBA canvas and copies it twice (whatever the mode); AVIF holds
+    its YUV planes and RGB conversion beside the frame; an animation keeps the previous
+    frame (for disposal and blending) in RGBA, even when the first frame is a palette.
+    Measured with the pinned Pillow (tests/test_media.py holds every format to it):
+    counting the frame alone let a 28 KB WebP take five times what it reserved.
+    """
+    pixels = image.width * image.height
+    animated = every_frame and getattr(image, "n_frames", 1) > 1
+    per_pixel = _DECODER_BYTES.get((image.format, animated))
+    if per_pixel is None:
+        # The frame, and an eighth for the decoder's rows, tables and buffers.
+        return stored_bytes(image.mode) * pixels * 9 // 8
+    return per_pixel * pixels
+
+
+#: Peak bytes per pixel of the decoders that hold more than the frame: (format, every frame
+#: of an animation) -> bytes, an eighth or more above what was measured.
+_DECODER_BYTES = {
+    ("WEBP", False): 19,  # measured 16.4 (RGB and RGBA, one frame or four)
+    ("WEBP", True): 19,
+    ("AVIF", False): 12,  # 9.8
+    ("AVIF", True): 17,  # 14.4 with two frames
+    ("GIF", True): 20,  # 17.2 with two frames, 13.1 with four
+    ("PNG", True): 10,  # APNG: 8.1
+}
 
 
 def measure(stream: BinaryIO) -> tuple[int, str]:
@@ -261,7 +294,7 @@ def _decode(
                     f"The animation is {frames} frames of {width}x{height} pixels; the limit is "
                     f"{limits.animation_pixels} pixels in all frames together"
                 )
-            with budget.reserve(pixel_bytes(image)):
+            with budget.reserve(decode_cost(image, every_frame=True)):
                 # A file that decodes only in part (a truncated third frame) is refused.
                 for frame in range(frames):
                     image.seek(frame)

@@ -33,7 +33,15 @@ from typing import BinaryIO
 from PIL import Image
 
 from .errors import BadRequest, DecoderBusy, InvalidImage
-from .media import CONTENT_TYPES, FORMATS, DecodeBudget, measure, orientation_of, pixel_bytes
+from .media import (
+    CONTENT_TYPES,
+    FORMATS,
+    DecodeBudget,
+    decode_cost,
+    measure,
+    orientation_of,
+    stored_bytes,
+)
 
 FITS = ("contain", "cover", "fill")
 #: `format=` values and the Pillow format each names (`auto` chooses from Accept).
@@ -254,24 +262,31 @@ def _render(
 
 def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int:
     """Bytes of pixels a render of `image` (as decoded: a JPEG draft is smaller) may hold
-    at once, counted as if every copy lived to the end: the decoded frame; its copy in a
-    mode the filters take (`_workable`: a palette image with transparency becomes RGBA, four
-    times its decoded size; 16-bit greyscale goes through two float copies); a turned copy
-    (EXIF orientation); Pillow's premultiplied copy when there is alpha; and the output
-    with the encoder's working copies of it. Counting the decoded frame alone let a
-    palette or 16-bit render take four times what DECODE_MEMORY allowed."""
+    at once, counted as if every copy lived to the end: the decode (`media.decode_cost`:
+    the frame and what its decoder holds); the frame's copy in a mode the filters take
+    (`_workable`: a palette image with transparency becomes RGBA, four times its decoded
+    size; 16-bit greyscale goes through two float copies); a turned copy (EXIF
+    orientation); Pillow's premultiplied copy when there is alpha; its reduced copy and
+    the filter's first pass; and the output with the encoder's working copies of it.
+    Counting the decoded frame alone let a palette or 16-bit render take four times what
+    DECODE_MEMORY allowed."""
     pixels = image.width * image.height
     mode = _workable_mode(image)
-    cost = pixel_bytes(image)
+    copy = pixels * stored_bytes(mode)
+    cost = decode_cost(image)
     if _numeric(image):
         cost += pixels * (4 + 4 + 1)  # as float, scaled as float, then 8 bits
     elif image.mode != mode or "transparency" in image.info:
-        cost += pixels * len(mode)
+        cost += copy
     if orientation in _TRANSPOSE:
-        cost += pixels * len(mode)
+        cost += copy
     if "A" in mode:
-        cost += pixels * len(mode)
-    return cost + 12 * spec.size[0] * spec.size[1]
+        cost += copy
+    out = spec.size[0] * spec.size[1]
+    # Pillow's integer reduction before the filter (`reducing_gap`): a copy up to twice the
+    # gap times the output on each side, then the filter's first pass.
+    reduced = min(pixels, int((2 * _REDUCING_GAP) ** 2 * out)) + int(2 * _REDUCING_GAP * out)
+    return cost + reduced * stored_bytes(mode) + 12 * out
 
 
 def _workable(image: Image.Image) -> Image.Image:

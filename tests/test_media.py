@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,6 +22,7 @@ from image_api.errors import (
     TooManyPixels,
     UnsupportedMediaType,
 )
+from tests import memory_probe
 from tests.helpers import HOSTILE_OUTCOMES, MEDIA_TYPES, make_image, samples
 
 LIMITS = dict(accepted_formats=DEFAULT_FORMATS, max_bytes=25 * 1024 * 1024, max_pixels=50_000_000)
@@ -170,3 +174,27 @@ def test_sanitize_filename(raw, expected):
 def test_sanitize_filename_limits_length_and_keeps_the_extension():
     name = media.sanitize_filename("x" * 500 + ".jpeg", "JPEG")
     assert len(name) <= 200 and name.endswith(".jpeg")
+
+
+@pytest.mark.parametrize(
+    ("what", "case"),
+    [("inspect", case) for case in memory_probe.CASES]
+    + [("render", case) for case in ("jpeg", "png-rgba", "gif", "webp", "avif")],
+)
+def test_a_decode_holds_no_more_memory_than_it_reserved(what, case, tmp_path):
+    """What an upload's decode (every frame) or a render reserves in DECODE_MEMORY covers
+    what the process's memory grows by, for each format and animation: a WebP decodes to
+    four copies of an RGBA canvas, an AVIF to its YUV planes and RGB, an animated GIF keeps
+    RGBA frames although its first is a palette. Counting the first frame alone let eight
+    uploads of a 75 KB GIF hold 4 GB. (Each in a process of its own: see memory_probe.)"""
+    image = tmp_path / case
+    image.write_bytes(memory_probe.image_bytes(case, 2000))
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.memory_probe", what, case, str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    reserved, peak = map(int, probe.stdout.split())
+    assert 0 < peak <= reserved
