@@ -601,11 +601,20 @@ class ImageService:
         self.sweep_retired()
 
     def sweep_retired(self, limit: int = 4) -> int:
-        """Delete up to `limit` retired blobs whose time has come; how many went."""
+        """Delete up to `limit` retired blobs whose time has come; how many went.
+
+        A variant's key names its parameters, not one render: an evicted variant asked for
+        again is rendered and recorded under the key it was retired under. Such a blob is
+        in use and stays; and a render that records it while its blob is being deleted
+        loses its record too, so that the next request renders it again instead of a 404.
+        """
         swept = 0
         try:
             for key in self.repository.due_retired(self.clock(), limit):
-                self.storage.delete(key)
+                if self.repository.get_variant(key) is None:
+                    self.storage.delete(key)
+                    if self.repository.get_variant(key) is not None:
+                        self.repository.delete_variant(key)
                 self.repository.forget_retired(key)
                 swept += 1
         except ApiError:

@@ -518,6 +518,49 @@ def test_an_image_keeps_at_most_max_variants_per_image(make_app, tmp_path, clock
     assert opened(client.get(f"{url}?w=10")).size == (10, 5)  # rendered again when asked
 
 
+def test_an_evicted_variant_asked_for_again_survives_the_sweep_of_its_old_blob(
+    make_app, tmp_path, clock
+):
+    """A variant's key names its parameters: evicted (its blob retired), then asked for
+    again, it is stored under the same key. The sweep of the retired blob leaves it in
+    place: it used to delete it, and the variant (a gallery's thumbnailUrl) was a 404 until
+    repair."""
+    app = make_app({"DATA_DIR": str(tmp_path), "MAX_VARIANTS_PER_IMAGE": "1"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    assert client.get(f"{url}?w=10").status_code == 200
+    assert client.get(f"{url}?w=20").status_code == 200  # evicts w=10
+    assert opened(client.get(f"{url}?w=10")).size == (10, 5)  # rendered again, evicts w=20
+    clock.advance(service.retention + timedelta(seconds=1))
+    assert service.sweep_retired(limit=100) == 2
+    for width in (10, 20):
+        assert opened(client.get(f"{url}?w={width}")).size == (width, width // 2)
+
+
+def test_a_render_recorded_while_the_sweep_deletes_its_key_is_rendered_again(
+    make_app, tmp_path, clock, monkeypatch
+):
+    """The other order: the sweep found no record for the retired key, and a render stores
+    and records the variant just before the sweep deletes the blob. The record goes with
+    the blob: the next request renders it again instead of a lasting 404."""
+    app = make_app({"DATA_DIR": str(tmp_path), "MAX_VARIANTS_PER_IMAGE": "1"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    assert client.get(f"{url}?w=10").status_code == 200
+    assert client.get(f"{url}?w=20").status_code == 200  # evicts w=10: retired
+    clock.advance(service.retention + timedelta(seconds=1))
+    storage, delete = service.storage.inner, service.storage.inner.delete
+
+    def delete_after_a_render(key):
+        monkeypatch.setattr(storage, "delete", delete)
+        assert client.get(f"{url}?w=10").status_code == 200  # stored and recorded again
+        delete(key)
+
+    monkeypatch.setattr(storage, "delete", delete_after_a_render)
+    service.sweep_retired(limit=100)
+    assert opened(client.get(f"{url}?w=10")).size == (10, 5)
+
+
 # --- no variant outlives its image or version -----------------------------------------------
 
 
