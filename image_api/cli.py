@@ -185,7 +185,11 @@ def repair_command(grace: float, apply: bool, as_json: bool):
     def track(pairs):
         return _progress(pairs, "checking", show=not as_json)
 
-    report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
+    try:
+        report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
+    except ApiError as error:  # a backend down or refusing: nothing is half-done, run it again
+        cause = f": {error.__cause__}" if error.__cause__ else ""
+        raise click.ClickException(f"repair stopped: {error.message}{cause}") from None
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return

@@ -5,7 +5,7 @@ MongoDB's indexes exist without an operator step."""
 from __future__ import annotations
 
 import io
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import mongomock
@@ -33,9 +33,12 @@ def test_repair_removes_temporary_files_a_killed_write_left(make_app, tmp_path, 
     shard = tmp_path / "blobs" / "ab"
     shard.mkdir(parents=True, exist_ok=True)
     (shard / ".tmp-k1ll3d").write_bytes(b"half a blob")
+    # The file's time is the file system's clock: the service's is set from it.
+    clock.now = datetime.fromtimestamp((shard / ".tmp-k1ll3d").stat().st_mtime, UTC)
+    clock.advance(timedelta(minutes=59))
     report = repair(service, timedelta(hours=1))
     assert report.findings == []  # younger than the grace: a write may be in progress
-    clock.advance(timedelta(days=1))
+    clock.advance(timedelta(minutes=2))
     report = repair(service, timedelta(hours=1))
     assert [(f.kind, f.key) for f in report.findings] == [(PARTIAL_WRITE, "ab/.tmp-k1ll3d")]
     assert (shard / ".tmp-k1ll3d").exists()  # a dry run changes nothing

@@ -94,15 +94,46 @@ def test_the_grace_period_boundary_is_inclusive(images, service, clock):
     assert {r.id for r in scan_all(service.repository)} == {template.id, after.id}
 
 
-def test_the_grace_period_protects_uploads_in_flight(images, service):
+def test_the_grace_period_protects_uploads_in_flight(images, service, clock):
+    """A blob not yet recorded and a pending record are left alone within the grace, and
+    reported past it. (A blob's time is the storage's clock, not the service's: the
+    service's clock is set from it.)"""
     images.create()
     fresh_orphan = new_key()
     service.storage.put(fresh_orphan, io.BytesIO(b"being uploaded"), "image/png")
+    written = next(b.modified for b in service.storage.list() if b.key == fresh_orphan)
+    clock.now = written + timedelta(minutes=30)
     record = next(iter(scan_all(service.repository)))
-    service.repository.insert(dataclasses.replace(record, id=new_id(), status="pending"))
-    report = repair(service, timedelta(hours=1), apply=True)
-    assert report.findings == []
+    pending = dataclasses.replace(
+        record, id=new_id(), key=new_key(), status="pending", uploaded_at=written
+    )
+    service.repository.insert(pending)
+    grace = timedelta(hours=1)
+    assert repair(service, grace, apply=True).findings == []
     assert fresh_orphan in {b.key for b in service.storage.list()}
+    clock.advance(timedelta(minutes=31))  # both past the grace
+    assert {(f.kind, f.key) for f in repair(service, grace).findings} == {
+        (ORPHAN_BLOB, fresh_orphan),
+        (STALE_PENDING, pending.key),
+    }
+
+
+def test_what_is_not_a_blob_in_the_blob_directory_is_left_alone(make_app, tmp_path):
+    """A directory or a symlink named like a blob is not the service's: repair neither
+    lists nor deletes it (a directory stopped `repair --apply` with a traceback, and a
+    symlink's target was read for its time)."""
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    ImagesClient(app.test_client()).create()
+    shard = tmp_path / "blobs" / "ab"
+    shard.mkdir(parents=True, exist_ok=True)
+    (shard / ("ab" + "d" * 30)).mkdir()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ours")
+    (shard / ("ab" + "e" * 30)).symlink_to(outside)
+    result = app.test_cli_runner().invoke(args=["repair", "--grace", "0", "--apply"])
+    assert result.exit_code == 0, result.output
+    assert "Checked 1 records, 0 variants and 1 blobs" in result.output
+    assert (shard / ("ab" + "d" * 30)).is_dir() and outside.read_bytes() == b"not ours"
 
 
 def test_a_record_whose_blob_reappears_is_left_alone(client, images, service, clock):

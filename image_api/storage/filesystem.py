@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO
 
 from ..errors import BackendUnavailable, NotFound
@@ -119,8 +120,10 @@ class FilesystemStorage:
                 yield Partial(f"{shard}/{name}", datetime.fromtimestamp(stat.st_mtime, UTC))
 
     def _entries(self) -> Iterator[tuple[str, str, os.stat_result]]:
-        """(shard, name, stat) of every file, in name order. Shards are the keys' first two
-        characters, so shard by shard in name order is key order."""
+        """(shard, name, stat) of every regular file, in name order. Shards are the keys'
+        first two characters, so shard by shard in name order is key order. Nothing else
+        there is the service's: a directory or a symlink named like a key is neither
+        listed nor deleted (repair stopped at a directory, and followed a symlink out)."""
         if not self.root.is_dir():
             return
         for shard in sorted(self.root.iterdir()):
@@ -128,7 +131,9 @@ class FilesystemStorage:
                 continue
             for name in sorted(os.listdir(shard)):
                 with contextlib.suppress(FileNotFoundError):  # deleted since the listing
-                    yield shard.name, name, os.stat(shard / name)
+                    status = os.lstat(shard / name)
+                    if S_ISREG(status.st_mode):
+                        yield shard.name, name, status
 
     def delete_partial(self, ref: str) -> None:
         if not _PARTIAL.fullmatch(ref):
