@@ -330,6 +330,8 @@ def _average_colour(image: Image.Image) -> str | None:
     which doubled an upload's peak memory). Summed by Pillow; only transparency needs
     the alpha-weighted sums in Python."""
     small = image.resize((min(image.width, 64), min(image.height, 64)), Image.Resampling.NEAREST)
+    if numeric(small):
+        small = eight_bit(small)  # converted as it is, 16-bit values were clipped at 255
     if small.mode in _OPAQUE_MODES and "transparency" not in small.info:
         pixels = small.width * small.height
         sums = ImageStat.Stat(small.convert("RGB")).sum
@@ -342,6 +344,16 @@ def _average_colour(image: Image.Image) -> str | None:
     weights = alpha.tobytes()
     sums = [sum(map(operator.mul, band.tobytes(), weights)) for band in colours]
     return "#" + "".join(f"{band_sum // total:02x}" for band_sum in sums)
+
+
+def numeric(image: Image.Image) -> bool:
+    """Whether `image` is 16- or 32-bit greyscale (integer or float)."""
+    return image.mode.startswith("I") or image.mode == "F"
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A `numeric` image scaled into 8-bit greyscale (L), not clipped at 255."""
+    return image.convert("F").point(lambda value: value / 256).convert("L")
 
 
 #: Modes without an alpha band (a greyscale or RGB image may still name a transparent colour

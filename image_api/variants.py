@@ -38,7 +38,9 @@ from .media import (
     FORMATS,
     DecodeBudget,
     decode_cost,
+    eight_bit,
     measure,
+    numeric,
     orientation_of,
     stored_bytes,
 )
@@ -274,7 +276,7 @@ def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int
     mode = _workable_mode(image)
     copy = pixels * stored_bytes(mode)
     cost = decode_cost(image)
-    if _numeric(image):
+    if numeric(image):
         cost += pixels * (4 + 4 + 1)  # as float, scaled as float, then 8 bits
     elif image.mode != mode or "transparency" in image.info:
         cost += copy
@@ -294,9 +296,8 @@ def _workable(image: Image.Image) -> Image.Image:
     mode = _workable_mode(image)
     if image.mode == mode and "transparency" not in image.info:
         return image
-    if _numeric(image):
-        # 16- and 32-bit greyscale: scaled into 8 bits, not clipped at 255.
-        return image.convert("F").point(lambda value: value / 256).convert("L")
+    if numeric(image):
+        return eight_bit(image)
     return image.convert(mode)
 
 
@@ -304,16 +305,12 @@ def _workable_mode(image: Image.Image) -> str:
     """L, LA, RGB or RGBA: greyscale or colour as the image is, with alpha when it has an
     alpha band or a transparent colour (palette, greyscale or RGB). 16- and 32-bit
     greyscale become L."""
-    if _numeric(image):
+    if numeric(image):
         return "L"
     alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
     if image.mode in ("1", "L", "LA", "La"):
         return "LA" if alpha else "L"
     return "RGBA" if alpha else "RGB"
-
-
-def _numeric(image: Image.Image) -> bool:
-    return image.mode.startswith("I") or image.mode == "F"
 
 
 def _encodable(frame: Image.Image, output: str) -> Image.Image:

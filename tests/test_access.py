@@ -330,6 +330,25 @@ def cors_app(make_app, tmp_path):
     )
 
 
+def test_a_preflight_allows_every_condition_the_api_reads(cors_app):
+    """Writes take If-Unmodified-Since, reads If-Modified-Since and If-Range: a browser
+    sending them from another origin is allowed to."""
+    client = cors_app.test_client(key=None)
+    asked = {"if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range"}
+    response = client.options(
+        "/api/images/upload",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": ", ".join(sorted(asked)),
+        },
+    )
+    allowed = {
+        h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")
+    }
+    assert allowed == asked
+
+
 def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(cors_app):
     client = cors_app.test_client(key=None)
     response = client.options(

@@ -198,3 +198,20 @@ def test_a_decode_holds_no_more_memory_than_it_reserved(what, case, tmp_path):
     )
     reserved, peak = map(int, probe.stdout.split())
     assert 0 < peak <= reserved
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "placeholder"),
+    [
+        ("I;16", 200, "#000000"),
+        ("I;16", 30000, "#757575"),
+        ("I;16", 65535, "#ffffff"),
+        ("L", 117, "#757575"),  # the 8-bit grey a variant of 30000 shows
+    ],
+)
+def test_the_placeholder_of_16_bit_greyscale_is_scaled_not_clipped(mode, value, placeholder):
+    """16-bit values are scaled into 8 bits, as a variant shows them: converted as they
+    were, 200/65535 (near black) gave #c8c8c8 and 30000/65535 (mid grey) white."""
+    out = io.BytesIO()
+    Image.new(mode, (40, 30), value).save(out, "PNG")
+    assert inspect(out.getvalue()).placeholder == placeholder

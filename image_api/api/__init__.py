@@ -90,8 +90,11 @@ CORS_ALLOW_HEADERS = [
     "X-API-Key",
     "If-Match",
     "If-None-Match",
+    "If-Modified-Since",
+    "If-Unmodified-Since",
     "Idempotency-Key",
     "Range",
+    "If-Range",
     "Content-Type",
     "X-Request-ID",
 ]
