@@ -26,6 +26,8 @@ class FaultProxy:
     def __init__(self, upstream: tuple[str, int]):
         self.upstream = upstream
         self.mode = PASS
+        self.answered = 0  # bytes the upstream sent back, all connections together
+        self._counting = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self._stop = threading.Event()
@@ -76,6 +78,9 @@ class FaultProxy:
                 if mode == RESET_AFTER_REQUEST:
                     _reset(target)
                     return
+                if mode is not None:  # the upstream's answer
+                    with self._counting:
+                        self.answered += len(data)
                 target.sendall(data)
         except OSError:
             pass

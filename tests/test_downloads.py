@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import random
 from datetime import timedelta
 
 import pytest
 import requests
+from PIL import Image
 from werkzeug.http import http_date
 
 from image_api.records import new_id
@@ -220,11 +223,14 @@ def test_redirect_mode_needs_s3(make_app, tmp_path):
         make_app({"DATA_DIR": str(tmp_path), "DOWNLOAD_MODE": "redirect"})
 
 
-def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app):
-    app = s3_app()
+def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app, proxy):
+    app = s3_app(S3_ENDPOINT_URL=proxy.url)  # counts what S3 sends
     service = app.extensions["image_api"]
-    data = make_image("PNG", (400, 300), color=None)
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (400, 300), random.randbytes(400 * 300 * 3)).save(noise, "PNG")
+    data = noise.getvalue()
     image = ImagesClient(app.test_client()).create(data)
+    before = proxy.answered
     opened = []
     real_open = service.storage.open
 
@@ -239,6 +245,8 @@ def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app):
     response = client.get(url, headers={"Range": "bytes=10-19"}, buffered=True)
     assert response.status_code == 206 and response.data == data[10:20]
     assert opened[-1][0] == (10, 20)
+    # S3's headers and ten bytes, not the 360 KB image.
+    assert proxy.answered - before < 4096 < len(data)
 
     # A client that goes away after the first chunk: the server closes the iterable.
     response = client.get(url, buffered=False)

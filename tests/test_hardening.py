@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -208,12 +208,21 @@ def test_a_replace_within_the_same_second_is_never_mistaken_for_the_old_version(
     assert resumed.status_code == 200 and resumed.data == new
 
 
+def on_a_whole_second(clock, write) -> dict:
+    """`write()` (an upload or a replace, returning the image's JSON) with the clock set so
+    that it stamps the image on a whole second: a first `write()` shows how far into it
+    the stamp is read (the test clock moves 1 ms a reading)."""
+    before = clock.now
+    into = datetime.fromisoformat(write()["updatedAt"]) - before
+    clock.now = clock.now.replace(microsecond=0) + timedelta(seconds=5) - into
+    image = write()
+    assert datetime.fromisoformat(image["updatedAt"]).microsecond == 0
+    return image
+
+
 def test_a_date_validator_on_a_whole_second_is_honoured(client, clock):
-    # An upload reads the clock twice (pending, then active): the second is on the second.
-    clock.now = clock.now.replace(microsecond=0) - timedelta(milliseconds=2)
     data = make_image()
-    image = upload(client, data)
-    assert image["updatedAt"].endswith(":00+00:00") or ".000" not in image["updatedAt"]
+    image = on_a_whole_second(clock, lambda: upload(client, data))
     url = f"/api/images/{image['_id']}/download"
     last_modified = client.get(url).headers["Last-Modified"]
     assert client.get(url, headers={"If-Modified-Since": last_modified}).status_code == 304
@@ -526,19 +535,27 @@ def test_a_request_without_a_host_is_400(make_app, tmp_path):
 
 
 def test_a_later_version_on_a_whole_second_after_the_change_is_trusted_by_date(client, clock):
-    image = upload(client)
-    clock.advance(timedelta(seconds=5))
-    replaced = client.put(
-        f"/api/images/{image['_id']}",
-        data={"image": (io.BytesIO(make_image(color="blue")), "b.png")},
-    )
-    url = f"/api/images/{image['_id']}/download"
-    last_modified = client.get(url).last_modified
-    assert replaced.get_json()["image"]["version"] == 2
-    ims = client.get(url, headers={"If-Modified-Since": http_date(last_modified)})
-    assert ims.status_code == (304 if clock.now.microsecond == 0 else 200)
-    later = http_date(last_modified + timedelta(seconds=1))
-    assert client.get(url, headers={"If-Modified-Since": later}).status_code == 304
+    """A replace stamped exactly on a whole second: its own Last-Modified proves a copy
+    current (304), as does any later date; a date before it does not."""
+    url = f"/api/images/{upload(client)['_id']}"
+
+    def replace() -> dict:
+        replaced = client.put(url, data={"image": (io.BytesIO(make_image()), "b.png")})
+        return replaced.get_json()["image"]
+
+    image = on_a_whole_second(clock, replace)
+    assert image["version"] == 3
+    stamped = datetime.fromisoformat(image["updatedAt"])
+    download = f"{url}/download"
+    last_modified = client.get(download).last_modified
+    assert last_modified == stamped
+    for date, status in (
+        (last_modified, 304),
+        (last_modified + timedelta(seconds=1), 304),
+        (last_modified - timedelta(seconds=1), 200),
+    ):
+        response = client.get(download, headers={"If-Modified-Since": http_date(date)})
+        assert response.status_code == status, date
 
 
 def test_if_unmodified_since_on_a_download(client):

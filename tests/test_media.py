@@ -10,7 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from image_api import media
 from image_api.config import DEFAULT_FORMATS
@@ -129,9 +129,16 @@ def test_a_header_alone_is_invalid():
         inspect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
 
 
-def test_pixel_limit_is_checked_before_decoding():
-    with pytest.raises(TooManyPixels) as caught:
-        inspect(make_image("PNG", (100, 100)), max_pixels=9_999)
+def test_pixel_limit_is_checked_before_decoding(monkeypatch):
+    data = make_image("PNG", (100, 100))
+
+    def decoded(image):
+        raise AssertionError("pixels decoded before the limit was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ImageFile.ImageFile, "load", decoded)
+        with pytest.raises(TooManyPixels) as caught:
+            inspect(data, max_pixels=9_999)
     assert "100x100" in caught.value.message
     assert inspect(make_image("PNG", (100, 100)), max_pixels=10_000).width == 100
 

@@ -173,7 +173,18 @@ def timing(data: bytes) -> tuple[list[int], int]:
 
 def test_gif_comments_and_xmp_go():
     data = picture("GIF", comment=SECRET)
-    assert SECRET.encode() in data
+    # An XMP packet is an application extension ("XMP DataXMP"), in sub-blocks.
+    xmp = f'<x:xmpmeta xmlns:x="adobe:ns:meta/">{SECRET} by XMP</x:xmpmeta>'.encode()
+    comment = data.index(b"\x21\xfe")
+    data = (
+        data[:comment]
+        + b"\x21\xff\x0bXMP DataXMP"
+        + bytes([len(xmp)])
+        + xmp
+        + b"\x00"
+        + data[comment:]
+    )
+    assert b"by XMP" in data and frames(data)
     out = stripped(data)
     assert SECRET.encode() not in out and frames(out) == frames(data)
 
