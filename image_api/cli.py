@@ -100,6 +100,7 @@ def keys_group():
 @with_appcontext
 def create_key_command(name: str, owner: str, scopes: tuple[str, ...]):
     """Create a key and print its secret, once: it is stored only as a hash."""
+    _refuse_when_read_only("keys create")
     try:
         key, secret = current_service().keys.create(name, owner, scopes)
     except Conflict:
@@ -134,6 +135,7 @@ def list_keys_command():
 @with_appcontext
 def revoke_key_command(name: str):
     """Revoke the key NAME: requests with it get 401 from now on."""
+    _refuse_when_read_only("keys revoke")
     service = current_service()
     try:
         service.keys.revoke(name)
@@ -149,6 +151,8 @@ def strip_metadata_command(apply: bool):
     """Strip the metadata of images stored with it (before stripping existed, or with
     STRIP_METADATA=false): each becomes a new version, its pixels unchanged. Rerun it after
     an interruption: images already stripped are skipped."""
+    if apply:
+        _refuse_when_read_only("strip-metadata --apply")
     service = current_service()
     # Streamed, a batch of records at a time; the count is only for the progress bar.
     records = (r for r in scan_all(service.repository) if r.status is Status.ACTIVE)
@@ -181,6 +185,8 @@ def strip_metadata_command(apply: bool):
 @with_appcontext
 def repair_command(grace: float, apply: bool, as_json: bool):
     """Find orphan blobs, stale pending uploads and records whose blob is missing."""
+    if apply:
+        _refuse_when_read_only("repair --apply")
 
     def track(pairs):
         return _progress(pairs, "checking", show=not as_json)
@@ -203,6 +209,17 @@ def repair_command(grace: float, apply: bool, as_json: bool):
         click.echo(f"{finding.kind}: key {finding.key}{image}: {finding.action}")
     if not report.findings:
         click.echo("Blobs and records match.")
+
+
+def _refuse_when_read_only(command: str) -> None:
+    """READ_ONLY=true pauses writes while a migration copies the store, which would miss
+    them (a revoked key would come back to life on the target): the commands that write
+    refuse too."""
+    if current_service().settings.read_only:
+        raise click.ClickException(
+            f"READ_ONLY=true: {command} writes, and writes are paused (a migration copying "
+            "the store would miss it); run it again once READ_ONLY is unset"
+        )
 
 
 def _progress(items, label: str, length: int | None = None, show: bool = True):

@@ -31,3 +31,30 @@ def test_writes_that_could_never_succeed_get_their_own_answer(make_app, tmp_path
     assert client.put("/api/images/upload").status_code == 405
     assert client.delete("/api/images/nothex").status_code == 404
     assert client.post("/api/nowhere").status_code == 404
+
+
+def test_commands_that_write_refuse_and_their_dry_runs_go_on(make_app, tmp_path):
+    """A migration copying the store would miss what a command writes meanwhile: a key
+    created or revoked, an image stripped. Those refuse in one line, writing nothing."""
+    env = {"DATA_DIR": str(tmp_path)}
+    writable = make_app(env)
+    assert (
+        writable.test_cli_runner()
+        .invoke(args=["keys", "create", "--name", "k", "--owner", "o"])
+        .exit_code
+        == 0
+    )
+    paused = make_app({**env, "READ_ONLY": "true"}).test_cli_runner()
+    for args in (
+        ["keys", "create", "--name", "other", "--owner", "o"],
+        ["keys", "revoke", "k"],
+        ["strip-metadata", "--apply"],
+        ["repair", "--apply"],
+    ):
+        result = paused.invoke(args=args)
+        assert result.exit_code == 1, args
+        assert result.output.startswith("Error: READ_ONLY=true:") and result.output.count("\n") == 1
+    for args in (["keys", "list"], ["strip-metadata"], ["repair"]):
+        assert paused.invoke(args=args).exit_code == 0, args
+    listed = paused.invoke(args=["keys", "list"]).output
+    assert "k\towner=o" in listed and "other" not in listed and "revoked" not in listed
