@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ KNOWN_FORMATS = DEFAULT_FORMATS
 #: addresses), and a port's digits, which must also be at most 65535.
 HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
 PORT_PATTERN = r"[1-9][0-9]{0,4}"
+#: A browser origin: scheme, host and port, nothing else.
+_ORIGIN = re.compile(rf"https?://{HOST_PATTERN}(?::(?P<port>{PORT_PATTERN}))?")
 
 #: The shortest SECRET_KEY accepted (characters; a generated one has 64).
 MIN_SECRET_LENGTH = 32
@@ -356,8 +359,9 @@ class _Reader:
             return ()
         origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
         for origin in origins:
-            parts = urlsplit(origin)
-            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            # Host and port by the grammar: the origins are written into nginx's config too.
+            match = _ORIGIN.fullmatch(origin)
+            if not match or int(match["port"] or 0) > 65535:
                 raise ConfigError(
                     f"{name} must be comma-separated origins like https://app.example.com, "
                     f"got {origin!r}"

@@ -9,7 +9,9 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .api import CORS_EXPOSE_HEADERS
 from .config import HOST_PATTERN, PORT_PATTERN, Settings
+from .middleware import ResponseHeaders
 from .storage import BlobStorage
 
 #: Room for the multipart envelope around a file of the maximum size: the service's own
@@ -93,6 +95,8 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
         "PROXY_TIMEOUT": str(max(settings.gunicorn_timeout, int(settings.request_timeout) + 5)),
         "BLOB_ROOT": str(Path(settings.data_dir, "blobs").resolve()),
         "ACCEL_HEADERS": _accel_headers(),
+        "JSON_HEADERS": _json_headers(settings),
+        "CORS_MAPS": _cors_maps(settings),
         "S3_UPSTREAM": "",
         "S3_LOCATION": "",
     }
@@ -106,6 +110,35 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
             f"unfilled placeholder in the nginx template: {text[text.index('{{') :][:40]}"
         )
     return text
+
+
+def _json_headers(settings: Settings, indent: str = " " * 12) -> str:
+    """The headers of nginx's own JSON answers (its errors, /metrics): the service's
+    security headers (`ResponseHeaders`), and with CORS_ORIGINS the CORS headers an allowed
+    origin gets from the service: without them, a browser app could not read a 413."""
+    headers = [*ResponseHeaders.HEADERS, ("Content-Security-Policy", ResponseHeaders.JSON_POLICY)]
+    lines = [f'add_header {name} "{value}" always;' for name, value in headers]
+    if settings.cors_origins:
+        lines += [
+            "add_header Access-Control-Allow-Origin $image_api_cors_origin always;",
+            "add_header Access-Control-Expose-Headers $image_api_cors_expose always;",
+            "add_header Vary Origin always;",
+        ]
+    return "\n".join(indent + line for line in lines)
+
+
+def _cors_maps(settings: Settings, indent: str = " " * 4) -> str:
+    """With CORS_ORIGINS: the request's Origin when it is allowed (else empty, and nginx
+    sends no header), and what such an origin may read. (Origins are checked against the
+    host and port grammar when read: nothing in them can end a string here.)"""
+    if not settings.cors_origins:
+        return ""
+    lines = ["map $http_origin $image_api_cors_origin {", '    default "";']
+    lines += [f'    "{origin}" $http_origin;' for origin in settings.cors_origins]
+    lines += ["}", "map $image_api_cors_origin $image_api_cors_expose {"]
+    exposed = ", ".join(sorted(CORS_EXPOSE_HEADERS))  # as flask-cors lists them
+    lines += ['    "" "";', f'    default "{exposed}";', "}"]
+    return "\n".join(indent + line for line in lines) + "\n"
 
 
 def _accel_headers(indent: str = " " * 12) -> str:

@@ -53,6 +53,12 @@ def test_empty_values_count_as_unset():
         ({"S3_BUCKET_NAME": "b", "AWS_REGION": "r", "S3_ENDPOINT_URL": "minio"}, "S3_ENDPOINT"),
         ({"BACKEND_READ_TIMEOUT": "-1"}, "BACKEND_READ_TIMEOUT"),
         ({"PROXY_HOPS": "x"}, "PROXY_HOPS"),
+        ({"CORS_ORIGINS": "ftp://a.example"}, "CORS_ORIGINS"),
+        ({"CORS_ORIGINS": "https://a.example/app"}, "CORS_ORIGINS"),
+        # Written into nginx's config too: nothing that could end its string or directive.
+        ({"CORS_ORIGINS": 'https://a.example";'}, "CORS_ORIGINS"),
+        ({"CORS_ORIGINS": "https://a.example:8080 x"}, "CORS_ORIGINS"),
+        ({"CORS_ORIGINS": "https://a.example:99999"}, "CORS_ORIGINS"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(env, variable):

@@ -469,6 +469,45 @@ def test_with_gunicorn_stopped_nginx_answers_json_503(home):
         front.stop()
 
 
+def test_nginx_errors_carry_the_services_cors_headers(home):
+    """With CORS_ORIGINS, an allowed origin's app can read nginx's own errors (a 413 over
+    its body limit, the 503 with gunicorn down) as it reads the service's: the same CORS
+    headers. Another origin gets none."""
+    app_origin = "https://app.example.com"
+    service, front = start_pair(home, "cors", CORS_ORIGINS=app_origin)
+    try:
+        auth = {"Authorization": f"Bearer {service.key}"}
+        answers = {}
+        for origin in (app_origin, "https://evil.example"):
+            headers = {**auth, "Origin": origin}
+            big = png_of_size(10 * MAX_UPLOAD)
+            answers[origin] = (
+                requests.get(f"{front.url}/api/images", headers=headers, timeout=10),
+                requests.post(
+                    f"{front.url}/api/images/upload",
+                    files={"image": ("big.png", big)},
+                    headers=headers,
+                    timeout=10,
+                ),
+            )
+        listed, too_large = answers[app_origin]
+        assert (listed.status_code, too_large.status_code) == (200, 413)
+        assert "larger than the service accepts" in too_large.json()["message"]  # nginx's
+        for name in ("Access-Control-Allow-Origin", "Access-Control-Expose-Headers"):
+            assert too_large.headers[name] == listed.headers[name], name
+        assert too_large.headers["Access-Control-Allow-Origin"] == app_origin
+        assert "Origin" in too_large.headers["Vary"]
+        for response in answers["https://evil.example"]:
+            assert "Access-Control-Allow-Origin" not in response.headers
+            assert "Access-Control-Expose-Headers" not in response.headers
+        service.stop()
+        down = requests.get(f"{front.url}/api/images", headers={"Origin": app_origin}, timeout=10)
+        assert down.status_code == 503 and down.headers["Access-Control-Allow-Origin"] == app_origin
+    finally:
+        front.stop()
+        service.stop()
+
+
 # --- S3 behind accel ----------------------------------------------------------------------
 
 
