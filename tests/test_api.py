@@ -177,6 +177,18 @@ def test_upload_over_the_byte_limit_is_413(make_app, tmp_path):
     assert_error(images.upload(data * 200), 413, "file_too_large")
 
 
+def test_a_body_over_the_limit_for_its_other_fields_says_so(make_app, tmp_path):
+    """The limit is on the whole body: a file under MAX_UPLOAD_BYTES with a large text
+    field beside it is refused, and the message says why, not that the file is too large."""
+    app = make_app({"DATA_DIR": str(tmp_path), "MAX_UPLOAD_BYTES": "100000"})
+    data = {"image": (io.BytesIO(make_image()), "a.png"), "note": "x" * 200_000}
+    response = app.test_client().post("/api/images/upload", data=data)
+    assert_error(response, 413, "file_too_large")
+    message = response.get_json()["message"]
+    assert f"request body is {response.request.content_length} bytes" in message
+    assert "100000 for the file (MAX_UPLOAD_BYTES)" in message
+
+
 def test_upload_of_a_non_image_is_415(images, service):
     svg = b'<svg xmlns="http://www.w3.org/2000/svg"/>'
     assert_error(

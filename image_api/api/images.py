@@ -56,8 +56,15 @@ def uploaded_file(required: bool = True) -> Upload | None:
     try:
         file = request.files.get("image")
     except RequestEntityTooLarge:
-        if request.content_length is None or request.content_length > request.max_content_length:
-            raise FileTooLarge() from None
+        limit, length = request.max_content_length, request.content_length
+        if length is None or length > limit:
+            # The whole body counts (other fields too), not only the file.
+            size = f"{length} bytes" if length is not None else "larger than that"
+            per_file = current_service().settings.max_upload_bytes
+            raise FileTooLarge(
+                f"The request body is {size}; the limit is {limit} bytes: {per_file} for "
+                f"the file (MAX_UPLOAD_BYTES) and {limit - per_file} for the rest of the form"
+            ) from None
         raise FormTooLarge() from None  # Werkzeug's limits on parts and text fields
     except (ValueError, OSError):
         # A multipart body that does not parse (part headers must be UTF-8), or a chunked
