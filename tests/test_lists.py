@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
@@ -70,8 +70,13 @@ def test_filters_and_total(client, images):
     assert [i["_id"] for i in body["images"]] == [jpeg["_id"]] and body["total"] == 1
     before = (uploaded).isoformat().replace("+00:00", "Z")
     assert client.get(f"/api/images?uploadedBefore={before}").get_json()["total"] == 3
-    future = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
-    assert client.get(f"/api/images?uploadedAfter={future}").get_json()["total"] == 0
+    just_after = (uploaded + timedelta(milliseconds=1)).isoformat().replace("+00:00", "Z")
+    assert client.get(f"/api/images?uploadedAfter={just_after}").get_json()["total"] == 0
+    # Without an offset, a date is UTC (the service's clock, not this machine's).
+    naive = (uploaded + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert client.get(f"/api/images?uploadedAfter={naive}").get_json()["total"] == 0
+    naive = (uploaded - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert client.get(f"/api/images?uploadedAfter={naive}").get_json()["total"] >= 1
 
 
 @pytest.mark.parametrize(
