@@ -35,6 +35,11 @@ class MissingFile(ApiError):
     status, code, message = 400, "missing_file", "No file in multipart field 'image'"
 
 
+class TooManyFiles(ApiError):
+    status, code = 400, "too_many_files"
+    message = "One file per request, in multipart field 'image'"
+
+
 class EmptyFile(ApiError):
     status, code, message = 400, "empty_file", "The uploaded file is empty"
 

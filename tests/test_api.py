@@ -164,6 +164,23 @@ def test_upload_without_the_image_field_is_400(client, images):
     assert_error(client.post("/api/images/upload", json={"image": "x"}), 400, "missing_file")
 
 
+def test_two_files_in_the_image_field_are_400_and_store_nothing(client, images, service):
+    """One file per request: the second is not dropped silently, on upload or replace."""
+    image = images.create(make_image(color="red"))
+    two = lambda: {  # noqa: E731
+        "image": [(io.BytesIO(make_image(color=c)), f"{c}.png") for c in ("blue", "green")]
+    }
+    for response in (
+        client.post("/api/images/upload", data=two()),
+        client.put(f"/api/images/{image['_id']}", data=two()),
+    ):
+        assert_error(response, 400, "too_many_files")
+        assert "got 2" in response.get_json()["message"]
+    records, blobs = stored_state(service)
+    assert records == [image["_id"]] and len(blobs) == 1
+    assert client.get(f"/api/images/{image['_id']}").get_json()["version"] == 1
+
+
 def test_upload_of_an_empty_file_is_400(images):
     assert_error(images.upload(b"", filename=""), 400, "empty_file")
 

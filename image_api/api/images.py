@@ -24,6 +24,7 @@ from ..errors import (
     NotFound,
     PreconditionFailed,
     ReadOnly,
+    TooManyFiles,
     TooManyPixels,
     UnsupportedMediaType,
 )
@@ -54,7 +55,7 @@ def uploaded_file(required: bool = True) -> Upload | None:
             f"Request bodies with Content-Encoding {request.content_encoding!r} are not accepted"
         )
     try:
-        file = request.files.get("image")
+        files = request.files.getlist("image")
     except RequestEntityTooLarge:
         limit, length = request.max_content_length, request.content_length
         if length is None or length > limit:
@@ -74,13 +75,16 @@ def uploaded_file(required: bool = True) -> Upload | None:
             "The request body is not valid multipart/form-data"
             " (cut short, or with part headers that are not UTF-8)"
         ) from None
-    if file is None:
+    if len(files) > 1:
+        # Not the first of them, silently: the client meant something the API does not do.
+        raise TooManyFiles(f"One file per request in field 'image'; got {len(files)}")
+    if not files:
         if not required:
             return None
         others = ", ".join(f"'{name}'" for name in request.files)
         hint = f" (got {others})" if others else ""
         raise MissingFile(f"No file in multipart field 'image'{hint}")
-    return Upload(file.stream, file.filename)
+    return Upload(files[0].stream, files[0].filename)
 
 
 def idempotency_key() -> str | None:
@@ -96,6 +100,7 @@ def idempotency_key() -> str | None:
 #: What an uploaded file can be refused for.
 UPLOAD_ERRORS = (
     MissingFile,
+    TooManyFiles,
     EmptyFile,
     FileTooLarge,
     FormTooLarge,
