@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from PIL import Image, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageStat, PngImagePlugin, UnidentifiedImageError
 
 from . import deadline, metrics, strip
 from .errors import (
@@ -44,6 +44,12 @@ _CHUNK = 1024 * 1024
 _SPOOL_BYTES = 1024 * 1024
 _ORIENTATION = 0x0112
 _MAX_FILENAME = 200
+
+#: Pillow inflates a PNG's compressed text chunks (zTXt, iTXt) as it opens the file, before
+#: any pixel and before a decode can reserve memory: up to 64 MiB by default, for a file of
+#: a few kilobytes. Metadata is stripped anyway; a PNG with more text than this is refused.
+PNG_TEXT_MEMORY = 4 * 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_MEMORY
 
 
 @dataclass(frozen=True)
@@ -228,35 +234,49 @@ def stored_bytes(mode: str) -> int:
     return 2 if mode.startswith("I;16") else 4
 
 
-def decode_cost(image: Image.Image, every_frame: bool = False) -> int:
-    """Bytes a decode of `image` (opened, not loaded) holds at its peak: of its first frame,
-    or of `every_frame` of an animation.
+def decode_cost(image: Image.Image, full_size: tuple[int, int] | None = None) -> int:
+    """Bytes a decode of `image` (opened, not loaded) holds at its peak; `full_size`: the
+    size a JPEG has before `draft` made it smaller.
 
     The decoded frame, and what the decoder holds beside it, which depends on the format:
     WebP decodes to an RGBA canvas and copies it twice (whatever the mode); AVIF holds
-    its YUV planes and RGB conversion beside the frame; an animation keeps the previous
-    frame (for disposal and blending) in RGBA, even when the first frame is a palette.
-    Measured with the pinned Pillow (tests/test_media.py holds every format to it):
-    counting the frame alone let a 28 KB WebP take five times what it reserved.
+    its YUV planes and RGB conversion beside the frame; an animation (its first frame
+    alone too) keeps a canvas and the previous frame (for disposal and blending) in RGBA,
+    even when the first frame is a palette; a progressive JPEG holds every coefficient of
+    the whole image, at full size however small the draft. Measured with the pinned Pillow
+    (tests/test_media.py holds each case to it): counting the frame alone let a 28 KB WebP
+    take five times what it reserved, and a progressive JPEG's thumbnail eighty.
     """
     pixels = image.width * image.height
-    animated = every_frame and getattr(image, "n_frames", 1) > 1
+    animated = getattr(image, "n_frames", 1) > 1
     per_pixel = _DECODER_BYTES.get((image.format, animated))
-    if per_pixel is None:
-        # The frame, and an eighth for the decoder's rows, tables and buffers.
-        return stored_bytes(image.mode) * pixels * 9 // 8
-    return per_pixel * pixels
+    # Else the frame, and an eighth for the decoder's rows, tables and buffers.
+    cost = per_pixel * pixels if per_pixel else stored_bytes(image.mode) * pixels * 9 // 8
+    if image.format == "JPEG" and image.info.get("progressive"):
+        width, height = full_size or image.size
+        cost += _coefficient_bytes(image, width * height)
+    return cost
 
 
-#: Peak bytes per pixel of the decoders that hold more than the frame: (format, every frame
-#: of an animation) -> bytes, an eighth or more above what was measured.
+def _coefficient_bytes(image: Image.Image, pixels: int) -> int:
+    """libjpeg's buffer for a progressive JPEG: two bytes for each DCT coefficient of every
+    component (one per pixel at full sampling, fewer for subsampled chroma), an eighth
+    more for the blocks' padding."""
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+    most = max(h for _, h, _, _ in layers) * max(v for _, _, v, _ in layers)
+    per_pixel = sum(h * v for _, h, v, _ in layers) / most
+    return int(2 * per_pixel * pixels * 9 / 8)
+
+
+#: Peak bytes per pixel of the decoders that hold more than the frame: (format, animated)
+#: -> bytes, an eighth or more above the most that was measured.
 _DECODER_BYTES = {
-    ("WEBP", False): 19,  # measured 16.4 (RGB and RGBA, one frame or four)
+    ("WEBP", False): 19,  # 16.4 (RGB and RGBA, lossy and lossless)
     ("WEBP", True): 19,
-    ("AVIF", False): 12,  # 9.8
-    ("AVIF", True): 17,  # 14.4 with two frames
+    ("AVIF", False): 16,  # 9.8 at 8 bits, 13.8 at 12 bits 4:4:4
+    ("AVIF", True): 22,  # 14.4 with two 8-bit frames
     ("GIF", True): 20,  # 17.2 with two frames, 13.1 with four
-    ("PNG", True): 10,  # APNG: 8.1
+    ("PNG", True): 18,  # APNG: 16 with disposal or blending
 }
 
 
@@ -294,7 +314,7 @@ def _decode(
                     f"The animation is {frames} frames of {width}x{height} pixels; the limit is "
                     f"{limits.animation_pixels} pixels in all frames together"
                 )
-            with budget.reserve(decode_cost(image, every_frame=True)):
+            with budget.reserve(decode_cost(image)):
                 # A file that decodes only in part (a truncated third frame) is refused.
                 for frame in range(frames):
                     image.seek(frame)
@@ -308,6 +328,14 @@ def _decode(
         raise
     except UnidentifiedImageError:
         raise InvalidImage(f"The file looks like {expected} but cannot be read") from None
+    except ValueError as error:
+        if "text chunks" in str(error) or "Decompressed Data Too Large" in str(error):
+            # Pillow's limits on PNG text (PNG_TEXT_MEMORY, and 1 MiB per chunk).
+            raise InvalidImage(
+                f"The PNG holds more than {PNG_TEXT_MEMORY // (1024 * 1024)} MiB of text "
+                "metadata (or a text chunk over 1 MiB)"
+            ) from None
+        raise InvalidImage(f"The {expected} image is corrupt or truncated") from error
     except Exception as error:
         # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error and more on
         # broken streams; all of them mean the same thing to the client.

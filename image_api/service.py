@@ -71,8 +71,9 @@ log = logging.getLogger(__name__)
 _DELETE_TRIES = 5
 #: Unconditional replaces re-read and try again this often when other replaces win.
 _REPLACE_TRIES = 5
-#: A render does not start with less of the request's budget left than this, and a finished
-#: one is stored within this much more.
+#: A render does not start with less of the request's budget left than this (or two fifths
+#: of REQUEST_TIMEOUT, when that is shorter: with a budget of 2 s, every render was refused),
+#: and a finished one is stored within this much more.
 _RENDER_AT_LEAST = 2.0
 _STORE_RENDER_WITHIN = 2.0
 
@@ -164,7 +165,10 @@ class ImageService:
         self.repository = repository
         self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
         self._rendering = KeyedLocks()
-        self._render_slots = Slots(settings.render_concurrency, settings.decode_wait)
+        self._render_at_least = min(_RENDER_AT_LEAST, settings.request_timeout * 0.4)
+        self._render_slots = Slots(
+            settings.render_concurrency, settings.decode_wait, self._render_at_least
+        )
         #: Variants served from the cache and rendered, by this process.
         self.variant_counts: Counter[str] = Counter()
 
@@ -347,7 +351,7 @@ class ImageService:
 
     def _render(self, record: ImageRecord, spec: variants.VariantSpec, key: str) -> Variant:
         budget = deadline.current()
-        if budget is not None and budget.remaining() < _RENDER_AT_LEAST:
+        if budget is not None and budget.remaining() < self._render_at_least:
             raise DecoderBusy("Too little of the request's time is left to render; retry")
         with (
             self._render_slots.taken(),
@@ -698,15 +702,16 @@ class Slots:
     leave none for other requests (a health check waited 15 s behind ten renders). The
     excess waits up to `wait` seconds (and the request's budget), then gets `DecoderBusy`."""
 
-    def __init__(self, count: int, wait: float):
+    def __init__(self, count: int, wait: float, keep: float = 0.0):
         self._free = threading.BoundedSemaphore(count)
         self.wait = wait
+        self.keep = keep  # of the request's budget, left for the work the slot is for
 
     @contextlib.contextmanager
     def taken(self) -> Iterator[None]:
         wait = self.wait
         if (budget := deadline.current()) is not None:
-            wait = max(min(wait, budget.remaining() - _RENDER_AT_LEAST), 0)
+            wait = max(min(wait, budget.remaining() - self.keep), 0)
         if not self._free.acquire(blocking=False):
             metrics.DECODE_WAITS.inc()
             if not self._free.acquire(timeout=wait):

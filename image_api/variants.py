@@ -239,10 +239,11 @@ def _render(
         # The size the whole picture takes at the output's scale: decode no larger.
         full_w = spec.size[0] * shown_w / (right - left)
         full_h = spec.size[1] * shown_h / (bottom - top)
+        stored_size = image.size
         if source_format == "JPEG":
             wanted = (full_h, full_w) if turned else (full_w, full_h)
             image.draft(None, (math.ceil(wanted[0]), math.ceil(wanted[1])))
-        with budget.reserve(_render_cost(image, orientation, spec)):
+        with budget.reserve(_render_cost(image, stored_size, orientation, spec)):
             image.load()
             icc = image.info.get("icc_profile")
             frame = _workable(image)
@@ -262,7 +263,9 @@ def _render(
             return frame.size
 
 
-def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int:
+def _render_cost(
+    image: Image.Image, stored_size: tuple[int, int], orientation: int, spec: VariantSpec
+) -> int:
     """Bytes of pixels a render of `image` (as decoded: a JPEG draft is smaller) may hold
     at once, counted as if every copy lived to the end: the decode (`media.decode_cost`:
     the frame and what its decoder holds); the frame's copy in a mode the filters take
@@ -275,7 +278,7 @@ def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int
     pixels = image.width * image.height
     mode = _workable_mode(image)
     copy = pixels * stored_bytes(mode)
-    cost = decode_cost(image)
+    cost = decode_cost(image, stored_size)
     if numeric(image):
         cost += pixels * (4 + 4 + 1)  # as float, scaled as float, then 8 bits
     elif image.mode != mode or "transparency" in image.info:
@@ -288,7 +291,12 @@ def _render_cost(image: Image.Image, orientation: int, spec: VariantSpec) -> int
     # Pillow's integer reduction before the filter (`reducing_gap`): a copy up to twice the
     # gap times the output on each side, then the filter's first pass.
     reduced = min(pixels, int((2 * _REDUCING_GAP) ** 2 * out)) + int(2 * _REDUCING_GAP * out)
-    return cost + reduced * stored_bytes(mode) + 12 * out
+    return cost + reduced * stored_bytes(mode) + _ENCODER_BYTES.get(spec.format, 12) * out
+
+
+#: Bytes per output pixel an encoder holds with the output frame where more than the usual
+#: twelve: AVIF's YUV planes and its encoder's own (measured 26 to 33).
+_ENCODER_BYTES = {"AVIF": 36}
 
 
 def _workable(image: Image.Image) -> Image.Image:

@@ -19,8 +19,11 @@ from image_api import media, variants
 #: case -> (Pillow format, mode, frames)
 CASES = {
     "jpeg": ("JPEG", "RGB", 1),
+    "jpeg-progressive": ("JPEG", "RGB", 1),
+    "jpeg-progressive-cmyk": ("JPEG", "CMYK", 1),
     "png-rgba": ("PNG", "RGBA", 1),
     "apng": ("PNG", "RGBA", 2),
+    "apng-blended": ("PNG", "RGB", 3),
     "gif": ("GIF", "P", 1),
     "gif-animated": ("GIF", "P", 3),
     "webp": ("WEBP", "RGB", 1),
@@ -41,6 +44,10 @@ def image_bytes(case: str, side: int) -> bytes:
         frames.append(frame.convert(mode))
     out = io.BytesIO()
     options = {"save_all": True, "append_images": frames[1:]} if count > 1 else {}
+    if case.startswith("jpeg-progressive"):
+        options.update(progressive=True, subsampling=0, quality=90)
+    if case == "apng-blended":
+        options.update(disposal=1, blend=1)
     if fmt in ("WEBP", "AVIF"):
         options.update(quality=50)
     if fmt == "AVIF":

@@ -10,7 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, PngImagePlugin
 
 from image_api import media
 from image_api.config import DEFAULT_FORMATS
@@ -186,14 +186,18 @@ def test_sanitize_filename_limits_length_and_keeps_the_extension():
 @pytest.mark.parametrize(
     ("what", "case"),
     [("inspect", case) for case in memory_probe.CASES]
-    + [("render", case) for case in ("jpeg", "png-rgba", "gif", "webp", "avif")],
+    + [
+        ("render", case)
+        for case in ("jpeg", "jpeg-progressive", "png-rgba", "apng", "gif", "webp", "avif")
+    ],
 )
 def test_a_decode_holds_no_more_memory_than_it_reserved(what, case, tmp_path):
     """What an upload's decode (every frame) or a render reserves in DECODE_MEMORY covers
     what the process's memory grows by, for each format and animation: a WebP decodes to
     four copies of an RGBA canvas, an AVIF to its YUV planes and RGB, an animated GIF keeps
-    RGBA frames although its first is a palette. Counting the first frame alone let eight
-    uploads of a 75 KB GIF hold 4 GB. (Each in a process of its own: see memory_probe.)"""
+    RGBA frames although its first is a palette, a progressive JPEG every coefficient of
+    the image at full size (a thumbnail's render too). Counting the first frame alone let
+    eight uploads of a 75 KB GIF hold 4 GB. (Each in a process of its own: memory_probe.)"""
     image = tmp_path / case
     image.write_bytes(memory_probe.image_bytes(case, 2000))
     probe = subprocess.run(
@@ -222,3 +226,22 @@ def test_the_placeholder_of_16_bit_greyscale_is_scaled_not_clipped(mode, value, 
     out = io.BytesIO()
     Image.new(mode, (40, 30), value).save(out, "PNG")
     assert inspect(out.getvalue()).placeholder == placeholder
+
+
+def test_a_png_with_megabytes_of_compressed_text_is_refused_before_they_are_inflated():
+    """Pillow inflates zTXt and iTXt chunks as it opens a PNG, before any decode reserves
+    memory: a 60 KB file held 64 MiB. Past PNG_TEXT_MEMORY of text, the upload is a 422
+    that says why."""
+    out = io.BytesIO()
+    text = PngImagePlugin.PngInfo()
+    for i in range(6):
+        text.add_text(f"note{i}", "x" * 1_000_000, zip=True)
+    Image.new("RGB", (1, 1)).save(out, "PNG", pnginfo=text)
+    assert len(out.getvalue()) < 50_000
+    with pytest.raises(InvalidImage, match="more than 4 MiB of text metadata"):
+        inspect(out.getvalue())
+    small = PngImagePlugin.PngInfo()
+    small.add_text("note", "x" * 500_000, zip=True)
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, "PNG", pnginfo=small)
+    assert inspect(out.getvalue()).width == 1

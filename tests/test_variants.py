@@ -471,6 +471,16 @@ def test_a_render_reserves_the_copies_it_makes_not_only_the_decoded_pixels(make_
     assert client.get(f"/api/images/{palette}/download?w=50").status_code == 200
 
 
+@pytest.mark.parametrize("timeout", ["1", "2"])
+def test_a_short_request_timeout_still_renders(make_app, tmp_path, timeout):
+    """A render needs 2 s of the request's budget to start, or two fifths of a shorter
+    REQUEST_TIMEOUT: with 2 s, every variant was a 503."""
+    app = make_app({"DATA_DIR": str(tmp_path), "REQUEST_TIMEOUT": timeout})
+    client = app.test_client()
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    assert opened(client.get(f"{url}?w=50")).size == (50, 25)
+
+
 def test_renders_at_once_are_limited_per_worker(make_app, tmp_path):
     app = make_app({"DATA_DIR": str(tmp_path), "RENDER_CONCURRENCY": "1", "DECODE_WAIT": "0.05"})
     client, service = app.test_client(), app.extensions["image_api"]
