@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import unicodedata
 from datetime import timedelta
 from pathlib import Path
 
@@ -60,15 +61,19 @@ def _admin_key_note(repository, path) -> str:
 
 
 class _Name(click.ParamType):
-    """A key's name or owner: 1 to 200 printable characters, not only spaces (what the
-    API's `?owner=` can ask for)."""
+    """A key's name or owner: 1 to 200 printable characters (what the API's `?owner=` can
+    ask for), in Unicode's composed form (NFC), so that a name typed either way is one
+    name. Spaces around it are refused, not trimmed: `a` with a no-break space after it
+    would have joined owner `a` without a word."""
 
     name = "name"
 
     def convert(self, value, param, ctx):
-        value = str(value).strip()
+        value = unicodedata.normalize("NFC", str(value))
         if not 1 <= len(value) <= 200 or not value.isprintable():
             self.fail(f"{value!r} is not 1 to 200 printable characters", param, ctx)
+        if value != value.strip():
+            self.fail(f"{value!r} has spaces at its start or end", param, ctx)
         return value
 
 
@@ -104,7 +109,10 @@ def create_key_command(name: str, owner: str, scopes: tuple[str, ...]):
     try:
         key, secret = current_service().keys.create(name, owner, scopes)
     except Conflict:
-        raise click.ClickException(f"An API key named {name!r} already exists") from None
+        raise click.ClickException(
+            f"An API key named {name!r} exists (or existed: a revoked key keeps its name, so "
+            "logs and `keys list` never mean two keys by one); choose another name"
+        ) from None
     click.echo(f"Created API key {key.name!r} for owner {key.owner!r} ({', '.join(key.scopes)}).")
     click.echo("Its secret, shown only now:")
     click.echo(secret)
@@ -131,7 +139,7 @@ def list_keys_command():
 
 
 @keys_group.command("revoke")
-@click.argument("name")
+@click.argument("name", type=_NAME)
 @with_appcontext
 def revoke_key_command(name: str):
     """Revoke the key NAME: requests with it get 401 from now on."""
