@@ -224,7 +224,7 @@ def test_keys_create_list_and_revoke(app, runner):
         ("x" * 201, "printable"),
         ("tab\there", "printable"),
         ("   ", "spaces"),
-        ("bob\u00a0", "spaces"),  # not trimmed into owner "bob" without a word
+        ("bob\u00a0", "printable"),  # not trimmed into owner "bob" without a word
     ],
 )
 def test_keys_need_an_owner_the_api_can_name(runner, owner, problem):
