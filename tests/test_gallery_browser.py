@@ -24,6 +24,16 @@ ALL_LOADED = (
     "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
 )
 
+#: The colour of the middle pixel of the image a selector names, as [r, g, b, a].
+MIDDLE_PIXEL = """selector => {
+    const img = document.querySelector(selector);
+    const canvas = document.createElement('canvas');
+    canvas.width = canvas.height = 1;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, img.naturalWidth / 2, img.naturalHeight / 2, 1, 1, 0, 0, 1, 1);
+    return [...context.getImageData(0, 0, 1, 1).data];
+}"""
+
 
 @pytest.fixture
 def page(tmp_path):
@@ -133,19 +143,15 @@ def test_the_gallery_uploads_shows_replaces_and_deletes(running, page, tmp_path)
     wait_until(page, "() => document.getElementById('detail-status').textContent === 'Replaced.'")
     assert page.inner_text('#detail-meta dd[data-field="version"]') == "2"
     assert page.inner_text("#detail-title") == "green.png"
+    # The detail view shows the new picture: its imageUrl is the same URL as before (it
+    # names the image, not a version), which the browser had kept the old picture for.
+    wait_until(page, "() => document.getElementById('detail-image').complete")
+    colour = page.evaluate(MIDDLE_PIXEL, "#detail-image")
+    assert colour[1] > 100 and colour[0] < 60, colour  # green
     page.keyboard.press("Escape")
     # Its thumbnail is the new picture, not the browser's copy of the old one.
     wait_until(page, ALL_LOADED, 2)
-    colour = page.evaluate(
-        """() => {
-            const img = document.querySelector('#grid button[aria-label="Open green.png"] img');
-            const canvas = document.createElement('canvas');
-            canvas.width = canvas.height = 1;
-            const context = canvas.getContext('2d');
-            context.drawImage(img, img.naturalWidth / 2, img.naturalHeight / 2, 1, 1, 0, 0, 1, 1);
-            return [...context.getImageData(0, 0, 1, 1).data];
-        }"""
-    )
+    colour = page.evaluate(MIDDLE_PIXEL, '#grid button[aria-label="Open green.png"] img')
     assert colour[1] > 100 and colour[0] < 60, colour  # green
 
     # Delete the blue one, confirming.

@@ -44,7 +44,7 @@ def test_an_image_url_downloads_without_a_key(client, images, anonymous):
     image = images.create(data)
     url = image["imageUrl"]
     query = dict(parse_qsl(urlsplit(url).query))
-    assert set(query) == {"expires", "signature"}
+    assert set(query) == {"v", "expires", "signature"} and query["v"] == "1"
     response = anonymous.get(_path(url))
     assert response.status_code == 200 and response.data == data
     assert anonymous.head(_path(url)).status_code == 200
@@ -56,8 +56,12 @@ def test_an_image_url_downloads_without_a_key(client, images, anonymous):
     listed = client.get("/api/images").get_json()["images"][0]["imageUrl"]
     fetched = client.get(f"/api/images/{image['_id']}").get_json()["imageUrl"]
     assert listed == fetched == url
-    replaced = images.replace(image["_id"], make_image(color="red")).get_json()["image"]
-    assert anonymous.get(_path(replaced["imageUrl"])).status_code == 200
+    red = make_image(color="red")
+    replaced = images.replace(image["_id"], red).get_json()["image"]
+    assert dict(parse_qsl(urlsplit(replaced["imageUrl"]).query))["v"] == "2"
+    assert anonymous.get(_path(replaced["imageUrl"])).data == red
+    # The version is for caches: the first URL survives the replace, with the new bytes.
+    assert anonymous.get(_path(url)).data == red
 
 
 def test_a_url_lasts_at_least_the_ttl_then_is_refused(images, anonymous, clock):
@@ -160,7 +164,7 @@ def test_metadata_json_and_etag_change_with_the_urls_expiry(client, images, cloc
 def test_public_read_opens_downloads_and_nothing_else(make_app, tmp_path):
     app = make_app({"DATA_DIR": str(tmp_path), "PUBLIC_READ": "true"})
     image = ImagesClient(app.test_client()).create()
-    assert image["imageUrl"] == f"http://localhost/api/images/{image['_id']}/download"
+    assert image["imageUrl"] == f"http://localhost/api/images/{image['_id']}/download?v=1"
     anonymous = app.test_client(key=None)
     assert anonymous.get(_path(image["imageUrl"])).status_code == 200
     assert anonymous.head(_path(image["imageUrl"])).status_code == 200
@@ -173,7 +177,7 @@ def test_public_read_opens_downloads_and_nothing_else(make_app, tmp_path):
 def test_with_auth_off_urls_are_plain(make_app, tmp_path):
     app = make_app({"DATA_DIR": str(tmp_path), "AUTH": "off"})
     image = ImagesClient(app.test_client(key=None)).create()
-    assert "?" not in image["imageUrl"]
+    assert image["imageUrl"].endswith("/download?v=1")  # the version only, not signed
 
 
 def test_the_embedded_secret_is_made_once_and_kept(make_app, tmp_path):

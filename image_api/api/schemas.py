@@ -42,9 +42,14 @@ def _download_url(record, parameters: tuple[tuple[str, str], ...] = ()) -> str:
 THUMBNAIL = (("w", "256"), ("h", "256"), ("fit", "cover"), ("format", "auto"))
 
 
+def _image_url(record) -> str:
+    # With the version (which the download ignores), so that a browser that holds the
+    # picture of one version does not show it for the next: a page that showed an image
+    # kept showing it after a replace, however its cache was told to revalidate.
+    return _download_url(record, (("v", str(record.version)),))
+
+
 def _thumbnail_url(record) -> str:
-    # With the version (which the download ignores), so that a browser that cached the
-    # thumbnail of one version does not show it for the next.
     return _download_url(record, (*THUMBNAIL, ("v", str(record.version))))
 
 
@@ -71,14 +76,16 @@ class ImageSchema(Schema):
 
     id = fields.String(data_key="_id", required=True, metadata={"pattern": f"^{ID_PATTERN}$"})
     image_url = fields.Function(
-        _download_url,
+        _image_url,
         data_key="imageUrl",
         required=True,
         metadata={
             "type": "string",
             "format": "uri",
             "description": "Where to download it: a signed URL that needs no key, valid for "
-            "SIGNED_URL_TTL (when API keys are on and PUBLIC_READ is not)",
+            "SIGNED_URL_TTL (when API keys are on and PUBLIC_READ is not). Its `v` is the "
+            "version, for browsers' caches: the URL still downloads the image after a "
+            "replace, with the new bytes",
         },
     )
     thumbnail_url = fields.Function(
