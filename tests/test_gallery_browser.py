@@ -5,9 +5,13 @@ no CSP violation, no horizontal scrolling. The screenshot goes to build/gallery.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
+import requests
 
 from tests.helpers import ROOT, make_image
 from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS
@@ -208,3 +212,94 @@ def test_a_refused_key_is_explained_and_can_be_changed(running, page):
     page.click("#change-key")
     page.wait_for_selector("#key", state="visible")
     assert page.evaluate("sessionStorage.length") == 0
+
+
+def _key_for(running, name: str, owner: str) -> str:
+    """A write key for `owner`, made with `keys create` on the running service's data."""
+    made = subprocess.run(
+        [
+            *(sys.executable, "-m", "flask", "--app", "image_api", "keys", "create"),
+            *("--name", name, "--owner", owner, "--scope", "write"),
+        ],
+        cwd=ROOT,
+        env=running.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+# Holds the answers to requests made with one key until the test lets them through: the
+# page's own fetch, wrapped before its script runs. `window.heldRead` is set once the page
+# has read a held answer's body and run what follows (a task after the read: the page's
+# continuation is microtasks, which all run first).
+HOLD_ANSWERS_FOR = """key => {
+    const fetch = window.fetch;
+    let release;
+    window.released = new Promise(resolve => { release = resolve; });
+    window.release = () => release();
+    window.heldRead = false;
+    window.fetch = async (url, options = {}) => {
+        const answer = await fetch(url, options);
+        const sent = (options.headers || {}).Authorization || "";
+        if (sent !== `Bearer ${key}`) return answer;
+        await window.released;
+        const json = answer.json.bind(answer);
+        answer.json = async () => {
+            const body = await json();
+            setTimeout(() => { window.heldRead = true; }, 0);
+            return body;
+        };
+        return answer;
+    };
+}"""
+
+
+def test_a_page_asked_for_with_the_previous_key_is_dropped(running, page):
+    """Changing the key while the first key's page is on its way: the grid shows the new
+    key's images only (the late page used to be added to the emptied grid)."""
+    for color in ("red", "blue"):
+        running.http.post(
+            f"{running.url}/api/images/upload",
+            files={"image": (f"admin-{color}.png", make_image(color=color))},
+        ).raise_for_status()
+    bob = _key_for(running, "bob-gallery", "bob")
+    requests.post(
+        f"{running.url}/api/images/upload",
+        files={"image": ("bob.png", make_image(color="green"))},
+        headers={"Authorization": f"Bearer {bob}"},
+        timeout=10,
+    ).raise_for_status()
+    page.add_init_script(f"({HOLD_ANSWERS_FOR})({json.dumps(running.key)})")
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")  # the admin's first page is asked for, and held
+    page.click("#change-key")
+    page.fill("#key", bob)
+    page.keyboard.press("Enter")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 1")
+    page.evaluate("window.release()")
+    wait_until(page, "() => window.heldRead")  # the admin's page arrived, and was dropped
+    names = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
+    assert names == ["bob.png"]
+
+
+def test_deleting_an_image_deleted_elsewhere_takes_it_off_the_grid(running, page):
+    running.http.post(
+        f"{running.url}/api/images/upload",
+        files={"image": ("gone.png", make_image(color="red"))},
+    ).raise_for_status()
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 1)
+    image_id = page.get_attribute("#grid li", "data-id")
+    assert running.http.delete(f"{running.url}/api/images/{image_id}").status_code == 200
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click('#grid button[aria-label="Open gone.png"]')
+    page.click("#detail-delete")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 0")
+    assert not page.is_visible("#detail")
+    assert "No images yet" in page.inner_text("#status")

@@ -7,6 +7,7 @@ const KEY = "image-api-key";
 const $ = (id) => document.getElementById(id);
 let cursor = null;
 let loading = false;
+let generation = 0; // one per start(): a page a previous key asked for is dropped
 let current = null; // the image the detail view shows
 
 function key() {
@@ -25,7 +26,11 @@ async function api(path, options = {}) {
     throw new Error("A valid API key is needed");
   }
   const body = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error(explain(response.status, body));
+  if (!response.ok) {
+    const error = new Error(explain(response.status, body));
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
@@ -55,6 +60,8 @@ function start() {
   $("status").textContent = "";
   $("status").classList.remove("error");
   cursor = null;
+  generation += 1;
+  loading = false; // a page still on its way for another key will be dropped
   loadMore(true);
 }
 
@@ -69,19 +76,22 @@ function sentinelVisible() {
 async function loadMore(first) {
   if (loading || (!first && !cursor)) return;
   loading = true;
+  const mine = generation;
   const query = new URLSearchParams({ limit: "24" });
   if (cursor) query.set("cursor", cursor);
   try {
     const page = await api(`/api/images?${query}`);
+    if (mine !== generation) return; // asked with the key before this one
     for (const image of page.images) $("grid").append(tile(image));
     cursor = page.nextCursor;
     $("status").textContent = $("grid").children.length ? "" : "No images yet: upload some above.";
   } catch (error) {
+    if (mine !== generation) return;
     $("status").textContent = `Could not load the images: ${error.message}`;
     $("status").classList.add("error");
     return;
   } finally {
-    loading = false;
+    if (mine === generation) loading = false;
   }
   // A tall window may show the end of the grid already: keep filling it.
   if (cursor && sentinelVisible()) loadMore(false);
@@ -201,13 +211,17 @@ async function remove() {
   if (!window.confirm(`Delete ${current.filename}? This cannot be undone.`)) return;
   try {
     await api(`/api/images/${current._id}`, { method: "DELETE" });
-    const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
-    if (item) item.remove();
-    $("detail").close();
-    if (!$("grid").children.length) $("status").textContent = "No images yet: upload some above.";
   } catch (error) {
-    $("detail-status").textContent = `Not deleted: ${error.message}`;
+    // A 404: deleted meanwhile (another tab, another client), which is what was asked.
+    if (error.status !== 404) {
+      $("detail-status").textContent = `Not deleted: ${error.message}`;
+      return;
+    }
   }
+  const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
+  if (item) item.remove();
+  $("detail").close();
+  if (!$("grid").children.length) $("status").textContent = "No images yet: upload some above.";
 }
 
 document.addEventListener("DOMContentLoaded", () => {
