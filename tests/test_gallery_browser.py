@@ -303,3 +303,41 @@ def test_deleting_an_image_deleted_elsewhere_takes_it_off_the_grid(running, page
     wait_until(page, "() => document.querySelectorAll('#grid li').length === 0")
     assert not page.is_visible("#detail")
     assert "No images yet" in page.inner_text("#status")
+
+
+def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(running, page):
+    """A tab left open past SIGNED_URL_TTL asks for pictures with expired URLs (403
+    url_expired): the gallery fetches the image's metadata for fresh URLs, and shows them.
+    Here each download URL is refused the first time it is asked for."""
+    for color in ("red", "green"):
+        running.http.post(
+            f"{running.url}/api/images/upload",
+            files={"image": (f"{color}.png", make_image(color=color))},
+        ).raise_for_status()
+    refused = set()
+
+    def expire_once(route):
+        if route.request.url in refused:
+            route.continue_()
+            return
+        refused.add(route.request.url)
+        route.fulfill(
+            status=403,
+            content_type="application/json",
+            body='{"message":"The signed URL has expired","code":"url_expired"}',
+        )
+
+    page.route("**/download?*", expire_once)
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 2)
+    page.click('#grid button[aria-label="Open green.png"]')
+    wait_until(
+        page,
+        "() => { const i = document.getElementById('detail-image');"
+        " return i.complete && i.naturalWidth > 0; }",
+    )
+    colour = page.evaluate(MIDDLE_PIXEL, "#detail-image")
+    assert colour[1] > 100 and colour[0] < 60, colour  # green
+    assert len(refused) == 3  # two thumbnails and the picture, each refused once

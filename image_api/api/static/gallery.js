@@ -109,10 +109,32 @@ function tile(image, atStart) {
   img.loading = "lazy";
   if (image.placeholder) button.style.background = image.placeholder;
   button.append(img);
-  button.addEventListener("click", () => open(image));
+  let shown = image;
+  button.addEventListener("click", () => open(shown));
+  renewWhenRefused(img, image._id, "thumbnailUrl", (fresh) => {
+    shown = fresh;
+  });
   item.append(button);
   if (atStart) $("grid").prepend(item);
   return item;
+}
+
+// Signed URLs expire (SIGNED_URL_TTL): a picture a tab left open asks for late is refused.
+// Its metadata gives fresh URLs, once per picture; an image deleted meanwhile leaves.
+function renewWhenRefused(img, id, field, renewed) {
+  img.addEventListener(
+    "error",
+    async () => {
+      try {
+        const fresh = await api(`/api/images/${id}`);
+        img.src = fresh[field];
+        renewed(fresh);
+      } catch (error) {
+        if (error.status === 404) document.querySelector(`#grid li[data-id="${id}"]`)?.remove();
+      }
+    },
+    { once: true },
+  );
 }
 
 function upload(file) {
@@ -166,7 +188,14 @@ function upload(file) {
 function open(image) {
   current = image;
   $("detail-title").textContent = image.filename;
-  $("detail-image").src = image.imageUrl;
+  const picture = document.createElement("img"); // no listener left from another image
+  picture.id = "detail-image";
+  $("detail-image").replaceWith(picture);
+  renewWhenRefused(picture, image._id, "imageUrl", (fresh) => {
+    current = fresh;
+    $("detail-download").href = fresh.imageUrl;
+  });
+  picture.src = image.imageUrl;
   $("detail-image").alt = image.filename;
   $("detail-download").href = image.imageUrl;
   $("detail-download").setAttribute("download", image.filename);
