@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from flask import Response, current_app, g, request, url_for
 from marshmallow import (
@@ -22,6 +22,7 @@ from marshmallow import (
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
 from ..service import current_service
+from ..signing import query_string
 from ..variants import FITS, OUTPUT_FORMATS, Requested
 
 
@@ -31,7 +32,7 @@ def _download_url(record, parameters: tuple[tuple[str, str], ...] = ()) -> str:
     url = url_for("downloads.download_image", image_id=record.id, _external=True)
     expires = url_expiry()
     if expires is None:
-        return f"{url}?{urlencode(parameters)}" if parameters else url
+        return f"{url}?{query_string(list(parameters))}" if parameters else url
     # The path the download will see (without SCRIPT_NAME), taken from the URL just built.
     path = urlsplit(url).path[len(request.script_root) :]
     return f"{url}?{current_service().signer.sign(path, expires, parameters)}"
