@@ -25,6 +25,15 @@ PORT_PATTERN = r"[1-9][0-9]{0,4}"
 #: A browser origin: scheme, host and port, nothing else.
 _ORIGIN = re.compile(rf"https?://{HOST_PATTERN}(?::(?P<port>{PORT_PATTERN}))?")
 
+
+def fits(pattern: re.Pattern, value: str) -> bool:
+    """`value` is all `pattern`, and its `port` group (when it has one) a port: 1 to 65535,
+    which PORT_PATTERN's digits alone do not bound."""
+    match = pattern.fullmatch(value)
+    port = match and match.groupdict().get("port")
+    return match is not None and (port is None or int(port) <= 65535)
+
+
 #: The shortest SECRET_KEY accepted (characters; a generated one has 64).
 MIN_SECRET_LENGTH = 32
 
@@ -360,8 +369,7 @@ class _Reader:
         origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
         for origin in origins:
             # Host and port by the grammar: the origins are written into nginx's config too.
-            match = _ORIGIN.fullmatch(origin)
-            if not match or int(match["port"] or 0) > 65535:
+            if not fits(_ORIGIN, origin):
                 raise ConfigError(
                     f"{name} must be comma-separated origins like https://app.example.com, "
                     f"got {origin!r}"

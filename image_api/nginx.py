@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .api import CORS_EXPOSE_HEADERS
-from .config import HOST_PATTERN, PORT_PATTERN, Settings
+from .config import HOST_PATTERN, PORT_PATTERN, Settings, fits
 from .middleware import ResponseHeaders
 from .storage import BlobStorage
 
@@ -55,7 +55,7 @@ class Frontend:
                 ("upstream", self.upstream, _UPSTREAM, "host:port or unix:/path"),
                 ("user", self.user, _USER, "a user name and optionally a group"),
             )
-            if value is not None and not _fits(pattern, value)
+            if value is not None and not fits(pattern, value)
         ]
         if problems:
             raise ValueError("; ".join(problems))
@@ -65,13 +65,6 @@ _PORT = rf"(?P<port>{PORT_PATTERN})"
 _LISTEN = re.compile(rf"(?:{HOST_PATTERN}:)?{_PORT}")
 _UPSTREAM = re.compile(rf"{HOST_PATTERN}:{_PORT}|unix:/[^\s;{{}}'\"\\]+")
 _USER = re.compile(r"[A-Za-z0-9._-]+(?: [A-Za-z0-9._-]+)?")
-
-
-def _fits(pattern: re.Pattern, value: str) -> bool:
-    """`value` is all `pattern`, and a port in it one nginx can use (1 to 65535)."""
-    match = pattern.fullmatch(value)
-    port = match and match.groupdict().get("port")
-    return match is not None and (port is None or int(port) <= 65535)
 
 
 def max_body_size(settings: Settings) -> int:

@@ -11,7 +11,7 @@ from flask_cors import CORS
 from werkzeug.routing import BaseConverter
 
 from .. import deadline, logs
-from ..config import HOST_PATTERN, PORT_PATTERN, Settings
+from ..config import HOST_PATTERN, PORT_PATTERN, Settings, fits
 from ..errors import BadRequest, ReadOnly
 from ..limits import WRITES, RateLimits
 from ..records import ID_PATTERN
@@ -55,8 +55,7 @@ def _host_problem(host: str | None, allowed: tuple[str, ...]) -> str | None:
     the same few)."""
     if not host:
         return "A Host header is required"
-    match = _HOST.fullmatch(host)
-    if not match or (match["port"] is not None and not 0 < int(match["port"]) <= 65535):
+    if not fits(_HOST, host):
         return "The Host header is not a host[:port] (port 1 to 65535)"
     named = host.lower()
     if allowed and named not in allowed and named.rpartition(":")[0] not in allowed:
