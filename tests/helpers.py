@@ -262,8 +262,13 @@ class Service:
 
     def init(self):
         """`flask init` on the service's environment (the bucket, tables and indexes)."""
+        self.flask("init")
+
+    def flask(self, *args: str) -> str:
+        """`flask --app image_api ARGS` on the service's environment, as an operator runs
+        it beside the service; its output, once it has succeeded."""
         result = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "image_api", "init"],
+            [sys.executable, "-m", "flask", "--app", "image_api", *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -271,6 +276,7 @@ class Service:
             timeout=60,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     def start(self):
         gunicorn = Path(sys.executable).with_name("gunicorn")

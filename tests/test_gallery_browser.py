@@ -6,8 +6,6 @@ no CSP violation, no horizontal scrolling. The screenshot goes to build/gallery.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -216,19 +214,8 @@ def test_a_refused_key_is_explained_and_can_be_changed(running, page):
 
 def _key_for(running, name: str, owner: str) -> str:
     """A write key for `owner`, made with `keys create` on the running service's data."""
-    made = subprocess.run(
-        [
-            *(sys.executable, "-m", "flask", "--app", "image_api", "keys", "create"),
-            *("--name", name, "--owner", owner, "--scope", "write"),
-        ],
-        cwd=ROOT,
-        env=running.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
-    return made.stdout.strip().splitlines()[-1]
+    made = running.flask("keys", "create", "--name", name, "--owner", owner, "--scope", "write")
+    return made.strip().splitlines()[-1]
 
 
 # Holds the answers to requests made with one key until the test lets them through: the

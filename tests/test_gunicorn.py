@@ -159,16 +159,7 @@ def test_workers_killed_mid_write_leave_nothing_broken_after_repair(service):
     assert interrupted, "no kill landed during a request"
 
     def run_repair(*flags):
-        result = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "image_api", "repair", "--json", *flags],
-            cwd=ROOT,
-            env=service.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        return json.loads(service.flask("repair", "--json", *flags))
 
     run_repair("--grace", "0", "--apply")
     assert run_repair("--grace", "0")["findings"] == []
