@@ -196,7 +196,7 @@ function open(image) {
     $("detail-download").href = fresh.imageUrl;
   });
   picture.src = image.imageUrl;
-  $("detail-image").alt = image.filename;
+  picture.alt = image.filename;
   $("detail-download").href = image.imageUrl;
   $("detail-download").setAttribute("download", image.filename);
   const meta = {
