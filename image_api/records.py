@@ -124,8 +124,8 @@ class ImageRecord:
 @dataclass(frozen=True)
 class Variant:
     """A rendered variant of one version of an image (resized, re-encoded), cached in the
-    blob storage under `key`: derived from the image id, its version and the normalised
-    `params`, so every worker finds the same blob for the same request."""
+    blob storage under `key` (new for every render), and found by the image id, its version
+    and the normalised `params`, so every worker finds the same variant for one request."""
 
     key: str
     image_id: str

@@ -338,18 +338,22 @@ class ImageService:
     def variant(self, record: ImageRecord, spec: variants.VariantSpec) -> Variant:
         """The variant `spec` of this version of the image: cached, or rendered now, stored
         and recorded. Threads of one worker that ask for the same one at once render it
-        once; other workers may render it too, to the same key and the same bytes."""
-        key = variants.variant_key(record.id, record.version, spec)
-        found = self.repository.get_variant(key)
+        once; other workers may render it too, and the first recorded is kept."""
+        found = self.repository.find_variant(record.id, record.version, spec.params)
         if found is None:
-            with self._rendering.hold(key):
-                found = self.repository.get_variant(key) or self._render(record, spec, key)
+            with self._rendering.hold(f"{record.id}/{record.version}/{spec.params}"):
+                found = self.repository.find_variant(
+                    record.id, record.version, spec.params
+                ) or self._render(record, spec)
         else:
             self.variant_counts["cached"] += 1
             metrics.VARIANTS.labels("cache").inc()
         return found
 
-    def _render(self, record: ImageRecord, spec: variants.VariantSpec, key: str) -> Variant:
+    def _render(self, record: ImageRecord, spec: variants.VariantSpec) -> Variant:
+        """Render, store under a new blob key and record. The key is this render's alone: a
+        blob retired (evicted, replaced) is never written again, so deleting it later can
+        never take a variant's bytes from under a reader."""
         budget = deadline.current()
         if budget is not None and budget.remaining() < self._render_at_least:
             raise DecoderBusy("Too little of the request's time is left to render; retry")
@@ -364,6 +368,7 @@ class ImageService:
             # A finished render is worth keeping even when rendering spent the request's
             # budget (under load): storing and sending it get a little more.
             deadline.extend(_STORE_RENDER_WITHIN)
+            key = new_key()
             self.storage.put(key, out, spec.content_type)
             self.variant_counts["rendered"] += 1
             metrics.VARIANTS.labels("rendered").inc()
@@ -380,10 +385,13 @@ class ImageService:
                 created_at=self.clock(),
             )
             try:
-                self.repository.insert_variant(variant)
+                stored = self.repository.insert_variant(variant)
             except BaseException:
                 self._discard(key)
                 raise
+            if stored.key != key:
+                self._discard(key)  # another worker's render was recorded first
+                return stored
             # A replace or delete since `record` was read removes the variants it finds
             # after its write; one recorded after it looked is removed here (retired: this
             # request is about to send it).
@@ -607,18 +615,14 @@ class ImageService:
     def sweep_retired(self, limit: int = 4) -> int:
         """Delete up to `limit` retired blobs whose time has come; how many went.
 
-        A variant's key names its parameters, not one render: an evicted variant asked for
-        again is rendered and recorded under the key it was retired under. Such a blob is
-        in use and stays; and a render that records it while its blob is being deleted
-        loses its record too, so that the next request renders it again instead of a 404.
-        """
+        Releases before variants had a blob key per render named a variant's blob by its
+        parameters, and stored an evicted variant asked for again under the key it was
+        retired under: a blob a variant still uses stays."""
         swept = 0
         try:
             for key in self.repository.due_retired(self.clock(), limit):
                 if self.repository.get_variant(key) is None:
                     self.storage.delete(key)
-                    if self.repository.get_variant(key) is not None:
-                        self.repository.delete_variant(key)
                 self.repository.forget_retired(key)
                 swept += 1
         except ApiError:

@@ -3,8 +3,9 @@ rendered with Pillow once and then served from the blob storage like an original
 
 What a request asks for is first planned against the image's displayed size into a
 `VariantSpec`: the output size, the part of the picture it shows, the format and the
-quality. Requests that come to the same picture share one spec, so one cached blob
-(`?w=256` and `?w=256&h=0&upscale=true` of a large image, say).
+quality. Requests that come to the same picture share one spec, so one cached variant
+(`?w=256` and `?w=256&h=0&upscale=true` of a large image, say), recorded under the spec's
+`params` and stored under a blob key of its render's own.
 
 Decisions:
 - A variant is a still picture: an animation's first frame, as a poster. The original keeps
@@ -23,7 +24,6 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -102,13 +102,6 @@ class VariantSpec:
         box = ",".join(f"{edge:.3f}" for edge in self.box)
         quality = self.quality or 0
         return f"{self.size[0]}x{self.size[1]};box={box};{self.format.lower()};q={quality}"
-
-
-def variant_key(image_id: str, version: int, spec: VariantSpec) -> str:
-    """The variant's blob key, in the storage's key format (32 hex digits): the same for
-    every worker, and different for every version of the image."""
-    named = f"{image_id}/{version}/{spec.params}".encode()
-    return hashlib.sha256(named).hexdigest()[:32]
 
 
 def plan(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import socket
 from datetime import UTC, datetime, timedelta
@@ -305,14 +306,22 @@ def test_variants_are_stored_found_listed_and_forgotten(repository):
     first, second = make_variant(image.id), make_variant(image.id, version=2)
     other = make_variant(new_id())
     for variant in (first, second, other):
-        repository.insert_variant(variant)
+        assert repository.insert_variant(variant) == variant
     assert repository.get_variant(first.key) == first
     assert repository.get_variant(new_key()) is None
+    assert repository.find_variant(image.id, 1, first.params) == first
+    assert repository.find_variant(image.id, 2, first.params) == second
+    assert repository.find_variant(image.id, 3, first.params) is None
+    assert repository.find_variant(image.id, 1, "64x32;other") is None
     assert repository.variants_of(image.id) == sorted([first, second], key=lambda v: v.key)
     assert repository.variants_of(new_id()) == []
-    # Another worker's render of the same variant, stored second, does not replace it.
-    repository.insert_variant(dataclasses.replace(first, sha256="2" * 64))
-    assert repository.get_variant(first.key) == first
+    # Another worker's render of the same variant (its own blob key), recorded second, is
+    # not recorded: the first is returned, for that worker to send and its blob to go.
+    late = dataclasses.replace(first, key=new_key(), sha256="2" * 64)
+    assert repository.insert_variant(late) == first
+    assert repository.get_variant(late.key) is None
+    assert repository.find_variant(image.id, 1, first.params) == first
+    assert repository.insert_variant(first) == first  # the same one again (a migration rerun)
     everything = sorted([first, second, other], key=lambda v: v.key)
     assert repository.scan_variants(None, 10) == everything
     assert repository.scan_variants(everything[0].key, 1) == [everything[1]]
@@ -387,6 +396,54 @@ def test_mongodb_gives_images_stored_before_owners_to_the_admin_owner():
     )
     assert [r.id for r in repository.list_page(10, None, Filters(owner="admin"))] == [record.id]
     assert repository.list_page(10, None, Filters(owner="bob")) == []
+
+
+def _variant_of_the_release_before(image_id: str, params: str) -> Variant:
+    """A variant as releases before a blob key per render stored it: under a key made from
+    the image id, version and params."""
+    named = hashlib.sha256(f"{image_id}/1/{params}".encode()).hexdigest()[:32]
+    return make_variant(image_id, key=named, params=params)
+
+
+def test_sqlite_finds_the_variants_the_release_before_stored(tmp_path):
+    import sqlite3
+
+    from image_api.repository import sqlite as module
+
+    path = tmp_path / "images.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema of the release before
+        for statements in module._MIGRATIONS[:-1]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(module._MIGRATIONS) - 1}")
+    old = SqliteRepository(path)
+    image = make_record()
+    old.insert(image)
+    variant = _variant_of_the_release_before(image.id, "64x32;webp")
+    old.insert_variant(variant)
+    old.create()
+    assert old.find_variant(image.id, 1, "64x32;webp") == variant
+    late = dataclasses.replace(variant, key=new_key())
+    assert old.insert_variant(late) == variant  # one variant per spec from now on
+    indexes = {row[1] for row in old._execute("PRAGMA index_list(variants)")}
+    assert "variants_by_spec" in indexes and "variants_by_image" not in indexes
+    old.close()
+
+
+def test_mongodb_finds_the_variants_the_release_before_stored():
+    database = mongomock.MongoClient(tz_aware=True)["old"]
+    database["variants"].create_index("image_id", name="variants_by_image")
+    variant = _variant_of_the_release_before(new_id(), "64x32;webp")
+    document = dataclasses.asdict(variant)
+    document["_id"] = document.pop("key")
+    database["variants"].insert_one(document)
+    repository = MongoRepository(database)
+    repository.create()
+    repository.create()  # idempotent: the old index is gone already
+    assert repository.find_variant(variant.image_id, 1, "64x32;webp") == variant
+    late = dataclasses.replace(variant, key=new_key())
+    assert repository.insert_variant(late) == variant
+    assert set(database["variants"].index_information()) == {"_id_", "variants_by_spec"}
 
 
 #: The columns of the first release's images table (before owners).

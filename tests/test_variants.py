@@ -531,44 +531,105 @@ def test_an_image_keeps_at_most_max_variants_per_image(make_app, tmp_path, clock
 def test_an_evicted_variant_asked_for_again_survives_the_sweep_of_its_old_blob(
     make_app, tmp_path, clock
 ):
-    """A variant's key names its parameters: evicted (its blob retired), then asked for
-    again, it is stored under the same key. The sweep of the retired blob leaves it in
-    place: it used to delete it, and the variant (a gallery's thumbnailUrl) was a 404 until
-    repair."""
+    """Evicted (its blob retired), then asked for again, a variant is rendered under a new
+    blob key. The sweep of the retired blob leaves it in place: when a variant's blob key
+    named its parameters, the sweep deleted the new render, and the variant (a gallery's
+    thumbnailUrl) was a 404 until repair."""
     app = make_app({"DATA_DIR": str(tmp_path), "MAX_VARIANTS_PER_IMAGE": "1"})
     client, service = app.test_client(), app.extensions["image_api"]
-    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    image_id = ImagesClient(client).create(halves())["_id"]
+    url = f"/api/images/{image_id}/download"
     assert client.get(f"{url}?w=10").status_code == 200
+    (evicted,) = service.repository.variants_of(image_id)
     assert client.get(f"{url}?w=20").status_code == 200  # evicts w=10
     assert opened(client.get(f"{url}?w=10")).size == (10, 5)  # rendered again, evicts w=20
+    (again,) = service.repository.variants_of(image_id)
+    assert again.params == evicted.params and again.key != evicted.key
     clock.advance(service.retention + timedelta(seconds=1))
     assert service.sweep_retired(limit=100) == 2
-    for width in (10, 20):
-        assert opened(client.get(f"{url}?w={width}")).size == (width, width // 2)
+    assert opened(client.get(f"{url}?w=10")).size == (10, 5)
+    assert service.repository.variants_of(image_id) == [again]  # served as it was stored
+    assert opened(client.get(f"{url}?w=20")).size == (20, 10)
 
 
-def test_a_render_recorded_while_the_sweep_deletes_its_key_is_rendered_again(
+def test_a_render_recorded_while_the_sweep_deletes_the_old_blob_keeps_its_bytes(
     make_app, tmp_path, clock, monkeypatch
 ):
-    """The other order: the sweep found no record for the retired key, and a render stores
-    and records the variant just before the sweep deletes the blob. The record goes with
-    the blob: the next request renders it again instead of a lasting 404."""
+    """The other order: the sweep found no variant using the retired blob, and a render
+    of the same variant is stored and recorded just before the sweep deletes that blob. The
+    render's own blob is untouched and stays in use: no request renders it again, and none
+    gets a 404 (when both had the same key, one of them did)."""
     app = make_app({"DATA_DIR": str(tmp_path), "MAX_VARIANTS_PER_IMAGE": "1"})
     client, service = app.test_client(), app.extensions["image_api"]
-    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download"
+    image_id = ImagesClient(client).create(halves())["_id"]
+    url = f"/api/images/{image_id}/download"
     assert client.get(f"{url}?w=10").status_code == 200
     assert client.get(f"{url}?w=20").status_code == 200  # evicts w=10: retired
     clock.advance(service.retention + timedelta(seconds=1))
     storage, delete = service.storage.inner, service.storage.inner.delete
+    deleted = []
 
     def delete_after_a_render(key):
         monkeypatch.setattr(storage, "delete", delete)
         assert client.get(f"{url}?w=10").status_code == 200  # stored and recorded again
         delete(key)
+        deleted.append(key)
 
     monkeypatch.setattr(storage, "delete", delete_after_a_render)
     service.sweep_retired(limit=100)
+    assert deleted
+    (rendered,) = service.repository.variants_of(image_id)
+    assert rendered.key not in deleted
+    rendered_before = service.variant_counts["rendered"]
     assert opened(client.get(f"{url}?w=10")).size == (10, 5)
+    assert service.variant_counts["rendered"] == rendered_before  # from the cache
+    assert service.repository.variants_of(image_id) == [rendered]
+
+
+def test_the_sweep_keeps_a_retired_blob_a_variant_of_an_older_release_still_uses(
+    make_app, tmp_path, clock
+):
+    """Releases before a blob key per render stored an evicted variant asked for again
+    under the key it was retired under: such a note is dropped, the blob kept."""
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    client, service = app.test_client(), app.extensions["image_api"]
+    image_id = ImagesClient(client).create(halves())["_id"]
+    url = f"/api/images/{image_id}/download?w=10"
+    assert client.get(url).status_code == 200
+    (variant,) = service.repository.variants_of(image_id)
+    service.repository.retire(variant.key, clock())
+    assert service.sweep_retired(limit=100) == 1
+    assert service.repository.retired_until(variant.key) is None
+    assert opened(client.get(url)).size == (10, 5)
+    assert service.repository.variants_of(image_id) == [variant]
+
+
+def test_two_workers_rendering_one_variant_keep_the_first_recorded(make_app, tmp_path, monkeypatch):
+    """Two workers (two apps on one data directory) render the same variant at once: the
+    one recorded second sends the first's record and deletes its own blob, so one variant
+    and one blob remain."""
+    first = make_app({"DATA_DIR": str(tmp_path)})
+    second = make_app({"DATA_DIR": str(tmp_path)})
+    one, other = first.test_client(), second.test_client()
+    image_id = ImagesClient(one).create(halves())["_id"]
+    url = f"/api/images/{image_id}/download?w=30&format=png"
+    render = variants.render
+    meanwhile = []
+
+    def other_worker_first(*args, **kwargs):
+        monkeypatch.setattr(variants, "render", render)
+        meanwhile.append(other.get(url))  # renders, stores and records it
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(variants, "render", other_worker_first)
+    response = one.get(url)
+    assert response.status_code == meanwhile[0].status_code == 200
+    assert response.data == meanwhile[0].data
+    assert response.headers["ETag"] == meanwhile[0].headers["ETag"]
+    service = first.extensions["image_api"]
+    (variant,) = service.repository.variants_of(image_id)
+    stored = {blob.key for blob in service.storage.list()}
+    assert stored == {service.repository.get(image_id).key, variant.key}
 
 
 # --- no variant outlives its image or version -----------------------------------------------
@@ -631,7 +692,7 @@ def test_repair_keeps_cached_variants_and_removes_stale_ones(client, service, cl
     gone = kept.__class__(**{**kept.__dict__, "key": "e" * 32, "image_id": new_id()})
     service.repository.insert_variant(gone)
     service.storage.put(gone.key, io.BytesIO(b"render of a deleted image"), gone.content_type)
-    lost = kept.__class__(**{**kept.__dict__, "key": "d" * 32})
+    lost = kept.__class__(**{**kept.__dict__, "key": "d" * 32, "params": "1x1;lost"})
     service.repository.insert_variant(lost)  # its blob never arrived
     clock.advance(LATER)
 

@@ -42,10 +42,15 @@ class Repository(Protocol):
       `retired_until(key)` returns that moment or None; `due_retired(now, limit)` returns up
       to `limit` keys due at `now`; `forget_retired(key)` drops the note (once deleted).
 
-    Variants (rendered, cached copies of one version of an image; see `variants`):
-    - `insert_variant(variant)` stores one; a variant already stored under its key is kept.
-    - `get_variant(key)` returns it or None; `variants_of(image_id)` returns all of an
-      image's, of any version; `delete_variant(key)` forgets one (a missing one is success).
+    Variants (rendered, cached copies of one version of an image; see `variants`), each
+    under a blob key of its own render and found by what it shows (image id, version,
+    params: one variant each):
+    - `insert_variant(variant)` stores one and returns it, or returns the variant already
+      stored for the same image, version and params (another worker's render came first).
+    - `find_variant(image_id, version, params)` returns it or None; `get_variant(key)`
+      returns the variant using blob `key` or None; `variants_of(image_id)` returns all of
+      an image's, of any version; `delete_variant(key)` forgets one (a missing one is
+      success).
     - `scan_variants(after_key, limit)` returns up to `limit` in key order (for repair).
 
     Idempotency keys:
@@ -103,7 +108,9 @@ class Repository(Protocol):
 
     def forget_retired(self, key: str) -> None: ...
 
-    def insert_variant(self, variant: Variant) -> None: ...
+    def insert_variant(self, variant: Variant) -> Variant: ...
+
+    def find_variant(self, image_id: str, version: int, params: str) -> Variant | None: ...
 
     def get_variant(self, key: str) -> Variant | None: ...
 

@@ -9,7 +9,12 @@ from datetime import UTC, datetime
 import pymongo
 from bson import ObjectId
 from pymongo import ReturnDocument, WriteConcern
-from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
+from pymongo.errors import (
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from .. import deadline
 from ..access import ADMIN_OWNER, ApiKey, Scope
@@ -197,7 +202,18 @@ class MongoRepository:
             self.keys.create_index("expires_at", expireAfterSeconds=0, name="keys_expire")
             self.retired.create_index("delete_after", name="retired_blobs_due")
             self.api_keys.create_index("name", unique=True, name="api_keys_by_name")
-            self.variants.create_index("image_id", name="variants_by_image")
+            # Each render has a blob key of its own (a retired one is never used again); a
+            # variant is found by what it shows, one per image, version and params.
+            self.variants.create_index(
+                [("image_id", 1), ("version", 1), ("params", 1)],
+                unique=True,
+                name="variants_by_spec",
+            )
+            if "variants_by_image" in self.variants.index_information():
+                # The index an older release kept, which variants_by_spec now covers; two
+                # processes starting at once may both drop it.
+                with contextlib.suppress(OperationFailure):
+                    self.variants.drop_index("variants_by_image")
             # Images stored before owners existed belong to the first admin key's owner.
             self.images.update_many({"owner": {"$exists": False}}, {"$set": {"owner": ADMIN_OWNER}})
         self._indexed = True
@@ -311,12 +327,25 @@ class MongoRepository:
         with self._errors():
             self.retired.delete_one({"_id": key})
 
-    def insert_variant(self, variant: Variant) -> None:
+    def insert_variant(self, variant: Variant) -> Variant:
         document = dataclasses.asdict(variant)
-        key = document.pop("key")
+        document["_id"] = document.pop("key")
         with self._errors():
-            # Another worker's render of the same variant may have come first: keep it.
-            self.variants.update_one({"_id": key}, {"$setOnInsert": document}, upsert=True)
+            try:
+                self.variants.insert_one(document)
+                return variant
+            except DuplicateKeyError:
+                pass
+        # Another worker's render of the same variant came first: it stays.
+        found = self.find_variant(variant.image_id, variant.version, variant.params)
+        return found or self.get_variant(variant.key) or variant
+
+    def find_variant(self, image_id: str, version: int, params: str) -> Variant | None:
+        with self._errors():
+            document = self.variants.find_one(
+                {"image_id": image_id, "version": version, "params": params}
+            )
+        return None if document is None else _variant_from_document(document)
 
     def get_variant(self, key: str) -> Variant | None:
         with self._errors():

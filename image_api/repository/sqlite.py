@@ -142,6 +142,13 @@ _MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX IF NOT EXISTS variants_by_image ON variants (image_id)",
     ],
+    [
+        # Each render has a blob key of its own (a retired one is never used again); a
+        # variant is found by what it shows, one per image, version and params.
+        """CREATE UNIQUE INDEX IF NOT EXISTS variants_by_spec
+            ON variants (image_id, version, params)""",
+        "DROP INDEX IF EXISTS variants_by_image",
+    ],
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -435,13 +442,25 @@ class SqliteRepository:
     def forget_retired(self, key: str) -> None:
         self._execute("DELETE FROM retired_blobs WHERE key = ?", (key,))
 
-    def insert_variant(self, variant: Variant) -> None:
+    def insert_variant(self, variant: Variant) -> Variant:
         values = {**dataclasses.asdict(variant), "created_at": _to_text(variant.created_at)}
-        self._execute(
+        inserted = self._execute(
             f"INSERT INTO variants ({_VARIANT_COLUMNS}) VALUES ({_VARIANT_MARKS})"
-            " ON CONFLICT (key) DO NOTHING",
+            " ON CONFLICT DO NOTHING",
             values,
-        )
+        ).rowcount
+        if inserted:
+            return variant
+        # Another worker's render of the same variant came first: it stays.
+        found = self.find_variant(variant.image_id, variant.version, variant.params)
+        return found or self.get_variant(variant.key) or variant
+
+    def find_variant(self, image_id: str, version: int, params: str) -> Variant | None:
+        row = self._execute(
+            "SELECT * FROM variants WHERE image_id = ? AND version = ? AND params = ?",
+            (image_id, version, params),
+        ).fetchone()
+        return None if row is None else _variant_from_row(row)
 
     def get_variant(self, key: str) -> Variant | None:
         row = self._execute("SELECT * FROM variants WHERE key = ?", (key,)).fetchone()
