@@ -130,7 +130,7 @@ function renewWhenRefused(img, id, field, renewed) {
         img.src = fresh[field];
         renewed(fresh);
       } catch (error) {
-        if (error.status === 404) document.querySelector(`#grid li[data-id="${id}"]`)?.remove();
+        if (error.status === 404) dropTile(id);
       }
     },
     { once: true },
@@ -247,9 +247,13 @@ async function remove() {
       return;
     }
   }
-  const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
-  if (item) item.remove();
+  dropTile(current._id);
   $("detail").close();
+}
+
+// An image deleted here or elsewhere leaves the grid; the last one leaves it empty.
+function dropTile(id) {
+  document.querySelector(`#grid li[data-id="${id}"]`)?.remove();
   if (!$("grid").children.length) $("status").textContent = "No images yet: upload some above.";
 }
 
