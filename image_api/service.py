@@ -317,7 +317,7 @@ class ImageService:
 
     def download(self, blob: ImageRecord | Variant, disposition: str) -> Download:
         """For an image or a variant: a presigned redirect in redirect mode, else a way to
-        stream the bytes (opened only when the caller asks, so HEAD and 304 never touch
+        stream the bytes (opened only when the caller asks, so a 304 never touches
         storage)."""
         if self.settings.download_mode == "redirect":
             url = self.storage.presigned_url(

@@ -355,6 +355,11 @@ def test_download_of_a_missing_blob_is_404(client, images, service):
     image_id = images.create()["_id"]
     service.storage.delete(service.repository.get(image_id).key)
     assert_error(client.get(f"/api/images/{image_id}/download"), 404, "not_found")
+    # HEAD answers as GET would (it said 200, and accel mode's nginx said 404).
+    for headers in ({}, {"Range": "bytes=0-9"}):
+        head = client.head(f"/api/images/{image_id}/download", headers=headers)
+        assert (head.status_code, head.data) == (404, b"")
+        assert head.content_type == "application/json"
 
 
 # --- errors are JSON -----------------------------------------------------------------------

@@ -138,11 +138,13 @@ def download_image(image_id: str):
         response.status_code = 206
         response.content_range = ContentRange("bytes", start, stop, blob.size)
         response.content_length = stop - start
+    stream = download.open(byte_range)  # a file gone since the record was read: 404
     if request.method == "HEAD":
-        return response  # the same headers, and no call to the storage
+        stream.close()  # opened to answer as GET would; the same headers, no bytes
+        return response
     # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams go in chunks,
     # and the server closes the stream (and its S3 connection) however the response ends.
-    response.response = wrap_file(request.environ, download.open(byte_range), buffer_size=_CHUNK)
+    response.response = wrap_file(request.environ, stream, buffer_size=_CHUNK)
     response.direct_passthrough = True
     return response
 
