@@ -17,7 +17,7 @@ from flask.cli import with_appcontext
 from . import access, nginx
 from . import migrate as migration
 from .config import ConfigError, Settings
-from .errors import ApiError, Conflict, NotFound
+from .errors import ApiError, Conflict, NotFound, PreconditionFailed
 from .records import Status
 from .repair import repair
 from .repository import repository_from_settings, scan_all
@@ -171,13 +171,26 @@ def strip_metadata_command(apply: bool):
         try:
             gain = service.strip_stored(record, apply=apply)
         except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
-            click.echo(f"{record.id}: skipped ({error.code}: {error.message})")
+            click.echo(f"{record.id}: skipped ({_why_not_stripped(service, record, error)})")
             continue
         if gain is not None:
             found, saved = found + 1, saved + gain
             click.echo(f"{record.id}: {'stripped' if apply else 'has metadata'}, {gain} bytes")
     mode = "stripped" if apply else "to strip (dry run: nothing changed; use --apply)"
     click.echo(f"Checked {checked} images; {found} {mode}, {saved} bytes of metadata.")
+
+
+def _why_not_stripped(service, record, error: ApiError) -> str:
+    """What a client or `repair` did meanwhile, else the error itself (today's limits, a
+    blob missing under a live record...)."""
+    if isinstance(error, PreconditionFailed):
+        return "replaced meanwhile: its new version is checked on the next run"
+    if isinstance(error, NotFound):
+        try:
+            service.repository.get(record.id)
+        except NotFound:
+            return "deleted meanwhile"
+    return f"{error.code}: {error.message}"
 
 
 @click.command("repair")

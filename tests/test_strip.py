@@ -296,6 +296,34 @@ def test_the_strip_command_strips_images_stored_with_metadata(app, client, image
     assert "0 stripped" in again.output
 
 
+def test_the_strip_command_says_which_images_were_deleted_or_replaced_meanwhile(
+    app, images, service, monkeypatch
+):
+    data = picture("JPEG", exif=exif_with_gps(6).tobytes(), comment=SECRET)
+    service.settings = dataclasses.replace(service.settings, strip_metadata=False)
+    made = {images.create(data)["_id"] for _ in range(3)}
+    service.settings = dataclasses.replace(service.settings, strip_metadata=True)
+    strip_stored = service.strip_stored
+    others = []
+
+    def clients_meanwhile(record, apply=False):
+        # While the command strips the first it comes to, a client deletes one of the
+        # others and replaces the third.
+        monkeypatch.setattr(service, "strip_stored", strip_stored)
+        others.extend(sorted(made - {record.id}))
+        assert images.client.delete(f"/api/images/{others[0]}").status_code == 200
+        assert images.replace(others[1], picture("PNG")).status_code == 200
+        return strip_stored(record, apply=apply)
+
+    monkeypatch.setattr(service, "strip_stored", clients_meanwhile)
+    applied = app.test_cli_runner().invoke(args=["strip-metadata", "--apply"])
+    assert applied.exit_code == 0, applied.output
+    lines = applied.output.splitlines()
+    assert f"{others[0]}: skipped (deleted meanwhile)" in lines
+    assert f"{others[1]}: skipped (replaced meanwhile: " in applied.output
+    assert "1 stripped" in applied.output
+
+
 # --- what an outside attack hid where the first walkers did not look ------------------------
 
 
