@@ -690,6 +690,7 @@ def bench_nginx(args, work: Path, rows: list) -> None:
     data_dir = work / "nginx-fs"
     port, proxy_port, ref_port = free_port(), free_port(), free_port()
     accel_front, proxy_front, ref_front, static_port = (free_port() for _ in range(4))
+    wsgi_port, wsgi_front = free_port(), free_port()
     accel_env = service_env(data_dir, port, DOWNLOAD_MODE="accel", PROXY_HOPS="1")
     proxy_env = service_env(data_dir, proxy_port, PROXY_HOPS="1")
     with gunicorn("wsgi:app", accel_env), gunicorn("wsgi:app", proxy_env):
@@ -701,26 +702,33 @@ def bench_nginx(args, work: Path, rows: list) -> None:
             "PORT": str(ref_port),
             "BENCH_ACCEL": f"/_accel/whole/{key[:2]}/{key}",
         }
+        wsgi_env = {**ref_env, "PORT": str(wsgi_port)}
         by_id, signer = signed_links(data_dir, work, image["_id"], key)
         with (
             gunicorn("bench.reference:app", ref_env, "/ping"),
+            gunicorn("bench.reference:wsgi_accel", wsgi_env, "/ping"),
             fronted(accel_env, accel_front, work),
             fronted(proxy_env, proxy_front, work),
             fronted(ref_env, ref_front, work, ready_path="/ping"),
+            fronted(wsgi_env, wsgi_front, work, ready_path="/ping"),
             nginx(data_dir / "blobs", static_port, (by_id, signer.key)),
         ):
             static = f"http://127.0.0.1:{static_port}/{key[:2]}/{key}"
             accel = f"http://127.0.0.1:{accel_front}{path}"
             bare_accel = f"http://127.0.0.1:{ref_front}/accel"
+            wsgi_accel = f"http://127.0.0.1:{wsgi_front}/accel"
             signed = f"http://127.0.0.1:{static_port}{path}?{signer.sign(path, signer.expiry())}"
             assert requests.get(accel).content == requests.get(static).content
             assert requests.get(bare_accel).content == requests.get(static).content
+            assert requests.get(wsgi_accel).content == requests.get(static).content
             assert requests.get(signed).content == requests.get(static).content
             assert requests.get(signed.replace("signature=", "signature=x")).status_code == 403
             ours, theirs = side_by_side(accel, static, args)
             # The ceiling for any download Python decides: the same nginx and gunicorn
             # with a Flask view that does nothing but name the file.
             bare, theirs_bare = side_by_side(bare_accel, static, args)
+            # The floor under that: the same answer from a WSGI callable, no Flask.
+            floor, theirs_floor = side_by_side(wsgi_accel, static, args)
             # And without Python: nginx checks the signature and follows a symlink.
             by_nginx, theirs_signed = side_by_side(signed, static, args)
             proxied, theirs_again = side_by_side(
@@ -744,6 +752,12 @@ def bench_nginx(args, work: Path, rows: list) -> None:
     for name, a, b, goal in (
         ("nginx -> service in accel mode", ours, theirs, 0.8),
         ("reference: nginx -> a bare Flask X-Accel-Redirect view", bare, theirs_bare, None),
+        (
+            "reference: nginx -> a WSGI callable answering X-Accel-Redirect (no Flask)",
+            floor,
+            theirs_floor,
+            None,
+        ),
         (
             "reference: nginx alone, checking the signed URL (njs) and following a symlink "
             "per image",
