@@ -806,7 +806,9 @@ def bench_access(args, work: Path, rows: list) -> None:
     commit before any of that, side by side: metadata GET and the upload of `bench_upload`.
 
     Both run the same gunicorn configuration on fresh data directories; the limits are set
-    high enough never to refuse (so they are counted, not hit).
+    high enough never to refuse (so they are counted, not hit). For the record, the same
+    two against this build with AUTH=off: access control's own cost today, without what
+    later issues added to every request.
     """
     before = work / "before-access"
     before.mkdir()
@@ -818,17 +820,21 @@ def bench_access(args, work: Path, rows: list) -> None:
     body = work / "access-body.multipart"
     body.write_bytes(multipart_body(image, "image", "bench.jpg", "image/jpeg"))
     script = [str(Path(__file__).resolve().parent / "upload.lua"), str(body)]
-    now_dir, before_dir = work / "access-now", work / "access-before"
-    port, before_port = free_port(), free_port()
+    now_dir, before_dir, off_dir = work / "access-now", work / "access-before", work / "access-off"
+    port, before_port, off_port = free_port(), free_port(), free_port()
     with (
         gunicorn("wsgi:app", service_env(now_dir, port, AUTH="on")),
         gunicorn("wsgi:app", service_env(before_dir, before_port), cwd=before),
+        gunicorn("wsgi:app", service_env(off_dir, off_port)),
     ):
         key = {"Authorization": f"Bearer {(now_dir / 'admin-key').read_text().strip()}"}
         now, then = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{before_port}"
+        off = f"http://127.0.0.1:{off_port}"
         ours = upload(now, image, "bench.jpg", key)
         theirs = upload(then, image, "bench.jpg")
+        unkeyed = upload(off, image, "bench.jpg")
         assert "signature=" in ours["imageUrl"] and "?" not in theirs["imageUrl"]
+        assert "signature=" not in unkeyed["imageUrl"]
         get_now, get_then = side_by_side(
             f"{now}/api/images/{ours['_id']}",
             f"{then}/api/images/{theirs['_id']}",
@@ -838,6 +844,22 @@ def bench_access(args, work: Path, rows: list) -> None:
         up_now, up_then = side_by_side(
             f"{now}/api/images/upload",
             f"{then}/api/images/upload",
+            args,
+            script=script,
+            headers=(key, None),
+        )
+        # For the record: the same build with AUTH=off (no key, no signed URLs; its limits
+        # still counted, by client address), which leaves out what later issues added to
+        # every request (media, logs, metrics) that the comparison above includes.
+        get_on, get_off = side_by_side(
+            f"{now}/api/images/{ours['_id']}",
+            f"{off}/api/images/{unkeyed['_id']}",
+            args,
+            headers=(key, None),
+        )
+        up_on, up_off = side_by_side(
+            f"{now}/api/images/upload",
+            f"{off}/api/images/upload",
             args,
             script=script,
             headers=(key, None),
@@ -858,6 +880,17 @@ def bench_access(args, work: Path, rows: list) -> None:
             f"{median(up_now, 'rps'):.0f} vs {median(up_then, 'rps'):.0f} uploads/s",
         )
     )  # fmt: skip
+    for name, a, b in (
+        ("GET /api/images/<id>", get_on, get_off),
+        (f"upload of a {len(image) / 1e3:.0f} KB JPEG", up_on, up_off),
+    ):
+        rows.append(
+            ratio_row(
+                f"for the record: {name}, AUTH=on (a key, signed URLs) vs AUTH=off, this build",
+                a, b, "rps", None,
+                f"{median(a, 'rps'):.0f} vs {median(b, 'rps'):.0f} per second",
+            )
+        )  # fmt: skip
 
 
 def fill_sqlite(data_dir: Path, count: int) -> None:
