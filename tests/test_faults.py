@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import http.server
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -385,6 +389,29 @@ def test_locked_sqlite_is_503(make_app, tmp_path):
         locker.execute("ROLLBACK")
         locker.close()
     assert list(app.extensions["image_api"].storage.list()) == []
+
+
+def test_a_full_disk_under_sqlite_is_503_never_500_and_loses_nothing(tmp_path):
+    """SQLite runs UPDATE/DELETE ... RETURNING a step at a time: a full disk failed the
+    fetch after `execute`, outside the translation of its errors, and uploads and deletes
+    were a 500 with a traceback. Real writes in a process of its own (tests/full_disk_probe)."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.full_disk_probe", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert "Traceback" not in probe.stderr, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert set(seen["full"]) <= {
+        "upload 201 None",  # what still fitted
+        "upload 503 backend_unavailable",
+        "delete 503 backend_unavailable",
+    }, seen
+    assert seen["full"]["delete 503 backend_unavailable"] == 3
+    assert seen["reads"] == [200, 200, 200]  # a delete that could not land left the image
+    assert seen["again"] == [201, 201, 201] and seen["deleted"] == [200, 200, 200]
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before-write", "after-write"])

@@ -229,6 +229,24 @@ def _sqlite_errors():
         raise BackendUnavailable(in_doubt=False) from error
 
 
+class _Rows:
+    """A statement's rows, every one fetched inside `_sqlite_errors`: SQLite runs an
+    UPDATE ... RETURNING (and a SELECT) a step per row, so a full disk or a lock can fail
+    the fetch after `execute` succeeded, and that is a 503 like any other."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, cursor: sqlite3.Cursor):
+        self.rows = cursor.fetchall()
+        self.rowcount = cursor.rowcount
+
+    def fetchone(self) -> sqlite3.Row | None:
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
 _COLUMNS = ", ".join(RECORD_FIELDS)
 _VARIANT_COLUMNS = ", ".join(VARIANT_FIELDS)
 _VARIANT_MARKS = ", ".join(f":{name}" for name in VARIANT_FIELDS)
@@ -267,7 +285,7 @@ class SqliteRepository:
                 self._opened.append(connection)
         return self._local.connection
 
-    def _execute(self, query: str, params=()) -> sqlite3.Cursor:
+    def _execute(self, query: str, params=()) -> _Rows:
         with _sqlite_errors():
             db = self._connection()
             # A locked database waits at most what is left of the request's budget.
@@ -275,7 +293,7 @@ class SqliteRepository:
             if busy_ms != self._local.busy_ms:
                 db.execute(f"PRAGMA busy_timeout = {max(busy_ms, 10)}")
                 self._local.busy_ms = busy_ms
-            return db.execute(query, params)
+            return _Rows(db.execute(query, params))
 
     def create(self) -> None:
         """Switch to WAL and bring the schema to `SCHEMA_VERSION`.
