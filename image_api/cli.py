@@ -4,6 +4,7 @@ nginx-config`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import unicodedata
@@ -25,8 +26,35 @@ from .service import current_service
 from .storage import storage_from_settings
 
 
+def _in_one_line(run):
+    """A backend that is down or refuses stops the command with one line, its error and
+    the cause, not a traceback: what it wrote is whole (each write is atomic), and it can
+    run again."""
+
+    @functools.wraps(run)
+    def guarded(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        except ApiError as error:
+            cause = f": {error.__cause__}" if error.__cause__ else ""
+            message = f"{_command_name()} stopped: {error.message}{cause}"
+            raise click.ClickException(message) from None
+
+    return guarded
+
+
+def _command_name() -> str:
+    """`keys create`, `repair`...: the command as typed after `flask`."""
+    names, context = [], click.get_current_context()
+    while context.parent is not None:
+        names.append(context.info_name)
+        context = context.parent
+    return " ".join(reversed(names))
+
+
 @click.command("init")
 @with_appcontext
+@_in_one_line
 def init_command():
     """Create the bucket or directory, and the tables or indexes (idempotent)."""
     service = current_service()
@@ -103,6 +131,7 @@ def keys_group():
     help="read; write (includes read); admin (includes both, and every owner). Repeatable.",
 )
 @with_appcontext
+@_in_one_line
 def create_key_command(name: str, owner: str, scopes: tuple[str, ...]):
     """Create a key and print its secret, once: it is stored only as a hash."""
     _refuse_when_read_only("keys create")
@@ -120,6 +149,7 @@ def create_key_command(name: str, owner: str, scopes: tuple[str, ...]):
 
 @keys_group.command("list")
 @with_appcontext
+@_in_one_line
 def list_keys_command():
     """Names, owners, scopes and times of every key (never secrets)."""
     keys = current_service().repository.list_api_keys()
@@ -141,6 +171,7 @@ def list_keys_command():
 @keys_group.command("revoke")
 @click.argument("name", type=_NAME)
 @with_appcontext
+@_in_one_line
 def revoke_key_command(name: str):
     """Revoke the key NAME: requests with it get 401 from now on."""
     _refuse_when_read_only("keys revoke")
@@ -155,6 +186,7 @@ def revoke_key_command(name: str):
 @click.command("strip-metadata")
 @click.option("--apply", is_flag=True, help="Strip what is found (default: report only).")
 @with_appcontext
+@_in_one_line
 def strip_metadata_command(apply: bool):
     """Strip the metadata of images stored with it (before stripping existed, or with
     STRIP_METADATA=false): each becomes a new version, its pixels unchanged. Rerun it after
@@ -204,6 +236,7 @@ def _why_not_stripped(service, record, error: ApiError) -> str:
 @click.option("--apply", is_flag=True, help="Fix what is found (default: report only).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @with_appcontext
+@_in_one_line
 def repair_command(grace: float, apply: bool, as_json: bool):
     """Find orphan blobs, stale pending uploads and records whose blob is missing."""
     if apply:
@@ -212,11 +245,7 @@ def repair_command(grace: float, apply: bool, as_json: bool):
     def track(pairs):
         return _progress(pairs, "checking", show=not as_json)
 
-    try:
-        report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
-    except ApiError as error:  # a backend down or refusing: nothing is half-done, run it again
-        cause = f": {error.__cause__}" if error.__cause__ else ""
-        raise click.ClickException(f"repair stopped: {error.message}{cause}") from None
+    report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -260,6 +289,7 @@ def _progress(items, label: str, length: int | None = None, show: bool = True):
 @click.option("--dry-run", is_flag=True, help="count what would be copied; write nothing")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @with_appcontext
+@_in_one_line
 def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, as_json):
     """Copy everything from the embedded default (directory + SQLite) to S3 + MongoDB:
     API keys, images, variants and live idempotency keys, each blob's sha256 checked.
@@ -344,6 +374,7 @@ NGINX_SOURCE = "flask --app image_api nginx-config"
 @click.option("--user", default=None, help="the user (and group) nginx's workers run as")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="write here, not stdout")
 @with_appcontext
+@_in_one_line
 def nginx_config_command(listen, upstream, user, output):
     """Print deploy/nginx.conf for these settings: nginx in front of gunicorn."""
     service = current_service()

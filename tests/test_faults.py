@@ -414,6 +414,75 @@ def test_a_full_disk_under_sqlite_is_503_never_500_and_loses_nothing(tmp_path):
     assert seen["again"] == [201, 201, 201] and seen["deleted"] == [200, 200, 200]
 
 
+def test_write_commands_on_a_locked_database_stop_in_one_line(make_app, tmp_path):
+    import sqlite3
+
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    service = app.extensions["image_api"]
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["keys", "create", "--name", "old", "--owner", "o"]).exit_code == 0
+    service.repository.busy_timeout = 0.2
+    service.repository._local = threading.local()
+    locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for args in (
+            ["keys", "create", "--name", "new", "--owner", "o"],
+            ["keys", "revoke", "old"],
+        ):
+            result = runner.invoke(args=args)
+            assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+            assert result.output == (
+                f"Error: {' '.join(args[:2])} stopped: {BackendUnavailable.message}: "
+                "database is locked\n"
+            )
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    listed = runner.invoke(args=["keys", "list"]).output
+    assert "old" in listed and "new" not in listed and "revoked" not in listed
+
+
+class _Down:
+    """A metadata store that answers nothing (stopped, full, locked past its timeout)."""
+
+    name = "down"
+
+    def __getattr__(self, name):
+        def unavailable(*args, **kwargs):
+            raise BackendUnavailable() from OSError("connection refused")
+
+        return unavailable
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["init"],
+        ["keys", "create", "--name", "k", "--owner", "o"],
+        ["keys", "list"],
+        ["keys", "revoke", "k"],
+        ["strip-metadata"],
+        ["repair"],
+        ["repair", "--apply"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_stops_in_one_line_when_the_metadata_store_is_down(make_app, tmp_path, args):
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    service = app.extensions["image_api"]
+    repository, service.repository = service.repository, _Down()
+    try:
+        result = app.test_cli_runner().invoke(args=args)
+    finally:
+        service.repository = repository
+    assert isinstance(result.exception, SystemExit), result.exception
+    name = " ".join(args[:2]) if args[0] == "keys" else args[0]
+    assert result.output.endswith(
+        f"Error: {name} stopped: {BackendUnavailable.message}: connection refused\n"
+    )
+
+
 @pytest.mark.parametrize("after", [False, True], ids=["before-write", "after-write"])
 @pytest.mark.parametrize("operation", ["insert", "activate", "update", "delete"])
 def test_repository_faults_then_repair_leave_an_exact_match(
