@@ -34,6 +34,63 @@ ACCEL_HEADERS = (
     "RateLimit-Limit",
     "RateLimit-Remaining",
     "RateLimit-Reset",
+    "X-Request-ID",
+)
+
+#: What S3 (or MinIO, moto...) sends with an object that the service does not: its CORS
+#: answer to an Origin header, its validators and caching, and its own x-amz-* headers.
+#: nginx hides upstream headers by name only.
+S3_RESPONSE_HEADERS = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Expose-Headers",
+    "Access-Control-Max-Age",
+    "Vary",
+    "ETag",
+    "Last-Modified",
+    "Accept-Ranges",
+    "Content-Disposition",
+    "Content-Language",
+    "Cache-Control",
+    "Expires",
+    "x-amz-request-id",
+    "x-amz-id-2",
+    "x-amzn-requestid",
+    "x-amz-version-id",
+    "x-amz-delete-marker",
+    "x-amz-expiration",
+    "x-amz-restore",
+    "x-amz-storage-class",
+    "x-amz-replication-status",
+    "x-amz-server-side-encryption",
+    "x-amz-server-side-encryption-aws-kms-key-id",
+    "x-amz-server-side-encryption-bucket-key-enabled",
+    "x-amz-server-side-encryption-customer-algorithm",
+    "x-amz-server-side-encryption-customer-key-md5",
+    "x-amz-website-redirect-location",
+    "x-amz-mp-parts-count",
+    "x-amz-tagging-count",
+    "x-amz-missing-meta",
+    "x-amz-object-lock-mode",
+    "x-amz-object-lock-retain-until-date",
+    "x-amz-object-lock-legal-hold",
+    "x-amz-checksum-crc32",
+    "x-amz-checksum-crc32c",
+    "x-amz-checksum-crc64nvme",
+    "x-amz-checksum-sha1",
+    "x-amz-checksum-sha256",
+    "x-amz-checksum-type",
+    "x-amz-sdk-checksum-algorithm",
+    "x-amz-content-sha256",
+    "x-amz-bucket-region",
+    "x-minio-error-code",
+    "x-minio-error-desc",
+    "X-Xss-Protection",
+    "Strict-Transport-Security",
+    "X-Content-Type-Options",
+    "Content-Security-Policy",
 )
 
 
@@ -148,6 +205,10 @@ def _accel_headers(indent: str = " " * 12) -> str:
     return "\n".join(indent + line for line in lines)
 
 
+def _hidden(names, indent: str = " " * 12) -> str:
+    return "\n".join(f"{indent}proxy_hide_header {name};" for name in names)
+
+
 def _s3_parts(settings: Settings, storage: BlobStorage) -> dict[str, str]:
     """The S3 endpoint presigned URLs point at (signing is local: no request is made)."""
     url = urlsplit(storage.presigned_url("0" * 32, 60, "image/png", "attachment"))
@@ -173,28 +234,14 @@ def _s3_parts(settings: Settings, storage: BlobStorage) -> dict[str, str]:
             }}
             proxy_method GET;
             proxy_pass {scheme}://image_api_s3/$accel_object$is_args$args;
+            # Nothing of the client's request reaches the bucket (its Origin, key, cookies,
+            # conditions): only what the presigned URL needs and the range decided.
+            proxy_pass_request_headers off;
             proxy_set_header Host {host};
+            proxy_set_header Connection "";
             proxy_set_header Range $accel_range_header;
-            proxy_set_header If-Range "";
-            proxy_set_header If-Match "";
-            proxy_set_header If-None-Match "";
-            proxy_set_header If-Modified-Since "";
-            proxy_set_header If-Unmodified-Since "";
-            proxy_set_header Authorization "";
-            proxy_set_header Cookie "";
-            proxy_set_header X-Forwarded-For "";
-            proxy_set_header X-Forwarded-Proto "";
-            proxy_set_header X-Forwarded-Host "";
-            proxy_set_header X-Forwarded-Port "";
-            proxy_set_header X-Forwarded-Prefix "";
-            proxy_hide_header ETag;
-            proxy_hide_header Last-Modified;
-            proxy_hide_header Accept-Ranges;
-            proxy_hide_header Content-Disposition;
-            proxy_hide_header Cache-Control;
-            proxy_hide_header Expires;
-            proxy_hide_header x-amz-request-id;
-            proxy_hide_header x-amz-id-2;
+            proxy_headers_hash_bucket_size 128;  # room for the longest names hidden
+{_hidden(S3_RESPONSE_HEADERS)}
             proxy_intercept_errors on;{tls}
         }}"""
     upstream = f"""

@@ -225,6 +225,15 @@ def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> 
     assert "X-Accel-Redirect" not in full.headers and "X-Image-Disposition" not in full.headers
     for name in ("Content-Type", "Content-Disposition", "Cache-Control", "ETag", "Accept-Ranges"):
         assert len(full.raw.headers.getlist(name)) == 1, (name, full.headers)
+    # The request's id comes back, as from every other response; another origin gets no
+    # CORS header (S3's own, answering an Origin header, included), and nothing of S3's.
+    traced = http.get(
+        url, headers={"X-Request-ID": "accel-check-1", "Origin": "https://evil.example"}
+    )
+    assert traced.content == data
+    assert traced.raw.headers.getlist("X-Request-ID") == ["accel-check-1"]
+    assert not [name for name in traced.headers if name.lower().startswith("access-control-")]
+    assert not [name for name in traced.headers if name.lower().startswith("x-amz")]
     part = http.get(url, headers={"Range": "bytes=2-9"})
     assert (part.status_code, part.content) == (206, data[2:10])
     assert part.headers["Content-Range"] == f"bytes 2-9/{len(data)}"
@@ -510,6 +519,8 @@ def test_nginx_errors_carry_the_services_cors_headers(home):
 
 # --- S3 behind accel ----------------------------------------------------------------------
 
+APP_ORIGIN = "https://app.example"
+
 
 @pytest.fixture(scope="module")
 def s3_pair(home, moto_server):
@@ -520,6 +531,7 @@ def s3_pair(home, moto_server):
         "s3",
         S3_BUCKET_NAME=f"accel-{new_id()}",
         S3_ENDPOINT_URL=moto_server,
+        CORS_ORIGINS=APP_ORIGIN,
         **FAKE_AWS,
     )
     yield service, front
@@ -539,3 +551,11 @@ def test_accel_downloads_from_s3_behave_as_proxy_mode(s3_pair):
     variant = "?w=30&format=jpeg"
     rendered = http.get(f"{front.url}/api/images/{image_id}/download{variant}").content
     accel_checks(http, front, image_id, rendered, variant)
+    # The allowed origin gets the service's CORS headers once (S3 answered the Origin
+    # header with its own: two Access-Control-Allow-Origin, which browsers refuse).
+    allowed = http.get(
+        f"{front.url}/api/images/{image_id}/download", headers={"Origin": APP_ORIGIN}
+    )
+    assert allowed.content == data
+    assert allowed.raw.headers.getlist("Access-Control-Allow-Origin") == [APP_ORIGIN]
+    assert len(allowed.raw.headers.getlist("Vary")) == 1
