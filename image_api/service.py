@@ -315,11 +315,13 @@ class ImageService:
             return
         raise Conflict("The image kept changing while it was being deleted; retry")
 
-    def download(self, blob: ImageRecord | Variant, disposition: str) -> Download:
-        """For an image or a variant: a presigned redirect in redirect mode, else a way to
-        stream the bytes (opened only when the caller asks, so a 304 never touches
-        storage)."""
-        if self.settings.download_mode == "redirect":
+    def download(
+        self, blob: ImageRecord | Variant, disposition: str, redirect: bool = True
+    ) -> Download:
+        """For an image or a variant: a presigned redirect in redirect mode (unless the
+        caller says the request must not be redirected), else a way to stream the bytes
+        (opened only when the caller asks, so a 304 never touches storage)."""
+        if redirect and self.settings.download_mode == "redirect":
             url = self.storage.presigned_url(
                 blob.key, self.settings.presign_ttl, blob.content_type, disposition
             )

@@ -216,6 +216,45 @@ def test_redirect_mode_sends_a_presigned_url_with_the_right_headers(s3_app):
     )
 
 
+def test_redirect_mode_streams_what_the_bucket_would_judge_otherwise(s3_app):
+    """A client follows the 302 with the same headers (curl -L does): the bucket would
+    judge If-Match and If-Range by its own ETag (an MD5), and a Range the service ignores
+    by its own rules. Those are streamed by the service; a range past the end is the
+    service's JSON 416, not the bucket's XML."""
+    app = s3_app(DOWNLOAD_MODE="redirect")
+    client = app.test_client()
+    data = make_image("PNG", (50, 40))
+    image = ImagesClient(client).create(data)
+    url, etag = f"/api/images/{image['_id']}/download", f'"{image["sha256"]}"'
+
+    def followed(headers):
+        response = client.get(url, headers=headers)
+        if response.status_code != 302:
+            return response.status_code, response.data
+        fetched = requests.get(response.headers["Location"], headers=headers, timeout=10)
+        return fetched.status_code, fetched.content
+
+    assert followed({"If-Match": etag}) == (200, data)
+    assert followed({"If-Match": etag, "Range": "bytes=0-9"}) == (206, data[:10])
+    assert followed({"Range": "bytes=0-9", "If-Range": etag}) == (206, data[:10])
+    assert followed({"Range": "bytes=0-9", "If-Range": '"other"'}) == (200, data)
+    assert followed({"Range": "bytes=0-1,4-5"}) == (200, data)
+    assert followed({"Range": "bytes=5-2"}) == (200, data)
+    # What the bucket judges as the service does is still redirected.
+    for headers, expected in (
+        ({}, (200, data)),
+        ({"Range": "bytes=3-7"}, (206, data[3:8])),
+        ({"Range": "bytes=-4"}, (206, data[-4:])),
+        ({"If-None-Match": '"other"'}, (200, data)),
+    ):
+        assert client.get(url, headers=headers).status_code == 302, headers
+        assert followed(headers) == expected, headers
+    beyond = client.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert beyond.status_code == 416 and beyond.get_json()["code"] == "range_not_satisfiable"
+    assert beyond.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert client.get(url, headers={"If-Match": '"other"'}).status_code == 412
+
+
 def test_redirect_mode_needs_s3(make_app, tmp_path):
     from image_api.config import ConfigError
 

@@ -114,12 +114,14 @@ def download_image(image_id: str):
         response.status_code = 304
         return response
 
-    download = service.download(blob, response.headers["Content-Disposition"])
+    byte_range = requested_range(record, blob)  # a 416 is ours, before any redirect
+    download = service.download(
+        blob, response.headers["Content-Disposition"], redirect=_bucket_agrees(byte_range)
+    )
     if download.redirect is not None:
         response.status_code = 302
         response.location = download.redirect
         return response
-    byte_range = requested_range(record, blob)
     if service.settings.download_mode == "accel" and _nginx_agrees(byte_range):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
         # under these headers, with its own validators off. An If-Range date is judged by
@@ -147,6 +149,21 @@ def download_image(image_id: str):
     response.response = wrap_file(request.environ, stream, buffer_size=_CHUNK)
     response.direct_passthrough = True
     return response
+
+
+def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:
+    """Whether the bucket, sent the request again by a redirect (clients follow one with
+    the same headers), answers exactly as the service decided.
+
+    It judges If-Match and If-Range against its own ETag (an MD5, never our sha256: a 412
+    or the whole object for a request the service accepted or ranged), and takes Range
+    headers the service ignores (several ranges, say). Such requests, rare, are streamed
+    by the service instead. (If-None-Match never matches the bucket's ETag either: the
+    service answered a match with 304 already.)"""
+    headers = request.headers
+    if "If-Match" in headers or "If-Range" in headers:
+        return False
+    return byte_range is not None or "Range" not in headers
 
 
 def _nginx_agrees(byte_range: tuple[int, int] | None) -> bool:
