@@ -19,8 +19,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from . import deadline
 from .config import MIN_SECRET_LENGTH, ConfigError
-from .errors import ApiError, Conflict
+from .errors import ApiError, BackendUnavailable, Conflict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ GRANTS = {
 ADMIN_OWNER = "admin"
 #: `last_used_at` is written at most this often per key, not on every request.
 TOUCH_EVERY = timedelta(minutes=1)
+#: The longest noting a key's use may hold up a request.
+TOUCH_WAIT = 0.25
 
 
 class Unauthorized(ApiError):
@@ -173,10 +176,20 @@ class Keys:
             raise Forbidden(f"This API key lacks the '{scope}' scope")
         now = self.clock()
         if key.last_used_at is None or now - key.last_used_at >= TOUCH_EVERY:
-            self.repository.touch_api_key(key.id, now)
+            self._touch(key, now)
             key = dataclasses.replace(key, last_used_at=now)
             self._remember(key)
         return key
+
+    def _touch(self, key: ApiKey, now: datetime) -> None:
+        """Note a use, by the way: a metadata store that cannot take the write now (locked,
+        read-only, full) neither fails nor holds up the request, whose key was read. The
+        use is noted again when this process reads the key anew."""
+        try:
+            with deadline.at_most(TOUCH_WAIT):
+                self.repository.touch_api_key(key.id, now)
+        except BackendUnavailable:
+            log.warning("could not note the use of API key %r now; a later use will", key.name)
 
     def revoke(self, name: str) -> ApiKey:
         """Revoke the key `name` (`NotFound` if there is no active one)."""

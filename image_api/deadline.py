@@ -91,6 +91,23 @@ def compensation() -> Iterator[None]:
         _current.reset(token)
 
 
+@contextlib.contextmanager
+def at_most(seconds: float) -> Iterator[None]:
+    """Calls in this block take at most `seconds` of the budget (or of the configured
+    timeouts, outside a request): for a write done by the way, which must not hold up the
+    request it serves."""
+    outer = _current.get()
+    monotonic = outer.monotonic if outer is not None else time.monotonic
+    expires = monotonic() + seconds
+    if outer is not None:
+        expires = min(expires, outer.expires - outer.reserve)
+    token = _current.set(Deadline(expires, 0.0, monotonic))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
 def extend(seconds: float) -> None:
     """Give the current budget at least `seconds` more (work that finished late, such as a
     render under load, is kept and sent rather than thrown away)."""

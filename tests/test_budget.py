@@ -86,6 +86,23 @@ def test_calls_get_what_is_left_of_the_budget_and_nothing_once_it_is_spent():
     assert deadline.time_left(30) == 30  # outside a request: the configured timeout
 
 
+def test_at_most_caps_the_calls_in_its_block_by_the_budget_too():
+    ticks = Ticks()
+    with deadline.budget(10, monotonic=ticks):
+        with deadline.at_most(0.25):
+            assert deadline.time_left(30) == 0.25
+        assert deadline.time_left(30) == 9  # the request's own budget, as it was
+        ticks.now += 8.9  # 0.1 s left before the reserve
+        with deadline.at_most(0.25):
+            assert deadline.time_left(30) == pytest.approx(0.1)
+            ticks.now += 0.1
+            with pytest.raises(BackendUnavailable):
+                deadline.time_left(30)
+    with deadline.at_most(0.25):  # outside a request: at most that too
+        assert 0.2 < deadline.time_left(30) <= 0.25
+    assert deadline.current() is None
+
+
 def test_budget_must_be_below_gunicorns_timeout():
     assert Settings.from_mapping({"REQUEST_TIMEOUT": "59"}).request_timeout == 59
     for value in ("60", "61"):

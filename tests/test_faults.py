@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -412,6 +414,41 @@ def test_a_full_disk_under_sqlite_is_503_never_500_and_loses_nothing(tmp_path):
     assert seen["full"]["delete 503 backend_unavailable"] == 3
     assert seen["reads"] == [200, 200, 200]  # a delete that could not land left the image
     assert seen["again"] == [201, 201, 201] and seen["deleted"] == [200, 200, 200]
+
+
+def test_reads_go_on_when_a_keys_use_cannot_be_noted(make_app, tmp_path, clock, caplog):
+    """A key's last use is written once a minute, by the request that uses it: with the
+    database locked by a writer (or read-only, or full), that write used to wait out the
+    busy timeout and fail every read with a 503. It now waits a quarter of a second at
+    most, and the read is served."""
+    import sqlite3
+
+    app = make_app({"DATA_DIR": str(tmp_path), "AUTH": "on"})
+    service = app.extensions["image_api"]
+    key, secret = service.keys.create("reader", "o", ["write"])
+    reader = app.test_client(key=secret)
+    image_id = ImagesClient(reader).create()["_id"]
+    noted = service.repository.get_api_key(key.id).last_used_at
+    ticks = [0.0]
+    service.keys.monotonic = lambda: ticks[0]  # the reread window's clock, moved by hand
+    clock.advance(timedelta(minutes=2))  # a use is due to be noted
+    ticks[0] += 10
+    locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with caplog.at_level(logging.WARNING, logger="image_api.access"):
+            assert reader.get(f"/api/images/{image_id}").status_code == 200
+            assert reader.get(f"/api/images/{image_id}/download").status_code == 200
+        assert [r.getMessage() for r in caplog.records if r.name == "image_api.access"] == [
+            "could not note the use of API key 'reader' now; a later use will"
+        ]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert service.repository.get_api_key(key.id).last_used_at == noted
+    ticks[0] += 10  # the key is read anew: its use is noted then
+    assert reader.get(f"/api/images/{image_id}").status_code == 200
+    assert service.repository.get_api_key(key.id).last_used_at > noted
 
 
 def test_write_commands_on_a_locked_database_stop_in_one_line(make_app, tmp_path):
