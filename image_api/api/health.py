@@ -41,6 +41,7 @@ def readiness():
 )
 def prometheus_metrics():
     """Requests, bytes, backend calls, variants, decode waits and rate limits, for
-    Prometheus (an admin key: never public)."""
+    Prometheus (an admin key: never public). Behind the rendered nginx config it is a 404
+    on the public server: Prometheus scrapes gunicorn directly."""
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
