@@ -835,35 +835,30 @@ def bench_access(args, work: Path, rows: list) -> None:
         unkeyed = upload(off, image, "bench.jpg")
         assert "signature=" in ours["imageUrl"] and "?" not in theirs["imageUrl"]
         assert "signature=" not in unkeyed["imageUrl"]
-        get_now, get_then = side_by_side(
-            f"{now}/api/images/{ours['_id']}",
-            f"{then}/api/images/{theirs['_id']}",
-            args,
-            headers=(key, None),
-        )
-        up_now, up_then = side_by_side(
-            f"{now}/api/images/upload",
-            f"{then}/api/images/upload",
-            args,
-            script=script,
-            headers=(key, None),
-        )
+
+        def compared(other: str, their_image: dict):
+            """A keyed GET of our image and a keyed upload vs the same without a key on
+            `other`, side by side."""
+            gets = side_by_side(
+                f"{now}/api/images/{ours['_id']}",
+                f"{other}/api/images/{their_image['_id']}",
+                args,
+                headers=(key, None),
+            )
+            uploads = side_by_side(
+                f"{now}/api/images/upload",
+                f"{other}/api/images/upload",
+                args,
+                script=script,
+                headers=(key, None),
+            )
+            return gets, uploads
+
+        (get_now, get_then), (up_now, up_then) = compared(then, theirs)
         # For the record: the same build with AUTH=off (no key, no signed URLs; its limits
         # still counted, by client address), which leaves out what later issues added to
         # every request (media, logs, metrics) that the comparison above includes.
-        get_on, get_off = side_by_side(
-            f"{now}/api/images/{ours['_id']}",
-            f"{off}/api/images/{unkeyed['_id']}",
-            args,
-            headers=(key, None),
-        )
-        up_on, up_off = side_by_side(
-            f"{now}/api/images/upload",
-            f"{off}/api/images/upload",
-            args,
-            script=script,
-            headers=(key, None),
-        )
+        (get_on, get_off), (up_on, up_off) = compared(off, unkeyed)
     rows.append(
         ratio_row(
             "GET /api/images/<id> with a key, limits and a signed imageUrl vs before "

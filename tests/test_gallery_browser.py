@@ -294,6 +294,15 @@ def test_deleting_an_image_deleted_elsewhere_takes_it_off_the_grid(running, page
     assert "No images yet" in page.inner_text("#status")
 
 
+def refuse_as_expired(route) -> None:
+    """Answer a picture's request as the service answers an expired signed URL."""
+    route.fulfill(
+        status=403,
+        content_type="application/json",
+        body='{"message":"The signed URL has expired","code":"url_expired"}',
+    )
+
+
 def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(running, page):
     """A tab left open past SIGNED_URL_TTL asks for pictures with expired URLs (403
     url_expired): the gallery fetches the image's metadata for fresh URLs, and shows them.
@@ -310,11 +319,7 @@ def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(runni
             route.continue_()
             return
         refused.add(route.request.url)
-        route.fulfill(
-            status=403,
-            content_type="application/json",
-            body='{"message":"The signed URL has expired","code":"url_expired"}',
-        )
+        refuse_as_expired(route)
 
     page.route("**/download?*", expire_once)
     page.goto(f"{running.url}/")
@@ -342,11 +347,7 @@ def test_a_picture_whose_image_was_deleted_elsewhere_leaves_the_grid(running, pa
 
     def deleted_meanwhile(route):
         running.http.delete(f"{running.url}/api/images/{image['_id']}").raise_for_status()
-        route.fulfill(
-            status=403,
-            content_type="application/json",
-            body='{"message":"The signed URL has expired","code":"url_expired"}',
-        )
+        refuse_as_expired(route)
 
     page.route("**/download?*", deleted_meanwhile)
     page.goto(f"{running.url}/")
