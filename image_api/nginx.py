@@ -242,7 +242,16 @@ def _s3_parts(settings: Settings, storage: BlobStorage) -> dict[str, str]:
             proxy_set_header Range $accel_range_header;
             proxy_headers_hash_bucket_size 128;  # room for the longest names hidden
 {_hidden(S3_RESPONSE_HEADERS)}
-            proxy_intercept_errors on;{tls}
+            # The bucket's errors in the service's words: a missing object is a 404 (S3
+            # answers 403 for one when its credentials may not list the bucket, and moto
+            # for a presigned URL with response headers); any other refusal, a failure or
+            # no answer within the service's own budget is a 503 backend_unavailable (not
+            # the 503 that says gunicorn is down).
+            proxy_connect_timeout {settings.backend_connect_timeout:g}s;
+            proxy_read_timeout {settings.request_timeout:g}s;
+            proxy_intercept_errors on;
+            error_page 403 404 =404 /_errors/gone;
+            error_page 400 401 405 409 412 416 500 502 503 504 =503 /_errors/backend;{tls}
         }}"""
     upstream = f"""
     upstream image_api_s3 {{

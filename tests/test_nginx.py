@@ -12,6 +12,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -559,3 +560,85 @@ def test_accel_downloads_from_s3_behave_as_proxy_mode(s3_pair):
     assert allowed.content == data
     assert allowed.raw.headers.getlist("Access-Control-Allow-Origin") == [APP_ORIGIN]
     assert len(allowed.raw.headers.getlist("Vary")) == 1
+
+
+def test_accel_on_s3_answers_a_missing_object_as_proxy_mode_does(s3_pair):
+    """The bucket's own error (XML, none of the service's headers) used to reach the
+    client: a delete racing a download, or a blob lost, now gets the service's JSON 404."""
+    import boto3
+
+    service, front = s3_pair
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {service.key}"
+    bucket = boto3.resource(
+        "s3", endpoint_url=service.env["S3_ENDPOINT_URL"], region_name="us-east-1", **_aws()
+    ).Bucket(service.env["S3_BUCKET_NAME"])
+    before = {item.key for item in bucket.objects.all()}
+    data = make_image("PNG", (20, 20), color="teal")
+    image_id = http.post(f"{front.url}/api/images/upload", files={"image": ("t.png", data)}).json()[
+        "image"
+    ]["_id"]
+    (blob,) = {item.key for item in bucket.objects.all()} - before
+    bucket.Object(blob).delete()
+    url = f"{front.url}/api/images/{image_id}/download"
+    sent = {"X-Request-ID": "gone-1", "Origin": APP_ORIGIN}
+    for response in (
+        http.get(url, headers=sent),
+        http.get(url, headers={**sent, "Range": "bytes=0-3"}),
+        http.head(url, headers=sent),
+    ):
+        assert response.status_code == 404, response.text
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.headers["X-Request-ID"] == "gone-1"
+        assert response.raw.headers.getlist("Access-Control-Allow-Origin") == [APP_ORIGIN]
+        assert not [name for name in response.headers if name.lower().startswith("x-amz")]
+        if response.request.method == "GET":
+            assert response.json() == {
+                "message": "The image's file is missing",
+                "code": "not_found",
+            }
+
+
+def _aws() -> dict:
+    return {
+        "aws_access_key_id": FAKE_AWS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+def test_accel_on_s3_answers_a_bucket_that_refuses_or_stalls_with_the_services_503(home, proxy):
+    """nginx fetched from a bucket that refused (or never answered, for 60 s) and said
+    gunicorn was down (503 service_unavailable). Now it is proxy mode's 503
+    backend_unavailable, a stall within REQUEST_TIMEOUT."""
+    from image_api.records import new_id
+    from tests import faultproxy
+
+    service, front = start_pair(
+        home,
+        "s3-faults",
+        S3_BUCKET_NAME=f"faults-{new_id()}",
+        S3_ENDPOINT_URL=proxy.url,
+        REQUEST_TIMEOUT="3",
+        **FAKE_AWS,
+    )
+    try:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {service.key}"
+        data = make_image("PNG", (20, 20), color="olive")
+        posted = http.post(f"{front.url}/api/images/upload", files={"image": ("o.png", data)})
+        url = f"{front.url}/api/images/{posted.json()['image']['_id']}/download"
+        for mode in (faultproxy.REFUSE, faultproxy.STALL):
+            proxy.mode = mode
+            started = time.monotonic()
+            response = http.get(url, headers={"X-Request-ID": f"s3-{mode}"}, timeout=30)
+            assert time.monotonic() - started < 10, mode  # not nginx's 60 s
+            assert response.status_code == 503, (mode, response.text)
+            assert response.json()["code"] == "backend_unavailable"
+            assert response.headers["Retry-After"] == "5"
+            assert response.headers["X-Request-ID"] == f"s3-{mode}"
+        proxy.mode = faultproxy.PASS
+        assert http.get(url).content == data
+    finally:
+        front.stop()
+        service.stop()
+    assert "Traceback" not in service.log.read_text()
