@@ -18,7 +18,7 @@ from flask.cli import with_appcontext
 from . import access, nginx
 from . import migrate as migration
 from .config import ConfigError, Settings
-from .errors import ApiError, Conflict, NotFound, PreconditionFailed
+from .errors import ApiError, BackendUnavailable, Conflict, NotFound, PreconditionFailed
 from .records import Status
 from .repair import repair
 from .repository import repository_from_settings, scan_all
@@ -202,6 +202,8 @@ def strip_metadata_command(apply: bool):
         checked += 1
         try:
             gain = service.strip_stored(record, apply=apply)
+        except BackendUnavailable:
+            raise  # the command stops (in one line): every image after would fail the same
         except ApiError as error:  # gone, changed meanwhile, or refused by today's limits
             click.echo(f"{record.id}: skipped ({_why_not_stripped(service, record, error)})")
             continue

@@ -520,6 +520,25 @@ def test_every_command_stops_in_one_line_when_the_metadata_store_is_down(make_ap
     )
 
 
+@pytest.mark.parametrize("args", [["strip-metadata"], ["strip-metadata", "--apply"]], ids=" ".join)
+def test_strip_metadata_stops_in_one_line_when_the_blob_storage_is_down(make_app, tmp_path, args):
+    """It skipped each image with a line of its own and said it had checked them all,
+    exit status 0: a cron job saw nothing wrong."""
+    app = make_app({"DATA_DIR": str(tmp_path)})
+    service = app.extensions["image_api"]
+    for _ in range(3):
+        ImagesClient(app.test_client()).create()
+    storage, service.storage = service.storage, _Down()
+    try:
+        result = app.test_cli_runner().invoke(args=args)
+    finally:
+        service.storage = storage
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+    assert result.output == (
+        f"Error: strip-metadata stopped: {BackendUnavailable.message}: connection refused\n"
+    )
+
+
 @pytest.mark.parametrize("after", [False, True], ids=["before-write", "after-write"])
 @pytest.mark.parametrize("operation", ["insert", "activate", "update", "delete"])
 def test_repository_faults_then_repair_leave_an_exact_match(
