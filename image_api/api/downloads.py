@@ -163,7 +163,12 @@ def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:
     headers = request.headers
     if "If-Match" in headers or "If-Range" in headers:
         return False
+    if any(name in headers and http_date(name) is None for name in _DATES):
+        return False  # ignored here as invalid; the bucket may judge it otherwise
     return byte_range is not None or "Range" not in headers
+
+
+_DATES = ("If-Modified-Since", "If-Unmodified-Since")
 
 
 def _nginx_agrees(byte_range: tuple[int, int] | None) -> bool:
