@@ -386,7 +386,12 @@ def test_locked_sqlite_is_503(make_app, tmp_path):
     locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
-        assert_unavailable(ImagesClient(app.test_client()).upload())
+        response = ImagesClient(app.test_client()).upload()
+        assert_unavailable(response)
+        # Which backend: the metadata store, not the blobs.
+        assert response.get_json()["message"] == (
+            "The metadata store (SQLite) is unavailable; retry later"
+        )
     finally:
         locker.execute("ROLLBACK")
         locker.close()
@@ -470,8 +475,8 @@ def test_write_commands_on_a_locked_database_stop_in_one_line(make_app, tmp_path
             result = runner.invoke(args=args)
             assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
             assert result.output == (
-                f"Error: {' '.join(args[:2])} stopped: {BackendUnavailable.message}: "
-                "database is locked\n"
+                f"Error: {' '.join(args[:2])} stopped: The metadata store (SQLite) is "
+                "unavailable; retry later: database is locked\n"
             )
     finally:
         locker.execute("ROLLBACK")

@@ -633,7 +633,10 @@ def test_accel_on_s3_answers_a_bucket_that_refuses_or_stalls_with_the_services_5
             response = http.get(url, headers={"X-Request-ID": f"s3-{mode}"}, timeout=30)
             assert time.monotonic() - started < 10, mode  # not nginx's 60 s
             assert response.status_code == 503, (mode, response.text)
-            assert response.json()["code"] == "backend_unavailable"
+            assert response.json() == {
+                "message": "The blob storage (S3) is unavailable; retry later",
+                "code": "backend_unavailable",
+            }
             assert response.headers["Retry-After"] == "5"
             assert response.headers["X-Request-ID"] == f"s3-{mode}"
         proxy.mode = faultproxy.PASS

@@ -42,6 +42,10 @@ _INDEXES = {
 }
 
 
+#: What a client is told when this backend cannot answer now.
+UNAVAILABLE = "The metadata store (MongoDB) is unavailable; retry later"
+
+
 def _to_document(record: ImageRecord) -> dict:
     document = dataclasses.asdict(record)
     document["_id"] = ObjectId(document.pop("id"))
@@ -130,10 +134,10 @@ def _mongo_errors(limit: float):
         raise Conflict() from error
     except ServerSelectionTimeoutError as error:
         # No server was reachable, so the operation was never sent.
-        raise BackendUnavailable(in_doubt=False) from error
+        raise BackendUnavailable(UNAVAILABLE, in_doubt=False) from error
     except PyMongoError as error:
         # AutoReconnect, NetworkTimeout, write concern errors...: the write may have landed.
-        raise BackendUnavailable() from error
+        raise BackendUnavailable(UNAVAILABLE) from error
 
 
 class MongoRepository:

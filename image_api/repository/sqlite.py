@@ -153,6 +153,10 @@ _MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
+#: What a client is told when this backend cannot answer now.
+UNAVAILABLE = "The metadata store (SQLite) is unavailable; retry later"
+
+
 def _to_text(moment: datetime) -> str:
     # Fixed-width UTC text sorts in time order.
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
@@ -226,7 +230,7 @@ def _sqlite_errors():
     except sqlite3.Error as error:
         # "database is locked" past the busy timeout, disk I/O errors, a vanished file...
         # SQLite commits locally and atomically: a failed statement did not take effect.
-        raise BackendUnavailable(in_doubt=False) from error
+        raise BackendUnavailable(UNAVAILABLE, in_doubt=False) from error
 
 
 class _Rows:

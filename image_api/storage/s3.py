@@ -30,6 +30,10 @@ _RUNGS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"}
 
 
+#: What a client is told when this backend cannot answer now.
+UNAVAILABLE = "The blob storage (S3) is unavailable; retry later"
+
+
 class S3Clients:
     """The boto3 clients of one worker process, by (connect, read) timeout.
 
@@ -333,10 +337,10 @@ def _s3_errors():
     try:
         yield
     except (BotoCoreError, ClientError) as error:
-        raise BackendUnavailable() from error
+        raise BackendUnavailable(UNAVAILABLE) from error
     except OSError as error:
         # urllib3/socket errors that escape botocore's wrappers.
-        raise BackendUnavailable() from error
+        raise BackendUnavailable(UNAVAILABLE) from error
 
 
 def make_s3_client(settings: Settings, session, connect_timeout: float, read_timeout: float):
