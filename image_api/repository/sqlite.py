@@ -473,9 +473,10 @@ class SqliteRepository:
         ).rowcount
         if inserted:
             return variant
-        # Another worker's render of the same variant came first: it stays.
+        # Another worker's render of the same variant came first: it stays. (The same
+        # variant again, a migration's rerun, is found the same way: its params are its.)
         found = self.find_variant(variant.image_id, variant.version, variant.params)
-        return found or self.get_variant(variant.key) or variant
+        return found or variant
 
     def find_variant(self, image_id: str, version: int, params: str) -> Variant | None:
         row = self._execute(
