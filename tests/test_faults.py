@@ -377,12 +377,19 @@ def test_unreachable_mongodb_is_503_within_bounded_time(make_app, tmp_path, stal
     assert seconds < BOUNDED
 
 
+def impatient(repository, seconds: float = 0.2) -> None:
+    """The SQLite repository behind the metrics' wrapper waits `seconds` for a lock, not
+    its default 5 s (a locked database fails the same, sooner)."""
+    sqlite = repository.inner
+    sqlite.busy_timeout = seconds
+    sqlite._local = threading.local()  # connections opened from now on take it
+
+
 def test_locked_sqlite_is_503(make_app, tmp_path):
     import sqlite3
 
     app = make_app({"DATA_DIR": str(tmp_path)})
-    app.extensions["image_api"].repository.busy_timeout = 0.2
-    app.extensions["image_api"].repository._local = threading.local()
+    impatient(app.extensions["image_api"].repository)
     locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
@@ -463,8 +470,7 @@ def test_write_commands_on_a_locked_database_stop_in_one_line(make_app, tmp_path
     service = app.extensions["image_api"]
     runner = app.test_cli_runner()
     assert runner.invoke(args=["keys", "create", "--name", "old", "--owner", "o"]).exit_code == 0
-    service.repository.busy_timeout = 0.2
-    service.repository._local = threading.local()
+    impatient(service.repository)
     locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
