@@ -123,6 +123,13 @@ def parse_http_date(value: str) -> datetime | None:
     return None
 
 
+def is_imf_fixdate(value: str) -> bool:
+    """Whether `value` is a valid HTTP-date in its preferred form (`Sun, 06 Nov 1994
+    08:49:37 GMT`), not one of the obsolete two."""
+    value = value.strip()
+    return _HTTP_DATES[0].fullmatch(value) is not None and parse_http_date(value) is not None
+
+
 def read_preconditions(record: ImageRecord) -> None:
     """A read's If-Match, or without one its If-Unmodified-Since (RFC 9110 13.2.2): a 412
     when the image is not the version they name."""

@@ -25,7 +25,7 @@ from ..records import ImageRecord, Variant
 from ..service import current_service
 from ..signing import SIGNATURE_PARAMETERS
 from .auth import caller
-from .conditions import etags, http_date, parse_http_date
+from .conditions import etags, http_date, is_imf_fixdate, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
@@ -163,8 +163,10 @@ def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:
     headers = request.headers
     if "If-Match" in headers or "If-Range" in headers:
         return False
-    if any(name in headers and http_date(name) is None for name in _DATES):
-        return False  # ignored here as invalid; the bucket may judge it otherwise
+    if any(name in headers and not is_imf_fixdate(headers[name]) for name in _DATES):
+        # Invalid (ignored here), or in an obsolete form (RFC 850, asctime) that the
+        # bucket may read otherwise (moto answers both with a 500).
+        return False
     return byte_range is not None or "Range" not in headers
 
 
