@@ -98,8 +98,10 @@ logconfig_dict = {
             "class": "logging.StreamHandler",
             "formatter": "generic",
             "stream": "ext://sys.stderr",
+            "filters": ["without_queries"],
         },
     },
+    "filters": {"without_queries": {"()": "image_api.logs.WithoutQueries"}},
     "formatters": {
         "json": {"()": "image_api.logs.JsonFormatter"},
         "generic": {

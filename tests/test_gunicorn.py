@@ -417,6 +417,13 @@ REFUSED_BY_GUNICORN = {
     "method": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
     "version": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
     "header name": (b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", 400, "bad_request"),
+    # A signed URL with a byte that is not ASCII: gunicorn logs the line it refuses.
+    "byte in the query": (
+        b"GET /api/images/x/download?expires=9&signature=S1gnatur3\xd9\xa3 HTTP/1.1\r\n"
+        b"Host: x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     "two lengths": (
         b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\n"
         b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",
@@ -480,6 +487,9 @@ def test_what_gunicorn_refuses_itself_is_json_and_documented(service):
     )
     service.stop()
     assert_log_has_no_traceback(service)
+    log = service.log.read_text()
+    assert "Invalid request" in log and "?[query removed]" in log  # logged, without its query
+    assert "S1gnatur3" not in log
 
 
 def _exits(command: list[str], service: Service) -> subprocess.CompletedProcess:
