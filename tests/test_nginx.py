@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -443,6 +444,14 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
         assert b"application/json" in head and b'"code":"' + code + b'"' in body, (request, body)
         assert b"nosniff" in head and b"Referrer-Policy" in head
         assert (b"Allow: GET" in head) == (status == b"405")
+    # HTTP/0.9 (no headers either way): the 505's JSON alone, not the resource.
+    for path in (b"/healthz", b"/api/images", b"/"):
+        with socket.create_connection(("127.0.0.1", front.port)) as raw:
+            raw.sendall(b"GET " + path + b"\r\n")
+            answer = b""
+            while chunk := raw.recv(4096):
+                answer += chunk
+        assert json.loads(answer)["code"] == "http_version_not_supported", (path, answer)
     long = requests.get(f"{front.url}/api/images?x={'a' * 9000}", timeout=10)
     assert long.status_code == 414 and long.json()["code"] == "uri_too_long"
     # Within nginx's limits but over gunicorn's: gunicorn refuses, in JSON too.
