@@ -32,10 +32,12 @@ class ReadableBody:
     `wsgi.input.read()`, deep inside the multipart parser: they would be 500s.
 
     And a body the app did not read (a request refused for its key or route) is read to
-    its end, up to `drain_limit` bytes, before the response: gunicorn would otherwise take
-    the rest of the body for the next request on the connection and close it without
-    saying so, and nginx, which keeps connections to gunicorn open, sent another client's
-    request down that closed connection (a 502, then a 503 for that client).
+    its end, up to `drain_limit` bytes, once the response is sent: gunicorn would
+    otherwise take the rest of the body for the next request on the connection and close
+    it without saying so, and nginx, which keeps connections to gunicorn open, sent
+    another client's request down that closed connection (a 502, then a 503 for that
+    client). After the response, not before: a client refused at its headers (a 401, a
+    413 by Content-Length) hears so at once, and can stop sending.
     """
 
     def __init__(self, app, drain_limit: int):
@@ -49,14 +51,30 @@ class ReadableBody:
         if not (has_body and "wsgi.input" in environ):
             return self.app(environ, start_response)
         stream = environ["wsgi.input"] = _Input(environ["wsgi.input"])
-        result = self.app(environ, start_response)
+        return _DrainedWhenSent(self.app(environ, start_response), stream, self.drain_limit)
+
+
+class _DrainedWhenSent:
+    """A response whose request body is read to its end (up to `limit` bytes) when the
+    server closes it, which it does once the response is sent."""
+
+    def __init__(self, result, stream: _Input, limit: int):
+        self._result, self._stream, self._limit = result, stream, limit
+
+    def __iter__(self):
+        return iter(self._result)
+
+    def close(self) -> None:
         try:
-            left = self.drain_limit
-            while left > 0 and (chunk := stream.read(min(left, _DRAIN_CHUNK))):
-                left -= len(chunk)
-        except BadRequest:
-            pass  # a body that does not parse: gunicorn closes the connection anyway
-        return result
+            if hasattr(self._result, "close"):
+                self._result.close()
+        finally:
+            try:
+                left = self._limit
+                while left > 0 and (chunk := self._stream.read(min(left, _DRAIN_CHUNK))):
+                    left -= len(chunk)
+            except BadRequest:
+                pass  # a body that does not parse, or a client gone: gunicorn closes anyway
 
 
 _DRAIN_CHUNK = 64 * 1024

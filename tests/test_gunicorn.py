@@ -412,6 +412,37 @@ def test_crafted_requests_get_4xx_json_and_leave_no_traceback(service):
     assert_log_has_no_traceback(service)
 
 
+def test_a_request_refused_at_its_headers_is_answered_before_its_body_arrives(service):
+    """A refusal the headers decide (no key; a Content-Length over the limit) comes at once,
+    so the client can stop sending; the body still sent is read afterwards, and the
+    connection serves the next request. (Before, the service read up to the whole limit,
+    31 MB, before it answered.)"""
+    for credentials, length, status in (
+        (b"", 2_000_000, b"401"),
+        (service.auth_header, 40_000_000, b"413"),
+    ):
+        with (
+            socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock,
+            sock.makefile("rb") as reader,  # closed with the socket: the client is gone
+        ):
+            sock.sendall(
+                b"POST /api/images/upload HTTP/1.1\r\nHost: x\r\n" + credentials
+                + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                + b"Content-Length: %d\r\n\r\n--b\r\n" % length
+            )  # fmt: skip
+            assert reader.readline().startswith(b"HTTP/1.1 " + status)  # with the body unsent
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+            if status == b"413":
+                continue  # more than the service reads; gunicorn then closes the connection
+            sock.sendall(b"x" * (length - 5))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            rest = reader.read()
+            assert rest.count(b"HTTP/1.1 ") == 1 and b"HTTP/1.1 200" in rest, rest[:500]
+    service.stop()
+    assert_log_has_no_traceback(service)
+
+
 REFUSED_BY_GUNICORN = {
     "request line": (b"GARBAGE\r\n\r\n", 400, "bad_request"),
     "method": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
