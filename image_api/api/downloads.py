@@ -82,16 +82,37 @@ def download_image(image_id: str):
     )
     service = current_service()
     record = service.get(image_id, caller())
-    blob, filename = record, record.filename
-    if (requested := query["variant"]) is not None:
-        spec = variants.plan(
-            requested,
-            (record.width, record.height),
-            record.content_type,
-            _accepts,
-            service.settings.max_variant_dimension,
-        )
-        blob, filename = service.variant(record, spec), renamed(record.filename, spec.format)
+    blob, filename = _blob_asked_for(record, query["variant"])
+    response = _described_download(record, blob, filename, query)
+    _check_preconditions(record, blob)
+    if _not_modified(record, blob):
+        response.status_code = 304
+        return response
+    return _sent(response, blob, requested_range(record, blob))  # a 416 before any redirect
+
+
+def _blob_asked_for(
+    record: ImageRecord, requested: variants.Requested | None
+) -> tuple[ImageRecord | Variant, str]:
+    """The image itself, or the variant asked for (cached, or rendered now), with the
+    filename it is downloaded under."""
+    if requested is None:
+        return record, record.filename
+    service = current_service()
+    spec = variants.plan(
+        requested,
+        (record.width, record.height),
+        record.content_type,
+        _accepts,
+        service.settings.max_variant_dimension,
+    )
+    return service.variant(record, spec), renamed(record.filename, spec.format)
+
+
+def _described_download(
+    record: ImageRecord, blob: ImageRecord | Variant, filename: str, query: dict
+) -> Response:
+    """A response with the download's headers and no body yet."""
     response = Response(mimetype=blob.content_type)
     response.set_etag(blob.sha256)
     response.last_modified = record.updated_at
@@ -102,19 +123,28 @@ def download_image(image_id: str):
         **_filename_options(filename, blob.content_type),
     )
     response.headers.update(_HEADERS)
+    requested = query["variant"]
     if requested is not None and requested.format == "auto":
         response.vary.add("Accept")
+    return response
+
+
+def _check_preconditions(record: ImageRecord, blob: ImageRecord | Variant) -> None:
+    """If-Match, or without one If-Unmodified-Since: a 412 when they name another version."""
     if_match = etags("If-Match")
     if if_match is not None:
         if not if_match.contains(blob.sha256):
             raise PreconditionFailed("The image's ETag does not match If-Match")
     elif (since := http_date("If-Unmodified-Since")) is not None and not record.current_at(since):
         raise PreconditionFailed("The image was modified after If-Unmodified-Since")
-    if _not_modified(record, blob):
-        response.status_code = 304
-        return response
 
-    byte_range = requested_range(record, blob)  # a 416 is ours, before any redirect
+
+def _sent(
+    response: Response, blob: ImageRecord | Variant, byte_range: tuple[int, int] | None
+) -> Response:
+    """`response` with the bytes (all, or `byte_range`): a redirect to the bucket, nginx's
+    to send (accel mode), or streamed from here, as DOWNLOAD_MODE says and each agrees."""
+    service = current_service()
     download = service.download(
         blob, response.headers["Content-Disposition"], redirect=_bucket_agrees(byte_range)
     )
