@@ -84,6 +84,21 @@ def test_guessing_keys_or_signatures_spends_the_address_budget(limited):
     assert limited.test_client().get("/api/images").status_code == 200
 
 
+def test_signed_urls_keep_a_budget_no_other_anonymous_request_spends(limited):
+    """Any web page can make a browser send keyless requests (or made-up signatures) from
+    its visitor's address: they use up that address's budget, never what the signed URLs
+    in the visitor's <img> need. Signed URLs still have a limit of their own."""
+    image = ImagesClient(limited.test_client()).create()
+    anonymous = limited.test_client(key=None)
+    junk = [anonymous.get(f"/api/images/{image['_id']}/download?expires=1&signature=x")]
+    junk += [anonymous.get("/api/images") for _ in range(3)]
+    assert [r.status_code for r in junk] == [403, 401, 401, 429]
+    signed = [anonymous.get(image["imageUrl"]) for _ in range(4)]
+    assert [r.status_code for r in signed] == [200, 200, 200, 429]
+    assert [r.headers["RateLimit-Remaining"] for r in signed[:3]] == ["2", "1", "0"]
+    assert anonymous.get("/api/openapi.json").status_code == 429  # the address's, still spent
+
+
 def test_a_preflight_spends_nothing(make_app, tmp_path):
     app = make_app({"DATA_DIR": str(tmp_path), **LIMITS, "CORS_ORIGINS": "https://a.example"})
     client = app.test_client(key=None)

@@ -32,6 +32,7 @@ def authenticate(
     try:
         if operation.signed and any(name in req.args for name in SIGNATURE_PARAMETERS):
             service.signer.verify(req.path, req.args)
+            g.signed_url = True
         else:
             g.api_key = service.keys.authenticate(presented_key(req.environ), operation.scope)
     except (Unauthorized, Forbidden) as refusal:
