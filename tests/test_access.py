@@ -411,6 +411,7 @@ def test_an_allowed_origin_may_read_the_headers_it_needs(cors_app):
     assert created.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     exposed = {h.strip() for h in created.headers["Access-Control-Expose-Headers"].split(",")}
     assert {"ETag", "Location", "Link", "Content-Disposition", "Retry-After"} <= exposed
+    assert {"Content-Range", "X-Request-ID"} <= exposed
     assert {"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= exposed
     assert "Origin" in created.headers["Vary"]
     # Vary: Origin on every response, so a cache never hands one origin's answer to another.

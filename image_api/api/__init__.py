@@ -102,6 +102,8 @@ CORS_EXPOSE_HEADERS = [
     "Location",
     "Link",
     "Content-Disposition",
+    "Content-Range",  # a 206's total size
+    "X-Request-ID",  # to tell the service which request went wrong
     "Retry-After",
     "RateLimit-Limit",
     "RateLimit-Remaining",
