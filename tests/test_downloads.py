@@ -33,7 +33,9 @@ def test_download_carries_validators_and_safety_headers(client, image):
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["Accept-Ranges"] == "bytes"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert response.headers["Content-Security-Policy"] == (
+        "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    )
 
 
 def test_if_none_match_gives_304_without_a_body(client, image):

@@ -355,3 +355,20 @@ def test_a_picture_whose_image_was_deleted_elsewhere_leaves_the_grid(running, pa
     page.keyboard.press("Enter")
     wait_until(page, "() => document.querySelector('#status').textContent.includes('No images')")
     assert page.locator("#grid li").count() == 0
+
+
+def test_an_inline_download_shows_in_a_tab_without_csp_errors(running, page):
+    """`?disposition=inline` shows the image in a tab: the browser's own image page styles
+    itself inline, which the download's CSP allows (and nothing else: no script, no load)."""
+    created = running.http.post(
+        f"{running.url}/api/images/upload",
+        files={"image": ("wide.png", make_image("PNG", (300, 100), color="purple"))},
+        timeout=10,
+    ).json()["image"]
+    problems = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    page.set_extra_http_headers({"Authorization": f"Bearer {running.key}"})
+    page.goto(f"{running.url}/api/images/{created['_id']}/download?disposition=inline")
+    wait_until(page, "() => document.images.length === 1 && document.images[0].naturalWidth > 0")
+    assert page.evaluate("document.images[0].naturalWidth") == 300
+    assert problems == []

@@ -219,7 +219,9 @@ def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> 
     etag = full.headers["ETag"]
     assert etag == f'"{hashlib.sha256(data).hexdigest()}"'
     assert full.headers["X-Content-Type-Options"] == "nosniff"
-    assert full.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert full.headers["Content-Security-Policy"] == (
+        "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    )
     assert full.headers["Cache-Control"] == "no-cache"
     assert full.headers["Content-Disposition"].startswith("attachment")
     assert "Last-Modified" in full.headers

@@ -40,7 +40,8 @@ _HEADERS = {
     "Accept-Ranges": "bytes",
     # Never let a browser run stored bytes as anything but the sniffed image type.
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; sandbox",
+    # Inline styles only: a browser's own page for an image in a tab styles itself so.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
 }
 
 
