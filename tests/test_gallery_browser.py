@@ -283,9 +283,11 @@ def test_deleting_an_image_deleted_elsewhere_takes_it_off_the_grid(running, page
     page.keyboard.press("Enter")
     wait_until(page, ALL_LOADED, 1)
     image_id = page.get_attribute("#grid li", "data-id")
+    # Opened, and found current (the detail asks for the image's metadata as it opens).
+    with page.expect_response(lambda response: response.url.endswith(f"/images/{image_id}")):
+        page.click('#grid button[aria-label="Open gone.png"]')
     assert running.http.delete(f"{running.url}/api/images/{image_id}").status_code == 200
     page.once("dialog", lambda dialog: dialog.accept())
-    page.click('#grid button[aria-label="Open gone.png"]')
     page.click("#detail-delete")
     # The open picture's 404 may take the tile off first (its metadata is a 404 too): the
     # end is the same either way.
@@ -372,3 +374,70 @@ def test_an_inline_download_shows_in_a_tab_without_csp_errors(running, page):
     wait_until(page, "() => document.images.length === 1 && document.images[0].naturalWidth > 0")
     assert page.evaluate("document.images[0].naturalWidth") == 300
     assert problems == []
+
+
+def test_opening_an_image_deleted_elsewhere_closes_it_and_takes_it_off_the_grid(running, page):
+    for color in ("red", "green"):
+        running.http.post(
+            f"{running.url}/api/images/upload",
+            files={"image": (f"{color}.png", make_image(color=color))},
+        ).raise_for_status()
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 2)
+    gone = page.get_attribute('#grid button[aria-label="Open red.png"] >> xpath=..', "data-id")
+    assert running.http.delete(f"{running.url}/api/images/{gone}").status_code == 200
+    page.click('#grid button[aria-label="Open red.png"]')
+    wait_until(page, "() => !document.querySelector('#detail').open")
+    wait_until(page, "() => document.querySelectorAll('#grid li').length === 1")
+    assert page.get_attribute("#grid li", "data-id") != gone
+
+
+def test_the_detail_shows_the_image_as_it_is_and_writes_only_the_version_it_shows(
+    running, page, tmp_path
+):
+    """Another client replaced the image after the grid loaded: the detail shows its
+    current version, and a replace or delete from a detail that another client has
+    overtaken since is refused (If-Match), says so and shows what is there now."""
+    api = f"{running.url}/api/images"
+    image_id = running.http.post(
+        f"{api}/upload", files={"image": ("one.png", make_image(color="red"))}
+    ).json()["image"]["_id"]
+
+    def replaced_elsewhere(color: str) -> None:
+        files = {"image": (f"{color}.png", make_image(color=color))}
+        assert running.http.put(f"{api}/{image_id}", files=files).status_code == 200
+
+    def version_shown() -> str:
+        return page.inner_text('#detail-meta dd[data-field="version"]')
+
+    def server_version() -> int:
+        return running.http.get(f"{api}/{image_id}").json()["version"]
+
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 1)
+    replaced_elsewhere("blue")  # version 2; the grid still holds version 1
+    page.click('#grid button[aria-label="Open one.png"]')
+    wait_until(page, "() => document.querySelector('#detail').dataset.version === '2'")
+    assert version_shown() == "2" and page.inner_text("#detail-title") == "blue.png"
+
+    replaced_elsewhere("green")  # version 3, while the detail shows 2
+    green = tmp_path / "mine.png"
+    green.write_bytes(make_image(color="yellow"))
+    page.set_input_files("#replace-file", str(green))
+    wait_until(page, "() => document.querySelector('#detail').dataset.version === '3'")
+    assert "changed elsewhere" in page.inner_text("#detail-status")
+    assert server_version() == 3  # nothing overwritten
+    page.set_input_files("#replace-file", str(green))  # now it means version 3
+    wait_until(page, "() => document.getElementById('detail-status').textContent === 'Replaced.'")
+    assert server_version() == 4 and version_shown() == "4"
+
+    replaced_elsewhere("purple")  # version 5
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#detail-delete")
+    wait_until(page, "() => document.querySelector('#detail').dataset.version === '5'")
+    assert "Not deleted" in page.inner_text("#detail-status")
+    assert server_version() == 5 and page.locator("#grid li").count() == 1

@@ -149,6 +149,7 @@ function upload(file) {
   $("uploads").append(row);
   const form = new FormData();
   form.append("image", file, file.name);
+  const mine = generation;
   const request = new XMLHttpRequest();
   request.open("POST", "/api/images/upload");
   for (const [header, value] of Object.entries(headers())) request.setRequestHeader(header, value);
@@ -156,6 +157,7 @@ function upload(file) {
     if (event.lengthComputable) bar.value = event.loaded / event.total;
   });
   request.addEventListener("load", () => {
+    if (mine !== generation) return; // sent with the key before this one: not this grid's
     let body = null;
     try {
       body = JSON.parse(request.responseText);
@@ -185,13 +187,19 @@ function upload(file) {
   request.send(form);
 }
 
-function open(image) {
+function show(image) {
   current = image;
+  $("detail").dataset.version = image.version;
   $("detail-title").textContent = image.filename;
   const picture = document.createElement("img"); // no listener left from another image
   picture.id = "detail-image";
   $("detail-image").replaceWith(picture);
   renewWhenRefused(picture, image._id, "imageUrl", (fresh) => {
+    if (fresh.version !== current.version) {
+      show(fresh); // replaced elsewhere: the detail follows the picture
+      replaceTile(fresh);
+      return;
+    }
     current = fresh;
     $("detail-download").href = fresh.imageUrl;
   });
@@ -218,37 +226,93 @@ function open(image) {
     }),
   );
   $("detail-status").textContent = "";
+}
+
+function open(image) {
+  show(image);
   $("detail").showModal();
+  refreshDetail(image._id);
+}
+
+// The version a write is meant for: If-Match makes it a 412 when another tab or client
+// has changed the image since (the metadata ETag without its expiry, which writes ignore).
+function versionTag(image) {
+  return `"${image.sha256}.${image.version}"`;
+}
+
+// The grid may show an image older than it is now (replaced or deleted elsewhere): the
+// detail shows it as it is, or leaves with it.
+async function refreshDetail(id, message = "") {
+  try {
+    const fresh = await api(`/api/images/${id}`);
+    if (!$("detail").open || current._id !== id) return;
+    if (fresh.version !== current.version) {
+      show(fresh);
+      replaceTile(fresh);
+    }
+    $("detail-status").textContent = message;
+  } catch (error) {
+    if (error.status === 404) goneElsewhere(id);
+  }
+}
+
+function goneElsewhere(id) {
+  if ($("detail").open && current._id === id) $("detail").close();
+  dropTile(id);
+}
+
+function replaceTile(image) {
+  const item = document.querySelector(`#grid li[data-id="${image._id}"]`);
+  if (item) item.replaceWith(tile(image));
 }
 
 async function replace(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   $("detail-status").textContent = "Replacing…";
+  const id = current._id;
   try {
-    const body = await api(`/api/images/${current._id}`, { method: "PUT", body: form });
-    const item = document.querySelector(`#grid li[data-id="${current._id}"]`);
-    if (item) item.replaceWith(tile(body.image));
-    open(body.image);
+    const body = await api(`/api/images/${id}`, {
+      method: "PUT",
+      body: form,
+      headers: { "If-Match": versionTag(current) },
+    });
+    replaceTile(body.image);
+    show(body.image);
     $("detail-status").textContent = "Replaced.";
   } catch (error) {
-    $("detail-status").textContent = `Not replaced: ${error.message}`;
+    if (error.status === 412) {
+      refreshDetail(id, CHANGED_ELSEWHERE("replaced", "replace"));
+    } else if (error.status === 404) {
+      goneElsewhere(id);
+    } else {
+      $("detail-status").textContent = `Not replaced: ${error.message}`;
+    }
   }
 }
 
+const CHANGED_ELSEWHERE = (done, action) =>
+  `Not ${done}: it was changed elsewhere meanwhile. This is the current version; ` +
+  `${action} it again if you still mean to.`;
+
 async function remove() {
   if (!window.confirm(`Delete ${current.filename}? This cannot be undone.`)) return;
+  const id = current._id;
   try {
-    await api(`/api/images/${current._id}`, { method: "DELETE" });
+    const ifMatch = { "If-Match": versionTag(current) };
+    await api(`/api/images/${id}`, { method: "DELETE", headers: ifMatch });
   } catch (error) {
+    if (error.status === 412) {
+      refreshDetail(id, CHANGED_ELSEWHERE("deleted", "delete"));
+      return;
+    }
     // A 404: deleted meanwhile (another tab, another client), which is what was asked.
     if (error.status !== 404) {
       $("detail-status").textContent = `Not deleted: ${error.message}`;
       return;
     }
   }
-  dropTile(current._id);
-  $("detail").close();
+  goneElsewhere(id);
 }
 
 // An image deleted here or elsewhere leaves the grid; the last one leaves it empty.
