@@ -30,7 +30,7 @@ def test_download_carries_validators_and_safety_headers(client, image):
     assert response.status_code == 200 and response.data == data
     assert response.headers["ETag"] == f'"{body["sha256"]}"'
     assert response.headers["Last-Modified"]
-    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["Cache-Control"] == "no-cache, private"
     assert response.headers["Accept-Ranges"] == "bytes"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Content-Security-Policy"] == (

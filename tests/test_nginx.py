@@ -222,7 +222,7 @@ def accel_checks(http, front, image_id: str, data: bytes, variant: str = "") -> 
     assert full.headers["Content-Security-Policy"] == (
         "default-src 'none'; style-src 'unsafe-inline'; sandbox"
     )
-    assert full.headers["Cache-Control"] == "no-cache"
+    assert full.headers["Cache-Control"] == "no-cache, private"
     assert full.headers["Content-Disposition"].startswith("attachment")
     assert "Last-Modified" in full.headers
     assert full.headers.get("Accept-Ranges") == "bytes"

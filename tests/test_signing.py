@@ -166,7 +166,9 @@ def test_public_read_opens_downloads_and_nothing_else(make_app, tmp_path):
     image = ImagesClient(app.test_client()).create()
     assert image["imageUrl"] == f"http://localhost/api/images/{image['_id']}/download?v=1"
     anonymous = app.test_client(key=None)
-    assert anonymous.get(_path(image["imageUrl"])).status_code == 200
+    public = anonymous.get(_path(image["imageUrl"]))
+    assert public.status_code == 200
+    assert public.headers["Cache-Control"] == "no-cache"  # a shared cache may keep it
     assert anonymous.head(_path(image["imageUrl"])).status_code == 200
     assert anonymous.get(f"/api/images/{image['_id']}").status_code == 401
     assert anonymous.get("/api/images").status_code == 401

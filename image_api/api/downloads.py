@@ -118,6 +118,9 @@ def _described_download(
     response.set_etag(blob.sha256)
     response.last_modified = record.updated_at
     response.cache_control.no_cache = True  # the content changes when the image is replaced
+    if current_service().settings.signs_urls:
+        # Only for whoever had a key or its signed URL: never stored by a shared cache.
+        response.cache_control.private = True
     response.headers.set(
         "Content-Disposition",
         query["disposition"],

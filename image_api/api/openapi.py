@@ -170,7 +170,10 @@ RESPONSE_HEADERS = {
     },
     "Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}},
     "Last-Modified": {"description": "When the image was last replaced", "schema": _HTTP_DATE},
-    "Cache-Control": {"description": "`no-cache`: revalidate", "schema": {"type": "string"}},
+    "Cache-Control": {
+        "description": "`no-cache`: revalidate; `private` too unless downloads are public",
+        "schema": {"type": "string"},
+    },
     "Content-Disposition": {
         "description": "attachment or inline, with the original filename (RFC 6266)",
         "schema": {"type": "string"},
