@@ -1,5 +1,5 @@
 """The gallery's page and files: public, our own files only, under a CSP that allows
-images from this origin (and the bucket in redirect mode) and nothing else."""
+images from this origin (PUBLIC_URL's, and the bucket in redirect mode) and nothing else."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import ROOT, make_image
+from tests.helpers import ROOT, Service, make_image
 from tests.test_docs_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.skipif(
@@ -441,3 +441,25 @@ def test_the_detail_shows_the_image_as_it_is_and_writes_only_the_version_it_show
     wait_until(page, "() => document.querySelector('#detail').dataset.version === '5'")
     assert "Not deleted" in page.inner_text("#detail-status")
     assert server_version() == 5 and page.locator("#grid li").count() == 1
+
+
+def test_with_public_url_the_gallery_opened_by_another_host_shows_the_pictures(tmp_path, page):
+    """The API's links name PUBLIC_URL's host, whatever host the page was opened by (a
+    loopback address, an internal name): its CSP allows pictures from there too."""
+    service = Service(tmp_path / "data", {"WEB_CONCURRENCY": "1"})
+    service.env["PUBLIC_URL"] = f"http://localhost:{service.port}"
+    service.start()
+    try:
+        service.http.post(
+            f"{service.url}/api/images/upload",
+            files={"image": ("a.png", make_image(color="teal"))},
+        ).raise_for_status()
+        page.goto(f"{service.url}/")  # 127.0.0.1, not localhost
+        page.fill("#key", service.key)
+        page.keyboard.press("Enter")
+        wait_until(page, ALL_LOADED, 1)
+        assert page.get_attribute("#grid img", "src").startswith(
+            f"http://localhost:{service.port}/"
+        )
+    finally:
+        service.stop()

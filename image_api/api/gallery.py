@@ -21,10 +21,14 @@ _FILES = {"gallery.js", "gallery.css"}
 
 
 def page_policy() -> str:
-    """Images from this origin (data: and blob: for previews), and in redirect mode from
-    the bucket downloads are sent to; scripts, styles and calls from this origin only."""
+    """Images from this origin (data: and blob: for previews), from PUBLIC_URL's (which
+    the API's links name, whatever host the page was opened by), and in redirect mode
+    from the bucket downloads are sent to; scripts, styles and calls from this origin."""
     images = "'self' data: blob:"
     service = current_service()
+    if service.settings.public_url:
+        parts = urlsplit(service.settings.public_url)
+        images += f" {parts.scheme}://{parts.netloc}"
     if service.settings.download_mode == "redirect":
         url = service.storage.presigned_url("0" * 32, 60, "image/png", "inline")
         if url:
