@@ -463,3 +463,44 @@ def test_with_public_url_the_gallery_opened_by_another_host_shows_the_pictures(t
         )
     finally:
         service.stop()
+
+
+#: Counts uploads whose answer the page has handled: a listener added at send(), after the
+#: page's own (which it adds before sending), so it runs after it.
+COUNT_HANDLED_UPLOADS = """() => {
+    window.uploadsHandled = 0;
+    const send = XMLHttpRequest.prototype.send;
+    XMLHttpRequest.prototype.send = function (...args) {
+        this.addEventListener("load", () => { window.uploadsHandled += 1; });
+        return send.apply(this, args);
+    };
+}"""
+
+
+def test_an_upload_answered_after_the_key_changed_stays_out_of_the_new_grid(
+    running, page, tmp_path
+):
+    """The admin's upload is answered after the key was changed to bob's: it belongs to the
+    admin, and bob's grid does not show it (where deleting it said 'deleted' on a 404)."""
+    bob = _key_for(running, "bob-uploads", "bob")
+    held = []
+    page.route("**/api/images/upload", lambda route: held.append(route))
+    page.add_init_script(f"({COUNT_HANDLED_UPLOADS})()")
+    picture = tmp_path / "late.png"
+    picture.write_bytes(make_image(color="orange"))
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, "() => document.getElementById('status').textContent.includes('No images')")
+    page.set_input_files("#files", str(picture))
+    while not held:
+        page.wait_for_timeout(20)
+    page.click("#change-key")
+    page.fill("#key", bob)
+    page.keyboard.press("Enter")
+    wait_until(page, "() => document.getElementById('status').textContent.includes('No images')")
+    held[0].continue_()
+    wait_until(page, "() => window.uploadsHandled === 1")
+    assert page.locator("#grid li").count() == 0
+    listed = running.http.get(f"{running.url}/api/images").json()["images"]
+    assert [image["filename"] for image in listed] == ["late.png"]  # the admin's
