@@ -504,3 +504,39 @@ def test_an_upload_answered_after_the_key_changed_stays_out_of_the_new_grid(
     assert page.locator("#grid li").count() == 0
     listed = running.http.get(f"{running.url}/api/images").json()["images"]
     assert [image["filename"] for image in listed] == ["late.png"]  # the admin's
+
+
+def test_a_picture_refused_again_is_asked_for_again_later(running, page):
+    """A thumbnail refused twice (its address over the rate limit: the renewed URL is
+    refused too) is asked for again later, on the page's clock, until it shows."""
+    running.http.post(
+        f"{running.url}/api/images/upload",
+        files={"image": ("busy.png", make_image(color="navy"))},
+    ).raise_for_status()
+    refused = []
+
+    def route(route):
+        if len(refused) < 3:
+            refused.append(route.request.url)
+            route.fulfill(
+                status=429,
+                content_type="application/json",
+                headers={"Retry-After": "30"},
+                body='{"message":"Rate limit exceeded","code":"rate_limited"}',
+            )
+        else:
+            route.continue_()
+
+    page.route("**/api/images/*/download?*", route)
+    page.clock.install()
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    while len(refused) < 2:  # the first answer, and the renewed URL's at once
+        page.wait_for_timeout(20)
+    for _ in range(200):  # later ones come on the page's clock, moved on by the test
+        if page.evaluate(ALL_LOADED, 1):
+            break
+        page.clock.fast_forward(5000)
+        page.wait_for_timeout(20)
+    assert page.evaluate(ALL_LOADED, 1) and len(refused) == 3

@@ -120,11 +120,17 @@ function tile(image, atStart) {
 }
 
 // Signed URLs expire (SIGNED_URL_TTL): a picture a tab left open asks for late is refused.
-// Its metadata gives fresh URLs, once per picture; an image deleted meanwhile leaves.
+// Its metadata gives fresh URLs; an image deleted meanwhile leaves. A picture refused again
+// (its address over the rate limit, the service restarting) is asked for again later, a
+// few times, further apart each time (an <img> cannot read Retry-After).
+const RETRY_AFTER_MS = [0, 5000, 20000, 60000];
+
 function renewWhenRefused(img, id, field, renewed) {
-  img.addEventListener(
-    "error",
-    async () => {
+  let failures = 0;
+  img.addEventListener("error", () => {
+    if (failures >= RETRY_AFTER_MS.length) return;
+    setTimeout(async () => {
+      if (!img.isConnected) return; // its tile or the detail has gone meanwhile
       try {
         const fresh = await api(`/api/images/${id}`);
         img.src = fresh[field];
@@ -132,9 +138,8 @@ function renewWhenRefused(img, id, field, renewed) {
       } catch (error) {
         if (error.status === 404) dropTile(id);
       }
-    },
-    { once: true },
-  );
+    }, RETRY_AFTER_MS[failures++]);
+  });
 }
 
 function upload(file) {
