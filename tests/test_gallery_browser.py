@@ -540,3 +540,29 @@ def test_a_picture_refused_again_is_asked_for_again_later(running, page):
         page.clock.fast_forward(5000)
         page.wait_for_timeout(20)
     assert page.evaluate(ALL_LOADED, 1) and len(refused) == 3
+
+
+def test_a_first_visit_from_an_address_over_its_limit_asks_for_a_key(running, page):
+    """Without a key the page's first request spends the address's budget; over it (a
+    429, where keys are on) the page asks for a key, which has a budget of its own."""
+    running.http.post(
+        f"{running.url}/api/images/upload", files={"image": ("k.png", make_image())}
+    ).raise_for_status()
+
+    def over_the_limit(route):
+        if "authorization" in route.request.all_headers():
+            route.continue_()
+        else:
+            route.fulfill(
+                status=429,
+                content_type="application/json",
+                headers={"Retry-After": "30"},
+                body='{"message":"Rate limit exceeded","code":"rate_limited"}',
+            )
+
+    page.route("**/api/images?*", over_the_limit)
+    page.goto(f"{running.url}/")
+    page.wait_for_selector("#key", state="visible")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 1)

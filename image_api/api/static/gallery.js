@@ -366,11 +366,13 @@ document.addEventListener("DOMContentLoaded", () => {
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore(false);
   }).observe($("more"));
-  // The service tells whether keys are needed: a list without one answers 401 or 200.
+  // The service tells whether keys are needed: a list without one answers 401 or 200 (or
+  // 429 when the address has spent its budget: a key has a budget of its own).
   if (key() && !KEY_SHAPE.test(key())) sessionStorage.removeItem(KEY);
   fetch("/api/images?limit=1", { headers: headers() })
     .then((response) => {
       if (response.status === 401) askForKey(key() ? "That key was refused; enter another." : "");
+      else if (response.status === 429 && !key()) askForKey("");
       else start();
     })
     .catch((error) => askForKey(`The service cannot be reached: ${error.message}`));
