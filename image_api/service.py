@@ -167,7 +167,11 @@ class ImageService:
         self._rendering = KeyedLocks()
         self._render_at_least = min(_RENDER_AT_LEAST, settings.request_timeout * 0.4)
         self._render_slots = Slots(
-            settings.render_concurrency, settings.decode_wait, self._render_at_least
+            settings.render_concurrency,
+            settings.decode_wait,
+            self._render_at_least,
+            # A render waiting for a slot holds a thread too: one always stays for the rest.
+            max_waiting=max(settings.gunicorn_threads - settings.render_concurrency - 1, 0),
         )
         #: Variants served from the cache and rendered, by this process.
         self.variant_counts: Counter[str] = Counter()
@@ -705,28 +709,44 @@ class KeyedLocks:
 
 class Slots:
     """At most `count` renders at once in this process: CPU-bound work on every thread would
-    leave none for other requests (a health check waited 15 s behind ten renders). The
-    excess waits up to `wait` seconds (and the request's budget), then gets `DecoderBusy`."""
+    leave none for other requests (a health check waited 15 s behind ten renders). Up to
+    `max_waiting` more wait up to `wait` seconds (and the request's budget); the rest, and
+    those that waited in vain, get `DecoderBusy`. A waiting render holds its thread as a
+    running one does: with every thread rendering or waiting, a health check waited 7 s."""
 
-    def __init__(self, count: int, wait: float, keep: float = 0.0):
+    def __init__(self, count: int, wait: float, keep: float = 0.0, max_waiting: int = 0):
         self._free = threading.BoundedSemaphore(count)
         self.wait = wait
         self.keep = keep  # of the request's budget, left for the work the slot is for
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def taken(self) -> Iterator[None]:
-        wait = self.wait
-        if (budget := deadline.current()) is not None:
-            wait = max(min(wait, budget.remaining() - self.keep), 0)
-        if not self._free.acquire(blocking=False):
-            metrics.DECODE_WAITS.inc()
-            if not self._free.acquire(timeout=wait):
-                metrics.DECODE_REFUSALS.inc()
-                raise DecoderBusy("The server is busy rendering other variants; retry shortly")
+        if not self._free.acquire(blocking=False) and not self._waited_for():
+            metrics.DECODE_REFUSALS.inc()
+            raise DecoderBusy("The server is busy rendering other variants; retry shortly")
         try:
             yield
         finally:
             self._free.release()
+
+    def _waited_for(self) -> bool:
+        """Whether a slot came free within the wait, when there is room to wait."""
+        with self._lock:
+            if self.waiting >= self.max_waiting:
+                return False
+            self.waiting += 1
+        metrics.DECODE_WAITS.inc()
+        wait = self.wait
+        if (budget := deadline.current()) is not None:
+            wait = max(min(wait, budget.remaining() - self.keep), 0)
+        try:
+            return self._free.acquire(timeout=wait)
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:

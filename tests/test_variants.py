@@ -756,3 +756,70 @@ def test_a_signed_url_does_not_stretch_to_a_variant(client, images):
     assert anonymous.get(signed).status_code == 200
     tampered = anonymous.get(f"{signed}&w=10")
     assert (tampered.status_code, tampered.get_json()["code"]) == (403, "invalid_signature")
+
+
+def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
+    """A render waiting for a slot holds a gunicorn thread as a running one does: with 4
+    threads and 2 slots, one render may wait and the next is refused at once (503), so
+    one thread always stays for other requests (a health check waited 7 s behind renders
+    waiting on every thread)."""
+    from image_api.errors import DecoderBusy
+    from image_api.service import Slots
+
+    slots = Slots(count=1, wait=60, max_waiting=1)
+    started, release, outcomes = threading.Event(), threading.Event(), []
+
+    def render(name):
+        try:
+            with slots.taken():
+                started.set()
+                release.wait(30)
+            outcomes.append((name, "rendered"))
+        except DecoderBusy:
+            outcomes.append((name, "busy"))
+
+    running = threading.Thread(target=render, args=("first",))
+    running.start()
+    assert started.wait(10)
+    waiting = threading.Thread(target=render, args=("second",))
+    waiting.start()
+    for _ in range(1000):
+        if slots.waiting == 1:
+            break
+        waiting.join(0.01)
+    assert slots.waiting == 1
+    refused = threading.Thread(target=render, args=("third",))
+    refused.start()
+    refused.join(10)  # refused without waiting for the 60 s
+    assert not refused.is_alive() and outcomes == [("third", "busy")]
+    release.set()
+    for thread in (running, waiting):
+        thread.join(10)
+    assert sorted(outcomes) == [("first", "rendered"), ("second", "rendered"), ("third", "busy")]
+    assert slots.waiting == 0
+
+
+def test_with_no_thread_to_spare_a_render_is_refused_without_waiting(make_app, tmp_path):
+    """GUNICORN_THREADS=2 and RENDER_CONCURRENCY=1: a render waiting would leave no thread
+    for other requests, so with the slot taken the next is a 503 at once (not after
+    DECODE_WAIT's 60 s)."""
+    app = make_app(
+        {
+            "DATA_DIR": str(tmp_path),
+            "GUNICORN_THREADS": "2",
+            "RENDER_CONCURRENCY": "1",
+            "DECODE_WAIT": "60",
+            "REQUEST_TIMEOUT": "100",
+            "GUNICORN_TIMEOUT": "120",
+        }
+    )
+    client, service = app.test_client(), app.extensions["image_api"]
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download?w=50"
+    answers = []
+    with service._render_slots.taken():  # another request is rendering
+        asking = threading.Thread(target=lambda: answers.append(client.get(url)))
+        asking.start()
+        asking.join(10)
+        assert not asking.is_alive()
+    assert (answers[0].status_code, answers[0].get_json()["code"]) == (503, "decoder_busy")
+    assert client.get(url).status_code == 200
