@@ -1,6 +1,6 @@
 """Rate limits: per API key (per client address when anonymous, and apart from that per
-client address for signed URLs), one budget for reads and one for writes across all
-endpoints, over a moving window.
+client address and image for signed URLs), one budget for reads and one for writes across
+all endpoints, over a moving window.
 
 Checked by one before-request hook. Windows live in memory (per gunicorn worker: a deque
 of hit times per client, O(1) a hit) unless RATE_LIMIT_STORAGE_URI names a Redis shared by
@@ -42,15 +42,15 @@ def client_key(req: Request) -> str:
     """Whose budget a request spends: its API key's, else its client address (which
     PROXY_HOPS alone decides: with 0, X-Forwarded-For changes nothing).
 
-    A download by a valid signed URL spends a budget of the address's own: any web page
-    can make its visitors' browsers send requests without a key (or with a made-up
-    signature) by the thousand, and those must not use up what the `<img>` of the
-    signed URLs they were given need."""
+    A download by a valid signed URL spends a budget of the address's own for that image:
+    any web page can make its visitors' browsers send requests without a key (or with a
+    made-up signature, or with a signed URL of an image of its own) by the thousand, and
+    those must not use up what the `<img>` of the signed URLs they were given need."""
     key = g.get("api_key")
     if key is not None:
         return f"key:{key.id}"
     if g.get("signed_url"):
-        return f"signed:{req.remote_addr}"
+        return f"signed:{req.remote_addr}:{req.view_args['image_id']}"
     return f"address:{req.remote_addr}"
 
 

@@ -97,6 +97,9 @@ def test_signed_urls_keep_a_budget_no_other_anonymous_request_spends(limited):
     assert [r.status_code for r in signed] == [200, 200, 200, 429]
     assert [r.headers["RateLimit-Remaining"] for r in signed[:3]] == ["2", "1", "0"]
     assert anonymous.get("/api/openapi.json").status_code == 429  # the address's, still spent
+    # Per image: a page looping a signed URL of its own uses up that image's budget only.
+    other = ImagesClient(limited.test_client()).create(make_image(color="blue"))
+    assert anonymous.get(other["imageUrl"]).status_code == 200
 
 
 def test_a_preflight_spends_nothing(make_app, tmp_path):
