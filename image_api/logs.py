@@ -132,13 +132,16 @@ class WithoutQueries(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "?" in message:
-            record.msg, record.args = _QUERY.sub("?[query removed]", message), ()
+        if "?" in message or "=" in message:
+            message = _QUERY.sub("?[query removed]", message)
+            record.msg, record.args = _SIGNATURE.sub(r"\1[redacted]", message), ()
         return True
 
 
 #: A query string, up to where gunicorn's quoting of it ends.
 _QUERY = re.compile(r"\?[^\s'\"]+")
+#: A signature outside of it (a request line split at a space inside its query).
+_SIGNATURE = re.compile(r"((?:signature|x-amz-signature|x-amz-credential)=)[^\s&'\"]*", re.I)
 
 
 class JsonFormatter(logging.Formatter):

@@ -448,6 +448,13 @@ REFUSED_BY_GUNICORN = {
     "method": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
     "version": (b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
     "header name": (b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", 400, "bad_request"),
+    # A signed URL with a space in its query: gunicorn logs the part after the space.
+    "space in the query": (
+        b"GET /api/images/x/download?disposition=in line&expires=9&signature=S1gnatur3 "
+        b"HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
     # A signed URL with a byte that is not ASCII: gunicorn logs the line it refuses.
     "byte in the query": (
         b"GET /api/images/x/download?expires=9&signature=S1gnatur3\xd9\xa3 HTTP/1.1\r\n"
