@@ -320,14 +320,19 @@ class ImageService:
         raise Conflict("The image kept changing while it was being deleted; retry")
 
     def download(
-        self, blob: ImageRecord | Variant, disposition: str, redirect: bool = True
+        self,
+        blob: ImageRecord | Variant,
+        disposition: str,
+        cache_control: str = "",
+        redirect: bool = True,
     ) -> Download:
         """For an image or a variant: a presigned redirect in redirect mode (unless the
-        caller says the request must not be redirected), else a way to stream the bytes
-        (opened only when the caller asks, so a 304 never touches storage)."""
+        caller says the request must not be redirected) whose answer carries `disposition`
+        and `cache_control`, else a way to stream the bytes (opened only when the caller
+        asks, so a 304 never touches storage)."""
         if redirect and self.settings.download_mode == "redirect":
             url = self.storage.presigned_url(
-                blob.key, self.settings.presign_ttl, blob.content_type, disposition
+                blob.key, self.settings.presign_ttl, blob.content_type, disposition, cache_control
             )
             return Download(redirect=url)
         return Download(open=functools.partial(self.storage.open, blob.key))

@@ -206,6 +206,9 @@ def test_redirect_mode_sends_a_presigned_url_with_the_right_headers(s3_app):
     assert fetched.headers["Content-Type"] == "image/png"
     assert fetched.headers["Content-Disposition"] == response.headers["Content-Disposition"]
     assert "filename*=UTF-8''photo%20%C3%A9t%C3%A9.png" in fetched.headers["Content-Disposition"]
+    # No shared cache keeps it: the bucket says what the service says.
+    assert fetched.headers["Cache-Control"] == response.headers["Cache-Control"]
+    assert fetched.headers["Cache-Control"] == "no-cache, private"
     etag = f'"{image["sha256"]}"'
     assert client.get(response.request.path, headers={"If-None-Match": etag}).status_code == 304
     # Signing is cached briefly per image and disposition: a repeat gets the same URL.

@@ -150,7 +150,10 @@ def _sent(
     to send (accel mode), or streamed from here, as DOWNLOAD_MODE says and each agrees."""
     service = current_service()
     download = service.download(
-        blob, response.headers["Content-Disposition"], redirect=_bucket_agrees(byte_range)
+        blob,
+        response.headers["Content-Disposition"],
+        response.headers["Cache-Control"],  # the bucket's answer to a redirect says the same
+        redirect=_bucket_agrees(byte_range),
     )
     if download.redirect is not None:
         response.status_code = 302

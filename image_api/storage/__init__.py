@@ -43,8 +43,9 @@ class BlobStorage(Protocol):
     - `open(key, byte_range=None)` returns a readable binary file object, of the bytes
       `start <= i < stop` when `byte_range=(start, stop)` is given; `NotFound` if there is
       no blob.
-    - `presigned_url(key, ttl, content_type, disposition)` returns a URL a client can GET the
-      blob from directly with those response headers, or None if the backend has none.
+    - `presigned_url(key, ttl, content_type, disposition, cache_control="")` returns a URL a
+      client can GET the blob from directly with those response headers, or None if the
+      backend has none.
     - `accel_path(key, byte_range, ttl, content_type, disposition)` returns the path of
       nginx's internal location that serves the blob, all of it or `byte_range` (for
       X-Accel-Redirect; see deploy/nginx.conf).
@@ -65,7 +66,7 @@ class BlobStorage(Protocol):
     def open(self, key: str, byte_range: tuple[int, int] | None = None) -> BinaryIO: ...
 
     def presigned_url(
-        self, key: str, ttl: int, content_type: str, disposition: str
+        self, key: str, ttl: int, content_type: str, disposition: str, cache_control: str = ""
     ) -> str | None: ...
 
     def accel_path(

@@ -91,7 +91,9 @@ class FilesystemStorage:
         # A real file (or a window on one that keeps its fileno) lets gunicorn sendfile().
         return file if byte_range is None else FileRange(file, *byte_range)
 
-    def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> None:
+    def presigned_url(
+        self, key: str, ttl: int, content_type: str, disposition: str, cache_control: str = ""
+    ) -> None:
         return None
 
     def accel_path(self, key, byte_range, ttl, content_type, disposition) -> str:

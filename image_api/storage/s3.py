@@ -205,25 +205,26 @@ class S3Storage:
         url = urlsplit(self.presigned_url(key, ttl, content_type, disposition))
         return f"{ACCEL_S3}{range_value(byte_range)}/{url.path.lstrip('/')}?{url.query}"
 
-    def presigned_url(self, key: str, ttl: int, content_type: str, disposition: str) -> str:
+    def presigned_url(
+        self, key: str, ttl: int, content_type: str, disposition: str, cache_control: str = ""
+    ) -> str:
         # Signing is local (no request to S3) but costs more than the rest of a redirect,
         # so a URL is reused for a tenth of its validity (at most a minute): every URL
         # handed out is still valid for at least 90% of `ttl`.
-        wanted = (key, ttl, content_type, disposition)
+        wanted = (key, ttl, content_type, disposition, cache_control)
         if url := self._urls.get(wanted):
             return url
         client = self.clients.get(self.clients.connect_timeout, self.clients.read_timeout)
+        params = {
+            "Bucket": self.bucket,
+            "Key": self._object(key),
+            "ResponseContentType": content_type,
+            "ResponseContentDisposition": disposition,
+        }
+        if cache_control:
+            params["ResponseCacheControl"] = cache_control
         with _s3_errors():
-            url = client.generate_presigned_url(
-                "get_object",
-                Params={
-                    "Bucket": self.bucket,
-                    "Key": self._object(key),
-                    "ResponseContentType": content_type,
-                    "ResponseContentDisposition": disposition,
-                },
-                ExpiresIn=ttl,
-            )
+            url = client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl)
         self._urls.put(wanted, url, fresh_for=min(ttl / 10, 60))
         return url
 
