@@ -392,6 +392,8 @@ def test_opening_an_image_deleted_elsewhere_closes_it_and_takes_it_off_the_grid(
     wait_until(page, "() => !document.querySelector('#detail').open")
     wait_until(page, "() => document.querySelectorAll('#grid li').length === 1")
     assert page.get_attribute("#grid li", "data-id") != gone
+    assert page.inner_text("#status") == "red.png was deleted elsewhere."
+    assert focused(page) == "Open green.png"  # the keyboard goes on from the next tile
 
 
 def test_the_detail_shows_the_image_as_it_is_and_writes_only_the_version_it_shows(

@@ -248,6 +248,7 @@ function versionTag(image) {
 // The grid may show an image older than it is now (replaced or deleted elsewhere): the
 // detail shows it as it is, or leaves with it.
 async function refreshDetail(id, message = "") {
+  const shown = current;
   try {
     const fresh = await api(`/api/images/${id}`);
     if (!$("detail").open || current._id !== id) return;
@@ -257,14 +258,22 @@ async function refreshDetail(id, message = "") {
     }
     $("detail-status").textContent = message;
   } catch (error) {
-    if (error.status === 404) goneElsewhere(id);
+    if (error.status === 404) goneElsewhere(id, DELETED_ELSEWHERE(shown));
   }
 }
 
-function goneElsewhere(id) {
+// The image the detail shows is gone (deleted here, or elsewhere: `note` says so): the
+// detail closes, and the keyboard goes on from the tile next to its own.
+function goneElsewhere(id, note = "") {
+  const item = document.querySelector(`#grid li[data-id="${id}"]`);
+  const next = item?.nextElementSibling || item?.previousElementSibling;
   if ($("detail").open && current._id === id) $("detail").close();
   dropTile(id);
+  if (note && $("grid").children.length) $("status").textContent = note;
+  next?.querySelector("button")?.focus();
 }
+
+const DELETED_ELSEWHERE = (image) => `${image.filename} was deleted elsewhere.`;
 
 function replaceTile(image) {
   const item = document.querySelector(`#grid li[data-id="${image._id}"]`);
@@ -275,12 +284,13 @@ async function replace(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   $("detail-status").textContent = "Replacing…";
-  const id = current._id;
+  const shown = current;
+  const id = shown._id;
   try {
     const body = await api(`/api/images/${id}`, {
       method: "PUT",
       body: form,
-      headers: { "If-Match": versionTag(current) },
+      headers: { "If-Match": versionTag(shown) },
     });
     replaceTile(body.image);
     show(body.image);
@@ -289,7 +299,7 @@ async function replace(file) {
     if (error.status === 412) {
       refreshDetail(id, CHANGED_ELSEWHERE("replaced", "replace"));
     } else if (error.status === 404) {
-      goneElsewhere(id);
+      goneElsewhere(id, DELETED_ELSEWHERE(shown));
     } else {
       $("detail-status").textContent = `Not replaced: ${error.message}`;
     }
