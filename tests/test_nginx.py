@@ -446,6 +446,10 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
         assert b"application/json" in head and b'"code":"' + code + b'"' in body, (request, body)
         assert b"nosniff" in head and b"Referrer-Policy" in head
         assert (b"Allow: GET" in head) == (status == b"405")
+    # nginx's internal locations asked for from outside: its 404, in JSON too.
+    for path in ("/_errors/too_large", "/_errors/gone", "/_errors/not_found"):
+        hidden = requests.get(f"{front.url}{path}", timeout=10)
+        assert hidden.status_code == 404 and hidden.json()["code"] == "not_found", path
     # HTTP/0.9 (no headers either way): the 505's JSON alone, not the resource.
     for path in (b"/healthz", b"/api/images", b"/"):
         with socket.create_connection(("127.0.0.1", front.port)) as raw:
