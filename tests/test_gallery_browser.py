@@ -568,3 +568,26 @@ def test_a_first_visit_from_an_address_over_its_limit_asks_for_a_key(running, pa
     page.fill("#key", running.key)
     page.keyboard.press("Enter")
     wait_until(page, ALL_LOADED, 1)
+
+
+def test_details_opened_past_the_urls_expiry_ask_for_fresh_ones_first(running, page):
+    """A tab left open past SIGNED_URL_TTL (the page's clock moved on by two hours): the
+    details do not ask for the grid's expired imageUrl, which would only be refused, but
+    wait for the one the metadata they fetch as they open gives."""
+    image = running.http.post(
+        f"{running.url}/api/images/upload", files={"image": ("late.png", make_image())}
+    ).json()["image"]
+    held = []
+    page.route(f"**/api/images/{image['_id']}", lambda route: held.append(route))
+    page.clock.install()
+    page.goto(f"{running.url}/")
+    page.fill("#key", running.key)
+    page.keyboard.press("Enter")
+    wait_until(page, ALL_LOADED, 1)
+    page.clock.fast_forward(2 * 3600 * 1000)
+    page.click('#grid button[aria-label="Open late.png"]')
+    while not held:  # the details' metadata, held until the picture is looked at
+        page.wait_for_timeout(20)
+    assert page.get_attribute("#detail-image", "src") is None  # not the expired URL
+    held[0].continue_()
+    wait_until(page, "() => document.getElementById('detail-image').naturalWidth > 0")

@@ -192,7 +192,8 @@ function upload(file) {
   request.send(form);
 }
 
-function show(image) {
+// `fromGrid`: what the grid holds, whose URLs may have expired since (a tab left open).
+function show(image, fromGrid = false) {
   current = image;
   $("detail").dataset.version = image.version;
   $("detail-title").textContent = image.filename;
@@ -208,7 +209,8 @@ function show(image) {
     current = fresh;
     $("detail-download").href = fresh.imageUrl;
   });
-  picture.src = image.imageUrl;
+  // An expired URL would only be refused: the details' refresh brings a fresh one.
+  if (!(fromGrid && expired(image.imageUrl))) picture.src = image.imageUrl;
   picture.alt = image.filename;
   $("detail-download").href = image.imageUrl;
   $("detail-download").setAttribute("download", image.filename);
@@ -234,9 +236,15 @@ function show(image) {
 }
 
 function open(image) {
-  show(image);
+  show(image, true);
   $("detail").showModal();
   refreshDetail(image._id);
+}
+
+// Whether a signed URL's `expires` (Unix seconds) has passed by this machine's clock.
+function expired(url) {
+  const expires = new URL(url, window.location.href).searchParams.get("expires");
+  return expires !== null && Number(expires) * 1000 <= Date.now();
 }
 
 // The version a write is meant for: If-Match makes it a 412 when another tab or client
@@ -255,6 +263,8 @@ async function refreshDetail(id, message = "") {
     if (fresh.version !== current.version) {
       show(fresh);
       replaceTile(fresh);
+    } else if (!$("detail-image").getAttribute("src")) {
+      show(fresh); // the grid's URL had expired
     }
     $("detail-status").textContent = message;
   } catch (error) {
