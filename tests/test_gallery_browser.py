@@ -75,6 +75,24 @@ def tab_to(page, wanted, tries: int = 12) -> None:
     pytest.fail(f"Tab never reached it (last: {focused(page)})")
 
 
+def stored(service, filename: str, data: bytes | None = None) -> dict:
+    """`data` (a small PNG unless given) uploaded with the service's admin key: its JSON."""
+    response = service.http.post(
+        f"{service.url}/api/images/upload",
+        files={"image": (filename, data or make_image())},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.json()["image"]
+
+
+def open_with_key(page, service) -> None:
+    """The gallery, given the service's admin key."""
+    page.goto(f"{service.url}/")
+    page.fill("#key", service.key)
+    page.keyboard.press("Enter")
+
+
 def test_the_gallery_uploads_shows_replaces_and_deletes(running, page, tmp_path):
     elsewhere, problems = [], []
 
@@ -179,9 +197,7 @@ def test_the_grid_loads_more_as_you_scroll(running, page):
             files={"image": (f"{i:02}.png", make_image("PNG", (8, 8), color=(i * 8, 0, 0)))},
         )
         assert response.status_code == 201
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, "() => document.querySelectorAll('#grid li').length === 24")
     names = page.eval_on_selector_all("#grid img", "images => images.map(i => i.alt)")
     assert names[0] == "29.png"  # newest first
@@ -248,10 +264,7 @@ def test_a_page_asked_for_with_the_previous_key_is_dropped(running, page):
     """Changing the key while the first key's page is on its way: the grid shows the new
     key's images only (the late page used to be added to the emptied grid)."""
     for color in ("red", "blue"):
-        running.http.post(
-            f"{running.url}/api/images/upload",
-            files={"image": (f"admin-{color}.png", make_image(color=color))},
-        ).raise_for_status()
+        stored(running, f"admin-{color}.png", make_image(color=color))
     bob = _key_for(running, "bob-gallery", "bob")
     requests.post(
         f"{running.url}/api/images/upload",
@@ -274,13 +287,8 @@ def test_a_page_asked_for_with_the_previous_key_is_dropped(running, page):
 
 
 def test_deleting_an_image_deleted_elsewhere_takes_it_off_the_grid(running, page):
-    running.http.post(
-        f"{running.url}/api/images/upload",
-        files={"image": ("gone.png", make_image(color="red"))},
-    ).raise_for_status()
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    stored(running, "gone.png", make_image(color="red"))
+    open_with_key(page, running)
     wait_until(page, ALL_LOADED, 1)
     image_id = page.get_attribute("#grid li", "data-id")
     # Opened, and found current (the detail asks for the image's metadata as it opens).
@@ -310,10 +318,7 @@ def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(runni
     url_expired): the gallery fetches the image's metadata for fresh URLs, and shows them.
     Here each download URL is refused the first time it is asked for."""
     for color in ("red", "green"):
-        running.http.post(
-            f"{running.url}/api/images/upload",
-            files={"image": (f"{color}.png", make_image(color=color))},
-        ).raise_for_status()
+        stored(running, f"{color}.png", make_image(color=color))
     refused = set()
 
     def expire_once(route):
@@ -324,9 +329,7 @@ def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(runni
         refuse_as_expired(route)
 
     page.route("**/download?*", expire_once)
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, ALL_LOADED, 2)
     page.click('#grid button[aria-label="Open green.png"]')
     wait_until(
@@ -342,19 +345,14 @@ def test_pictures_whose_signed_urls_were_refused_are_shown_with_fresh_ones(runni
 def test_a_picture_whose_image_was_deleted_elsewhere_leaves_the_grid(running, page):
     """A refused picture whose metadata is a 404 (deleted by another client since the page
     listed it) takes its tile off; the last one gone, the grid says it is empty."""
-    image = running.http.post(
-        f"{running.url}/api/images/upload",
-        files={"image": ("gone.png", make_image(color="red"))},
-    ).json()["image"]
+    image = stored(running, "gone.png", make_image(color="red"))
 
     def deleted_meanwhile(route):
         running.http.delete(f"{running.url}/api/images/{image['_id']}").raise_for_status()
         refuse_as_expired(route)
 
     page.route("**/download?*", deleted_meanwhile)
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, "() => document.querySelector('#status').textContent.includes('No images')")
     assert page.locator("#grid li").count() == 0
 
@@ -362,11 +360,7 @@ def test_a_picture_whose_image_was_deleted_elsewhere_leaves_the_grid(running, pa
 def test_an_inline_download_shows_in_a_tab_without_csp_errors(running, page):
     """`?disposition=inline` shows the image in a tab: the browser's own image page styles
     itself inline, which the download's CSP allows (and nothing else: no script, no load)."""
-    created = running.http.post(
-        f"{running.url}/api/images/upload",
-        files={"image": ("wide.png", make_image("PNG", (300, 100), color="purple"))},
-        timeout=10,
-    ).json()["image"]
+    created = stored(running, "wide.png", make_image("PNG", (300, 100), color="purple"))
     problems = []
     page.on("console", lambda message: message.type == "error" and problems.append(message.text))
     page.set_extra_http_headers({"Authorization": f"Bearer {running.key}"})
@@ -378,13 +372,8 @@ def test_an_inline_download_shows_in_a_tab_without_csp_errors(running, page):
 
 def test_opening_an_image_deleted_elsewhere_closes_it_and_takes_it_off_the_grid(running, page):
     for color in ("red", "green"):
-        running.http.post(
-            f"{running.url}/api/images/upload",
-            files={"image": (f"{color}.png", make_image(color=color))},
-        ).raise_for_status()
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+        stored(running, f"{color}.png", make_image(color=color))
+    open_with_key(page, running)
     wait_until(page, ALL_LOADED, 2)
     gone = page.get_attribute('#grid button[aria-label="Open red.png"] >> xpath=..', "data-id")
     assert running.http.delete(f"{running.url}/api/images/{gone}").status_code == 200
@@ -417,9 +406,7 @@ def test_the_detail_shows_the_image_as_it_is_and_writes_only_the_version_it_show
     def server_version() -> int:
         return running.http.get(f"{api}/{image_id}").json()["version"]
 
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, ALL_LOADED, 1)
     replaced_elsewhere("blue")  # version 2; the grid still holds version 1
     page.click('#grid button[aria-label="Open one.png"]')
@@ -452,10 +439,7 @@ def test_with_public_url_the_gallery_opened_by_another_host_shows_the_pictures(t
     service.env["PUBLIC_URL"] = f"http://localhost:{service.port}"
     service.start()
     try:
-        service.http.post(
-            f"{service.url}/api/images/upload",
-            files={"image": ("a.png", make_image(color="teal"))},
-        ).raise_for_status()
+        stored(service, "a.png", make_image(color="teal"))
         page.goto(f"{service.url}/")  # 127.0.0.1, not localhost
         page.fill("#key", service.key)
         page.keyboard.press("Enter")
@@ -490,9 +474,7 @@ def test_an_upload_answered_after_the_key_changed_stays_out_of_the_new_grid(
     page.add_init_script(f"({COUNT_HANDLED_UPLOADS})()")
     picture = tmp_path / "late.png"
     picture.write_bytes(make_image(color="orange"))
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, "() => document.getElementById('status').textContent.includes('No images')")
     page.set_input_files("#files", str(picture))
     while not held:
@@ -511,10 +493,7 @@ def test_an_upload_answered_after_the_key_changed_stays_out_of_the_new_grid(
 def test_a_picture_refused_again_is_asked_for_again_later(running, page):
     """A thumbnail refused twice (its address over the rate limit: the renewed URL is
     refused too) is asked for again later, on the page's clock, until it shows."""
-    running.http.post(
-        f"{running.url}/api/images/upload",
-        files={"image": ("busy.png", make_image(color="navy"))},
-    ).raise_for_status()
+    stored(running, "busy.png", make_image(color="navy"))
     refused = []
 
     def route(route):
@@ -531,9 +510,7 @@ def test_a_picture_refused_again_is_asked_for_again_later(running, page):
 
     page.route("**/api/images/*/download?*", route)
     page.clock.install()
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     while len(refused) < 2:  # the first answer, and the renewed URL's at once
         page.wait_for_timeout(20)
     for _ in range(200):  # later ones come on the page's clock, moved on by the test
@@ -547,9 +524,7 @@ def test_a_picture_refused_again_is_asked_for_again_later(running, page):
 def test_a_first_visit_from_an_address_over_its_limit_asks_for_a_key(running, page):
     """Without a key the page's first request spends the address's budget; over it (a
     429, where keys are on) the page asks for a key, which has a budget of its own."""
-    running.http.post(
-        f"{running.url}/api/images/upload", files={"image": ("k.png", make_image())}
-    ).raise_for_status()
+    stored(running, "k.png")
 
     def over_the_limit(route):
         if "authorization" in route.request.all_headers():
@@ -574,15 +549,11 @@ def test_details_opened_past_the_urls_expiry_ask_for_fresh_ones_first(running, p
     """A tab left open past SIGNED_URL_TTL (the page's clock moved on by two hours): the
     details do not ask for the grid's expired imageUrl, which would only be refused, but
     wait for the one the metadata they fetch as they open gives."""
-    image = running.http.post(
-        f"{running.url}/api/images/upload", files={"image": ("late.png", make_image())}
-    ).json()["image"]
+    image = stored(running, "late.png")
     held = []
     page.route(f"**/api/images/{image['_id']}", lambda route: held.append(route))
     page.clock.install()
-    page.goto(f"{running.url}/")
-    page.fill("#key", running.key)
-    page.keyboard.press("Enter")
+    open_with_key(page, running)
     wait_until(page, ALL_LOADED, 1)
     page.clock.fast_forward(2 * 3600 * 1000)
     page.click('#grid button[aria-label="Open late.png"]')
