@@ -22,7 +22,7 @@ from ..errors import (
 )
 from ..media import ascii_filename, renamed
 from ..records import ImageRecord, Variant
-from ..service import current_service
+from ..service import ImageService, current_service
 from ..signing import SIGNATURE_PARAMETERS
 from .auth import caller
 from .conditions import etags, http_date, is_imf_fixdate, parse_http_date
@@ -83,23 +83,22 @@ def download_image(image_id: str):
     )
     service = current_service()
     record = service.get(image_id, caller())
-    blob, filename = _blob_asked_for(record, query["variant"])
-    response = _described_download(record, blob, filename, query)
+    blob, filename = _blob_asked_for(service, record, query["variant"])
+    response = _described_download(service, record, blob, filename, query)
     _check_preconditions(record, blob)
     if _not_modified(record, blob):
         response.status_code = 304
         return response
-    return _sent(response, blob, requested_range(record, blob))  # a 416 before any redirect
+    return _sent(service, response, blob, requested_range(record, blob))  # 416 before a redirect
 
 
 def _blob_asked_for(
-    record: ImageRecord, requested: variants.Requested | None
+    service: ImageService, record: ImageRecord, requested: variants.Requested | None
 ) -> tuple[ImageRecord | Variant, str]:
     """The image itself, or the variant asked for (cached, or rendered now), with the
     filename it is downloaded under."""
     if requested is None:
         return record, record.filename
-    service = current_service()
     spec = variants.plan(
         requested,
         (record.width, record.height),
@@ -111,14 +110,18 @@ def _blob_asked_for(
 
 
 def _described_download(
-    record: ImageRecord, blob: ImageRecord | Variant, filename: str, query: dict
+    service: ImageService,
+    record: ImageRecord,
+    blob: ImageRecord | Variant,
+    filename: str,
+    query: dict,
 ) -> Response:
     """A response with the download's headers and no body yet."""
     response = Response(mimetype=blob.content_type)
     response.set_etag(blob.sha256)
     response.last_modified = record.updated_at
     response.cache_control.no_cache = True  # the content changes when the image is replaced
-    if current_service().settings.signs_urls:
+    if service.settings.signs_urls:
         # Only for whoever had a key or its signed URL: never stored by a shared cache.
         response.cache_control.private = True
     response.headers.set(
@@ -144,11 +147,13 @@ def _check_preconditions(record: ImageRecord, blob: ImageRecord | Variant) -> No
 
 
 def _sent(
-    response: Response, blob: ImageRecord | Variant, byte_range: tuple[int, int] | None
+    service: ImageService,
+    response: Response,
+    blob: ImageRecord | Variant,
+    byte_range: tuple[int, int] | None,
 ) -> Response:
     """`response` with the bytes (all, or `byte_range`): a redirect to the bucket, nginx's
     to send (accel mode), or streamed from here, as DOWNLOAD_MODE says and each agrees."""
-    service = current_service()
     download = service.download(
         blob,
         response.headers["Content-Disposition"],
