@@ -690,7 +690,9 @@ def test_compressed_request_bodies_are_415(client, service, encoding):
 # --- found by schemathesis (tests/test_fuzz.py) ----------------------------------------------
 
 
-@pytest.mark.parametrize("value", ["0", "", "abc", '"unterminated', "W/abc", '"a" "b"', '"a",,'])
+@pytest.mark.parametrize(
+    "value", ["0", "", "abc", '"unterminated', "W/abc", '"a" "b"', ",", " , ,"]
+)
 def test_a_malformed_entity_tag_list_is_400_not_a_failed_precondition(client, value):
     """Werkzeug read these as tags that match nothing: a 412 ("changed by someone else")
     for a typo, or a needless 200. Every operation that reads the headers says 400."""
@@ -718,6 +720,20 @@ def test_well_formed_entity_tag_lists_are_evaluated(client, value):
     image = ImagesClient(client).create()
     response = client.get(f"/api/images/{image['_id']}", headers={"If-None-Match": value})
     assert response.status_code == (304 if value == "*" else 200)
+
+
+@pytest.mark.parametrize("template", ["{tag},", ", {tag}", '"x",, {tag}', '"x" , ,{tag} ,,'])
+def test_empty_elements_of_an_entity_tag_list_are_ignored(client, template):
+    """RFC 9110 5.6.1: a recipient accepts and ignores empty list elements. They were a 400;
+    the tag beside them is what counts, in a read's If-None-Match and a write's If-Match."""
+    images = ImagesClient(client)
+    image_id = images.create()["_id"]
+    url = f"/api/images/{image_id}"
+    current = template.format(tag=client.get(url).headers["ETag"])
+    assert client.get(url, headers={"If-None-Match": current}).status_code == 304
+    stale = template.format(tag='"stale"')
+    assert images.replace(image_id, headers={"If-Match": stale}).status_code == 412
+    assert images.replace(image_id, headers={"If-Match": current}).status_code == 200
 
 
 def test_the_upload_path_answers_405_for_other_methods_and_allows_only_post(client):

@@ -24,8 +24,9 @@ from ..service import Preconditions
 
 _TAG = r'(W/)?"[!#-~]*"'
 #: `*`, or a comma-separated list of entity tags (RFC 9110 8.8.3, 13.1.1; not the obsolete
-#: non-ASCII characters, which our tags never hold).
-ETAG_LIST = rf"[ \t]*(\*|{_TAG}([ \t]*,[ \t]*{_TAG})*)[ \t]*"
+#: non-ASCII characters, which our tags never hold). Empty elements (`"a",,"b",`) are
+#: accepted and ignored, as RFC 9110 5.6.1 has a recipient do; a list must name one tag.
+ETAG_LIST = rf"[ \t]*(\*|(,[ \t]*)*{_TAG}([ \t]*,([ \t]*{_TAG})?)*)[ \t]*"
 _ETAG_LIST = re.compile(ETAG_LIST)
 
 
