@@ -170,8 +170,8 @@ class ImageService:
             settings.render_concurrency,
             settings.decode_wait,
             self._render_at_least,
-            # A render waiting for a slot holds a thread too: one always stays for the rest.
-            max_waiting=max(settings.gunicorn_threads - settings.render_concurrency - 1, 0),
+            # A render waiting holds a thread too: one always stays for the rest.
+            threads=max(settings.gunicorn_threads - 1, 0),
         )
         #: Variants served from the cache and rendered, by this process.
         self.variant_counts: Counter[str] = Counter()
@@ -352,7 +352,9 @@ class ImageService:
         once; other workers may render it too, and the first recorded is kept."""
         found = self.repository.find_variant(record.id, record.version, spec.params)
         if found is None:
-            with self._rendering.hold(f"{record.id}/{record.version}/{spec.params}"):
+            with self._rendering.hold(
+                f"{record.id}/{record.version}/{spec.params}", queue=self._render_slots.queued
+            ):
                 found = self.repository.find_variant(
                     record.id, record.version, spec.params
                 ) or self._render(record, spec)
@@ -692,15 +694,25 @@ class KeyedLocks:
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(
+        self,
+        key: str,
+        queue: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> Iterator[None]:
+        """Hold `key`'s lock; a thread that finds it taken waits inside `queue()`, which
+        may refuse it a place."""
         with self._guard:
             entry = self._locks.setdefault(key, [threading.Lock(), 0])
             entry[1] += 1
         try:
-            budget = deadline.current()
-            timeout = -1 if budget is None else max(budget.remaining(), 0)
-            if not entry[0].acquire(timeout=timeout):
-                raise DecoderBusy("Another request is rendering this variant; retry shortly")
+            if not entry[0].acquire(blocking=False):
+                budget = deadline.current()
+                timeout = -1 if budget is None else max(budget.remaining(), 0)
+                with queue():
+                    if not entry[0].acquire(timeout=timeout):
+                        raise DecoderBusy(
+                            "Another request is rendering this variant; retry shortly"
+                        )
             try:
                 yield
             finally:
@@ -714,44 +726,54 @@ class KeyedLocks:
 
 class Slots:
     """At most `count` renders at once in this process: CPU-bound work on every thread would
-    leave none for other requests (a health check waited 15 s behind ten renders). Up to
-    `max_waiting` more wait up to `wait` seconds (and the request's budget); the rest, and
-    those that waited in vain, get `DecoderBusy`. A waiting render holds its thread as a
-    running one does: with every thread rendering or waiting, a health check waited 7 s."""
+    leave none for other requests (a health check waited 15 s behind ten renders). Others
+    wait up to `wait` seconds (and the request's budget), then get `DecoderBusy`.
 
-    def __init__(self, count: int, wait: float, keep: float = 0.0, max_waiting: int = 0):
+    A waiting render holds its thread as a running one does (with every thread rendering or
+    waiting, a health check waited 7 s), and so does a request waiting for another's render
+    of the same variant (`queued`): all of them together occupy at most `threads`, and the
+    rest get `DecoderBusy` at once."""
+
+    def __init__(self, count: int, wait: float, keep: float = 0.0, threads: int = 1):
         self._free = threading.BoundedSemaphore(count)
         self.wait = wait
         self.keep = keep  # of the request's budget, left for the work the slot is for
-        self.max_waiting = max_waiting
-        self.waiting = 0
+        self.threads = threads
+        self.busy = 0  # threads rendering or waiting
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def taken(self) -> Iterator[None]:
-        if not self._free.acquire(blocking=False) and not self._waited_for():
-            metrics.DECODE_REFUSALS.inc()
-            raise DecoderBusy("The server is busy rendering other variants; retry shortly")
+        with self.queued():
+            if not self._free.acquire(blocking=False):
+                metrics.DECODE_WAITS.inc()
+                if not self._free.acquire(timeout=self._wait()):
+                    metrics.DECODE_REFUSALS.inc()
+                    raise DecoderBusy("The server is busy rendering variants; retry shortly")
+            try:
+                yield
+            finally:
+                self._free.release()
+
+    def _wait(self) -> float:
+        """How long to wait for a slot: `wait`, within the request's budget."""
+        if (budget := deadline.current()) is None:
+            return self.wait
+        return max(min(self.wait, budget.remaining() - self.keep), 0)
+
+    @contextlib.contextmanager
+    def queued(self) -> Iterator[None]:
+        """One of the `threads` a render may occupy; `DecoderBusy` when none is left."""
+        with self._lock:
+            if self.busy >= self.threads:
+                metrics.DECODE_REFUSALS.inc()
+                raise DecoderBusy("The server is busy rendering variants; retry shortly")
+            self.busy += 1
         try:
             yield
         finally:
-            self._free.release()
-
-    def _waited_for(self) -> bool:
-        """Whether a slot came free within the wait, when there is room to wait."""
-        with self._lock:
-            if self.waiting >= self.max_waiting:
-                return False
-            self.waiting += 1
-        metrics.DECODE_WAITS.inc()
-        wait = self.wait
-        if (budget := deadline.current()) is not None:
-            wait = max(min(wait, budget.remaining() - self.keep), 0)
-        try:
-            return self._free.acquire(timeout=wait)
-        finally:
             with self._lock:
-                self.waiting -= 1
+                self.busy -= 1
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:

@@ -408,7 +408,7 @@ def test_concurrent_first_requests_render_a_variant_once(make_app, tmp_path, mon
     app = make_app({"DATA_DIR": str(tmp_path)})
     service = app.extensions["image_api"]
     wide = f"/api/images/{ImagesClient(app.test_client()).create(halves())['_id']}/download"
-    threads_count = 4
+    threads_count = 3  # as many as may render or wait: GUNICORN_THREADS (4) - 1
     render = variants.render
     deadline = time.monotonic() + 10
 
@@ -759,14 +759,14 @@ def test_a_signed_url_does_not_stretch_to_a_variant(client, images):
 
 
 def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
-    """A render waiting for a slot holds a gunicorn thread as a running one does: with 4
-    threads and 2 slots, one render may wait and the next is refused at once (503), so
-    one thread always stays for other requests (a health check waited 7 s behind renders
-    waiting on every thread)."""
+    """A render waiting for a slot holds a gunicorn thread as a running one does: renders
+    occupy at most `threads` (GUNICORN_THREADS - 1), running or waiting, and the next is
+    refused at once (503), so one thread always stays for other requests (a health check
+    waited 7 s behind renders waiting on every thread)."""
     from image_api.errors import DecoderBusy
     from image_api.service import Slots
 
-    slots = Slots(count=1, wait=60, max_waiting=1)
+    slots = Slots(count=1, wait=60, threads=2)
     started, release, outcomes = threading.Event(), threading.Event(), []
 
     def render(name):
@@ -784,10 +784,10 @@ def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
     waiting = threading.Thread(target=render, args=("second",))
     waiting.start()
     for _ in range(1000):
-        if slots.waiting == 1:
+        if slots.busy == 2:
             break
         waiting.join(0.01)
-    assert slots.waiting == 1
+    assert slots.busy == 2
     refused = threading.Thread(target=render, args=("third",))
     refused.start()
     refused.join(10)  # refused without waiting for the 60 s
@@ -796,7 +796,45 @@ def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
     for thread in (running, waiting):
         thread.join(10)
     assert sorted(outcomes) == [("first", "rendered"), ("second", "rendered"), ("third", "busy")]
-    assert slots.waiting == 0
+    assert slots.busy == 0
+
+
+def test_requests_waiting_for_the_same_render_count_among_those_waiting(make_app, tmp_path):
+    """Requests for a variant another request is rendering wait for that render, holding
+    their threads: they were not counted, so one read key asking for one new variant at
+    once on every thread left none for other requests. They take the same places as
+    renders waiting for a slot; with none left, a 503 at once."""
+    app = make_app(
+        {
+            "DATA_DIR": str(tmp_path),
+            "GUNICORN_THREADS": "3",
+            "RENDER_CONCURRENCY": "1",  # renders may occupy 2 threads: one may wait
+            "DECODE_WAIT": "60",
+            "REQUEST_TIMEOUT": "100",
+            "GUNICORN_TIMEOUT": "120",
+        }
+    )
+    client, service = app.test_client(), app.extensions["image_api"]
+    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download?w=50"
+    answers = []
+    with service._render_slots.taken():  # another image's render
+        first = threading.Thread(target=lambda: answers.append(client.get(url)))
+        first.start()  # holds the variant's lock and waits for the slot
+        for _ in range(1000):
+            if service._render_slots.busy == 2:
+                break
+            first.join(0.01)
+        assert service._render_slots.busy == 2
+        second = threading.Thread(target=lambda: answers.append(client.get(url)))
+        second.start()
+        second.join(10)
+        assert not second.is_alive()  # not left waiting for the first's render
+        assert (answers[0].status_code, answers[0].get_json()["code"]) == (503, "decoder_busy")
+        assert answers[0].headers["Retry-After"]
+    first.join(10)
+    assert answers[1].status_code == 200 and service.variant_counts == {"rendered": 1}
+    assert client.get(url).status_code == 200
+    assert service._render_slots.busy == 0
 
 
 def test_with_no_thread_to_spare_a_render_is_refused_without_waiting(make_app, tmp_path):
