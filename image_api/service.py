@@ -26,7 +26,6 @@ import functools
 import logging
 import shutil
 import tempfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import BinaryIO
 from flask import current_app
 from werkzeug.datastructures import ETags
 
-from . import deadline, media, metrics, variants
+from . import capacity, deadline, media, metrics, variants
 from .access import EVERYONE, Caller, Keys
 from .config import Settings
 from .errors import (
@@ -164,9 +163,9 @@ class ImageService:
         self.keys = Keys(repository, clock)
         self.repository = repository
         self.decode_budget = media.DecodeBudget(settings.decode_memory, settings.decode_wait)
-        self._rendering = KeyedLocks()
+        self._rendering = capacity.KeyedLocks()
         self._render_at_least = min(_RENDER_AT_LEAST, settings.request_timeout * 0.4)
-        self._render_slots = Slots(
+        self._render_slots = capacity.Slots(
             settings.render_concurrency,
             settings.decode_wait,
             self._render_at_least,
@@ -683,97 +682,6 @@ def _seekable(stream) -> bool:
         return stream.seekable()
     except (AttributeError, OSError, ValueError):
         return False
-
-
-class KeyedLocks:
-    """One lock per key, alive while anyone holds or waits for it: threads that work on
-    the same key take turns, others do not wait for them."""
-
-    def __init__(self):
-        self._locks: dict[str, list] = {}  # key: [lock, holders and waiters]
-        self._guard = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(
-        self,
-        key: str,
-        queue: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    ) -> Iterator[None]:
-        """Hold `key`'s lock; a thread that finds it taken waits inside `queue()`, which
-        may refuse it a place."""
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            if not entry[0].acquire(blocking=False):
-                budget = deadline.current()
-                timeout = -1 if budget is None else max(budget.remaining(), 0)
-                with queue():
-                    if not entry[0].acquire(timeout=timeout):
-                        raise DecoderBusy(
-                            "Another request is rendering this variant; retry shortly"
-                        )
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
-
-
-class Slots:
-    """At most `count` renders at once in this process: CPU-bound work on every thread would
-    leave none for other requests (a health check waited 15 s behind ten renders). Others
-    wait up to `wait` seconds (and the request's budget), then get `DecoderBusy`.
-
-    A waiting render holds its thread as a running one does (with every thread rendering or
-    waiting, a health check waited 7 s), and so does a request waiting for another's render
-    of the same variant (`queued`): all of them together occupy at most `threads`, and the
-    rest get `DecoderBusy` at once."""
-
-    def __init__(self, count: int, wait: float, keep: float = 0.0, threads: int = 1):
-        self._free = threading.BoundedSemaphore(count)
-        self.wait = wait
-        self.keep = keep  # of the request's budget, left for the work the slot is for
-        self.threads = threads
-        self.busy = 0  # threads rendering or waiting
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def taken(self) -> Iterator[None]:
-        with self.queued():
-            if not self._free.acquire(blocking=False):
-                metrics.DECODE_WAITS.inc()
-                if not self._free.acquire(timeout=self._wait()):
-                    metrics.DECODE_REFUSALS.inc()
-                    raise DecoderBusy("The server is busy rendering variants; retry shortly")
-            try:
-                yield
-            finally:
-                self._free.release()
-
-    def _wait(self) -> float:
-        """How long to wait for a slot: `wait`, within the request's budget."""
-        if (budget := deadline.current()) is None:
-            return self.wait
-        return max(min(self.wait, budget.remaining() - self.keep), 0)
-
-    @contextlib.contextmanager
-    def queued(self) -> Iterator[None]:
-        """One of the `threads` a render may occupy; `DecoderBusy` when none is left."""
-        with self._lock:
-            if self.busy >= self.threads:
-                metrics.DECODE_REFUSALS.inc()
-                raise DecoderBusy("The server is busy rendering variants; retry shortly")
-            self.busy += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.busy -= 1
 
 
 def _scoped(idempotency_key: str | None, caller: Caller) -> str | None:

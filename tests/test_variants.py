@@ -763,8 +763,8 @@ def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
     occupy at most `threads` (GUNICORN_THREADS - 1), running or waiting, and the next is
     refused at once (503), so one thread always stays for other requests (a health check
     waited 7 s behind renders waiting on every thread)."""
+    from image_api.capacity import Slots
     from image_api.errors import DecoderBusy
-    from image_api.service import Slots
 
     slots = Slots(count=1, wait=60, threads=2)
     started, release, outcomes = threading.Event(), threading.Event(), []
