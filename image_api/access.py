@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import deadline
 from .config import MIN_SECRET_LENGTH, ConfigError
-from .errors import ApiError, BackendUnavailable, Conflict
+from .errors import BackendUnavailable, Conflict, Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +45,6 @@ ADMIN_OWNER = "admin"
 TOUCH_EVERY = timedelta(minutes=1)
 #: The longest noting a key's use may hold up a request.
 TOUCH_WAIT = 0.25
-
-
-class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
-    message = "A valid API key is required (Authorization: Bearer <key>, or X-API-Key)"
-
-    def __init__(self, message: str | None = None):
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="image-api"'})
-
-
-class Forbidden(ApiError):
-    status, code = 403, "forbidden"
-    message = "This API key does not have the scope this request needs"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Operator commands: `flask --app image_api init | keys | repair | strip-metadata |
-nginx-config`."""
+migrate | nginx-config`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from flask.cli import with_appcontext
 from . import access, nginx
 from . import migrate as migration
 from .config import ConfigError, Settings
-from .errors import ApiError, BackendUnavailable, Conflict, NotFound, PreconditionFailed
+from .errors import (
+    ApiError,
+    BackendUnavailable,
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    Unauthorized,
+)
 from .records import Status
 from .repair import repair
 from .repository import repository_from_settings, scan_all
@@ -76,7 +83,7 @@ def _admin_key_note(repository, path) -> str:
     secret = path.read_text().strip()
     try:
         key = repository.get_api_key(access.parse_secret(secret)[0])
-    except access.Unauthorized:
+    except Unauthorized:
         key = None
     if key is None or key.revoked_at is not None:
         return (

@@ -70,6 +70,29 @@ class TooManyPixels(ApiError):
     status, code, message = 422, "image_too_large", "The image has too many pixels"
 
 
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+    message = "A valid API key is required (Authorization: Bearer <key>, or X-API-Key)"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="image-api"'})
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+    message = "This API key does not have the scope this request needs"
+
+
+class InvalidSignature(Forbidden):
+    code = "invalid_signature"
+    message = "The signed URL is not valid: altered, cut short, or signed with another SECRET_KEY"
+
+
+class SignatureExpired(Forbidden):
+    code = "url_expired"
+    message = "The signed URL has expired: fetch the image's metadata for a fresh imageUrl"
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
     message = "The image was changed by another request; retry"
@@ -134,7 +157,7 @@ class RateLimited(ApiError):
     """Over RATE_LIMIT_READ or RATE_LIMIT_WRITE (see `limits`), with Retry-After."""
 
     status, code = 429, "rate_limited"
-    message = "Rate limit exceeded (60 per 1 minute); retry after Retry-After seconds"
+    message = "Rate limit exceeded; retry after Retry-After seconds"
 
 
 # Codes for errors Werkzeug raises before a view runs (routing, multipart parsing), and

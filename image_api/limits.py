@@ -175,6 +175,4 @@ class RateLimits:
 def init_app(app: Flask, settings: Settings) -> RateLimits:
     """The rate limits of every route but the probes; the API's hooks check them (after
     authentication, so that the key is known) and add their headers."""
-    limits = RateLimits(settings)
-    app.extensions["image_api.limits"] = limits
-    return limits
+    return RateLimits(settings)

@@ -1,4 +1,5 @@
-"""WSGI middleware: what the request looks like before Flask sees it."""
+"""WSGI middleware: what the request looks like before Flask sees it (PUBLIC_URL, a body
+the server cannot read), and headers every response carries, whoever answered it."""
 
 from __future__ import annotations
 

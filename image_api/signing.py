@@ -22,23 +22,13 @@ from urllib.parse import urlencode
 
 from werkzeug.datastructures import MultiDict
 
-from .access import Forbidden
+from .errors import InvalidSignature, SignatureExpired
 from .records import Clock
 
 #: The query parameters a signature adds; all others are signed.
 SIGNATURE_PARAMETERS = ("expires", "signature")
 #: Unix seconds; twelve digits reach the year 33658.
 _MAX_EXPIRES_DIGITS = 12
-
-
-class InvalidSignature(Forbidden):
-    code = "invalid_signature"
-    message = "The signed URL is not valid: altered, cut short, or signed with another SECRET_KEY"
-
-
-class SignatureExpired(Forbidden):
-    code = "url_expired"
-    message = "The signed URL has expired: fetch the image's metadata for a fresh imageUrl"
 
 
 class UrlSigner:

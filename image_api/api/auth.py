@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from flask import Request, g
 
-from ..access import Caller, Forbidden, Unauthorized
-from ..errors import ApiError
+from ..access import Caller
+from ..errors import ApiError, Forbidden, Unauthorized
 from ..service import ImageService
 from ..signing import SIGNATURE_PARAMETERS
 from .openapi import Operation

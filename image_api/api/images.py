@@ -9,13 +9,14 @@ from flask import Blueprint, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import quote_etag
 
-from ..access import Forbidden, Scope
+from ..access import Scope
 from ..errors import (
     BadRequest,
     Conflict,
     DecoderBusy,
     EmptyFile,
     FileTooLarge,
+    Forbidden,
     FormTooLarge,
     IdempotencyInProgress,
     IdempotencyKeyReused,

@@ -21,20 +21,23 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, Request, current_app
 from marshmallow import Schema
 
-from ..access import Forbidden, Scope, Unauthorized
+from ..access import Scope
 from ..config import Settings
 from ..errors import (
     ApiError,
     BackendUnavailable,
     BadRequest,
+    Forbidden,
+    InvalidSignature,
     RateLimited,
+    SignatureExpired,
+    Unauthorized,
     error_codes,
     error_schema,
 )
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, ImageRecord
 from ..service import EXTENSION
-from ..signing import InvalidSignature, SignatureExpired
 from . import schemas
 from .conditions import ETAG_LIST
 

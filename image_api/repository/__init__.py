@@ -1,4 +1,5 @@
-"""Image metadata: records and idempotency keys. One contract, one module per backend.
+"""Metadata: image records, their variants, retired blobs, API keys and idempotency keys.
+One contract, one module per backend.
 
 Every backend translates its driver's errors at this boundary: a missing or malformed id is
 `NotFound`, a lost optimistic-concurrency race is `Conflict`, and anything that means "the
