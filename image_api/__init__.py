@@ -65,11 +65,11 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
         if settings.metadata_backend == "sqlite":
             repository.create()
             if settings.auth:
-                access.ensure_admin_key(repository, settings.data_dir, clock)
+                access.ensure_admin_key(repository, settings.admin_key_path, clock)
         signer = None
         if settings.signs_urls:
             # Settings insist on SECRET_KEY with MongoDB; on SQLite, one is made on first start.
-            secret = settings.secret_key or access.ensure_secret_key(settings.data_dir)
+            secret = settings.secret_key or access.ensure_secret_key(settings.secret_key_path)
             signer = UrlSigner(secret, settings.signed_url_ttl, clock)
     except (errors.BackendUnavailable, OSError) as error:
         # A DATA_DIR that cannot be used (a file, read-only, /proc...) is a setting to fix.

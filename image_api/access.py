@@ -204,16 +204,15 @@ class Keys:
         return key, secret
 
 
-def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
+def ensure_admin_key(repository, path: Path, clock) -> Path | None:
     """On a first start with no key at all, create an admin key and write its secret to
-    `data_dir/admin-key` (mode 0600); return that path when it exists.
+    `path` (mode 0600); return that path when it exists.
 
     Every gunicorn worker and `flask` command builds the app, so several processes may get
     here at once: all store the secret `read_or_create` gives them. Storing the key is
     idempotent (its id comes from the secret), so a process that died between the two steps
     is finished by the next start.
     """
-    path = Path(data_dir) / "admin-key"
     if repository.list_api_keys():
         return path if path.exists() else None
     secret = read_or_create(path, lambda: new_key("admin", ADMIN_OWNER, [Scope.ADMIN], clock())[1])
@@ -225,10 +224,9 @@ def ensure_admin_key(repository, data_dir: Path, clock) -> Path | None:
     return path
 
 
-def ensure_secret_key(data_dir: Path) -> str:
+def ensure_secret_key(path: Path) -> str:
     """The secret signed URLs use on the embedded default: made at the first start into
-    `data_dir/secret-key` (mode 0600), read by every later start and every worker."""
-    path = Path(data_dir) / "secret-key"
+    `path` (mode 0600), read by every later start and every worker."""
     secret = read_or_create(path, lambda: secrets.token_urlsafe(48))
     if len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError(f"{path} must hold at least {MIN_SECRET_LENGTH} characters")

@@ -71,7 +71,9 @@ def init_command():
     if not service.settings.auth:
         click.echo("AUTH=off: no API key is needed (trusted networks only)")
         return
-    path = access.ensure_admin_key(service.repository, service.settings.data_dir, service.clock)
+    path = access.ensure_admin_key(
+        service.repository, service.settings.admin_key_path, service.clock
+    )
     if path is not None:
         click.echo(_admin_key_note(service.repository, path))
 
@@ -365,7 +367,7 @@ def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, a
         )
         for problem in report.problems:
             click.echo(f"problem: {problem}")
-        secret = settings.data_dir / "secret-key"
+        secret = settings.secret_key_path
         if secret.exists() and not dry_run:
             click.echo(
                 f"Signed URLs: set SECRET_KEY on the new deployment to the contents of {secret}"

@@ -142,6 +142,25 @@ class Settings:
         """Whether downloads take signed URLs (imageUrl) besides keys."""
         return self.auth and not self.public_read
 
+    # What the embedded default keeps in DATA_DIR.
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "images.sqlite3"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """The first admin key's secret (mode 0600), made on a first start with no key."""
+        return self.data_dir / "admin-key"
+
+    @property
+    def secret_key_path(self) -> Path:
+        """The secret signed URLs use when SECRET_KEY is unset (mode 0600)."""
+        return self.data_dir / "secret-key"
+
     @property
     def blob_backend(self) -> str:
         return "s3" if self.s3_bucket_name else "filesystem"

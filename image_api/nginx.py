@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from .api import CORS_EXPOSE_HEADERS
@@ -143,7 +142,7 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
         "REQUEST_TIMEOUT": f"{settings.request_timeout:g}",
         # Above the service's budget, up to gunicorn's own timeout.
         "PROXY_TIMEOUT": str(max(settings.gunicorn_timeout, int(settings.request_timeout) + 5)),
-        "BLOB_ROOT": str(Path(settings.data_dir, "blobs").resolve()),
+        "BLOB_ROOT": str(settings.blob_dir.resolve()),
         "ACCEL_HEADERS": _accel_headers(),
         "JSON_HEADERS": _json_headers(settings),
         "CORS_MAPS": _cors_maps(settings),

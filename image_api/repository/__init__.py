@@ -179,4 +179,4 @@ def repository_from_settings(settings: Settings) -> Repository:
         return MongoRepository.from_settings(settings)
     from .sqlite import SqliteRepository
 
-    return SqliteRepository(settings.data_dir / "images.sqlite3")
+    return SqliteRepository(settings.sqlite_path)

@@ -121,4 +121,4 @@ def storage_from_settings(settings: Settings) -> BlobStorage:
         return S3Storage.from_settings(settings)
     from .filesystem import FilesystemStorage
 
-    return FilesystemStorage(settings.data_dir / "blobs", settings.blob_file_mode)
+    return FilesystemStorage(settings.blob_dir, settings.blob_file_mode)
