@@ -29,8 +29,8 @@ _POLL = 0.05  # seconds between looks at a key whose first request is still runn
 
 
 @dataclass(frozen=True)
-class Request:
-    """What an idempotent request is and how to find its result without its response.
+class IdempotentWrite:
+    """What an idempotent write is and how to find its result without its response.
 
     `fingerprint` identifies the request (a reused key with another one is refused);
     `resource` is the image it writes; `find_result(resource)` returns the image the first
@@ -62,18 +62,18 @@ class Idempotency:
         self.abandoned_after = timedelta(seconds=request_timeout + 1)
         self.sleep = sleep
 
-    def run(self, key: str | None, request: Request, action: Callable[[], ImageRecord]):
+    def run(self, key: str | None, write: IdempotentWrite, action: Callable[[], ImageRecord]):
         """`action()` once per key; a retry of the same request gets the first result."""
         if not key:
             return action()
         waited = 0.0
-        while (claim := self._claim(key, request)) is not None:
-            if claim.fingerprint != request.fingerprint:
+        while (claim := self._claim(key, write)) is not None:
+            if claim.fingerprint != write.fingerprint:
                 raise IdempotencyKeyReused()
             if claim.response is not None:
                 return ImageRecord.from_json(claim.response)
             if self._abandoned(claim):
-                found = request.find_result(claim.resource) if claim.resource else None
+                found = write.find_result(claim.resource) if claim.resource else None
                 if found is not None:
                     self._finish(key, found)
                     return found
@@ -102,11 +102,9 @@ class Idempotency:
             log.warning("could not delete expired idempotency keys now")
             return 0
 
-    def _claim(self, key: str, request: Request) -> Claim | None:
+    def _claim(self, key: str, write: IdempotentWrite) -> Claim | None:
         now = self.clock()
-        return self.repository.claim(
-            key, request.fingerprint, request.resource, now, now + self.ttl
-        )
+        return self.repository.claim(key, write.fingerprint, write.resource, now, now + self.ttl)
 
     def _abandoned(self, claim: Claim) -> bool:
         claimed_at = claim.expires_at - self.ttl

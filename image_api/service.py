@@ -47,7 +47,7 @@ from .errors import (
     NotFound,
     PreconditionFailed,
 )
-from .idempotency import Idempotency, Request
+from .idempotency import Idempotency, IdempotentWrite
 from .pagination import decode_cursor, encode_cursor
 from .records import (
     NO_FILTERS,
@@ -202,10 +202,10 @@ class ImageService:
                 except NotFound:
                     return None
 
-            request = Request(f"create {info.sha256}", image_id, find_result)
+            write = IdempotentWrite(f"create {info.sha256}", image_id, find_result)
             return self.idempotency.run(
                 _scoped(idempotency_key, caller),
-                request,
+                write,
                 lambda: self._create(image_id, upload, info, caller.owner),
             )
 
@@ -267,10 +267,10 @@ class ImageService:
             wrote = found.version >= int(version) and found.sha256 == info.sha256
             return found if wrote else None
 
-        request = Request(
+        write = IdempotentWrite(
             f"replace {image_id} {info.sha256}", f"{image_id}@{current.version + 1}", find_result
         )
-        return self.idempotency.run(idempotency_key, request, replace_once)
+        return self.idempotency.run(idempotency_key, write, replace_once)
 
     def strip_stored(self, record: ImageRecord, apply: bool = False) -> int | None:
         """For an image stored with its metadata (before stripping existed, or with
