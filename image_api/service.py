@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from flask import current_app
 from werkzeug.datastructures import ETags
@@ -335,6 +336,18 @@ class ImageService:
             )
             return Download(redirect=url)
         return Download(open=functools.partial(self.storage.open, blob.key))
+
+    @functools.cached_property
+    def redirect_origin(self) -> str | None:
+        """In redirect mode, the origin downloads are sent to (the bucket's: a page that
+        shows them must allow it); None in the other modes."""
+        if self.settings.download_mode != "redirect":
+            return None
+        url = self.storage.presigned_url("0" * 32, 60, "image/png", "inline")
+        if not url:
+            return None
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     def accel_path(
         self, blob: ImageRecord | Variant, byte_range: tuple[int, int] | None, disposition: str

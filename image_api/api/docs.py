@@ -10,10 +10,10 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app, send_from_directory
+from flask import Blueprint, current_app
 
-from ..errors import NotFound, PreconditionFailed
-from .conditions import etags
+from ..errors import NotFound
+from .files import serve_file
 from .openapi import Reply, build_document, describe, undocumented
 
 bp = Blueprint("docs", __name__, url_prefix="/api")
@@ -53,7 +53,7 @@ def openapi_document():
 @undocumented
 def docs_page():
     """Swagger UI for the document."""
-    return _serve(_OURS, "docs.html")
+    return serve_file(_OURS, "docs.html", PAGE_POLICY)
 
 
 @bp.get("/docs/<path:name>")
@@ -61,26 +61,7 @@ def docs_page():
 def docs_asset(name: str):
     """Swagger UI's files and our start-up script; nothing else."""
     if name in _SWAGGER_FILES:
-        return _serve(_SWAGGER_UI, name)
+        return serve_file(_SWAGGER_UI, name, PAGE_POLICY)
     if name == "docs.js":
-        return _serve(_OURS, name)
+        return serve_file(_OURS, name, PAGE_POLICY)
     raise NotFound("Resource not found")
-
-
-def _serve(directory: Path, name: str, policy: str = PAGE_POLICY) -> Response:
-    """A file of the page, revalidated by ETag. Ranges are not offered (nobody needs part
-    of these files), and a failed If-Match is our JSON 412, not Werkzeug's page."""
-    response = send_from_directory(directory, name, conditional=False, etag=True, max_age=3600)
-    tag, _ = response.get_etag()
-    if_match, if_none_match = etags("If-Match"), etags("If-None-Match")
-    if if_match is not None and not if_match.contains(tag):
-        response.close()
-        raise PreconditionFailed("The file's ETag does not match If-Match")
-    if if_none_match is not None and if_none_match.contains_weak(tag):
-        response.close()
-        response = Response(status=304, headers={"ETag": response.headers["ETag"]})
-        response.cache_control.max_age = 3600
-    response.headers["Content-Security-Policy"] = policy
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers.pop("Content-Disposition", None)
-    return response

@@ -11,7 +11,7 @@ from flask import Blueprint
 
 from ..errors import NotFound
 from ..service import current_service
-from .docs import _serve
+from .files import serve_file
 from .openapi import undocumented
 
 bp = Blueprint("gallery", __name__)
@@ -29,11 +29,8 @@ def page_policy() -> str:
     if service.settings.public_url:
         parts = urlsplit(service.settings.public_url)
         images += f" {parts.scheme}://{parts.netloc}"
-    if service.settings.download_mode == "redirect":
-        url = service.storage.presigned_url("0" * 32, 60, "image/png", "inline")
-        if url:
-            parts = urlsplit(url)
-            images += f" {parts.scheme}://{parts.netloc}"
+    if origin := service.redirect_origin:
+        images += f" {origin}"
     return (
         f"default-src 'none'; script-src 'self'; style-src 'self'; img-src {images}; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -44,7 +41,7 @@ def page_policy() -> str:
 @undocumented
 def gallery_page():
     """The gallery."""
-    return _serve(_STATIC, "gallery.html", page_policy())
+    return serve_file(_STATIC, "gallery.html", page_policy())
 
 
 @bp.get("/gallery/<name>")
@@ -53,4 +50,4 @@ def gallery_asset(name: str):
     """The gallery's script and style sheet; nothing else."""
     if name not in _FILES:
         raise NotFound("Resource not found")
-    return _serve(_STATIC, name, page_policy())
+    return serve_file(_STATIC, name, page_policy())
