@@ -14,6 +14,9 @@ from flask.testing import FlaskClient
 from moto import mock_aws
 
 from image_api import create_app, deadline
+from image_api.records import new_id
+from image_api.repository.mongodb import MongoRepository
+from image_api.repository.sqlite import SqliteRepository
 from tests import contract, faultproxy
 from tests.helpers import (
     FAKE_AWS,
@@ -254,3 +257,26 @@ def stalled_server():
     for conn in accepted:
         conn.close()
     server.close()
+
+
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+def repository(request, tmp_path):
+    """Every metadata backend, empty and created (twice: creation is idempotent): the
+    repository contract suite runs on each."""
+    if request.param == "sqlite":
+        repo = SqliteRepository(tmp_path / "images.sqlite3")
+    elif request.param == "mongomock":
+        repo = MongoRepository(mongomock.MongoClient(tz_aware=True)["test"])
+    else:
+        url = os.environ.get("TEST_MONGODB_URL")
+        if not url:
+            pytest.skip("TEST_MONGODB_URL is not set")
+        from pymongo import MongoClient
+
+        client = MongoClient(url, serverSelectionTimeoutMS=3000, tz_aware=True)
+        database = client[f"image_api_test_{new_id()}"]
+        repo = MongoRepository(database)
+        request.addfinalizer(lambda: client.drop_database(database.name))
+    repo.create()
+    repo.create()  # idempotent
+    return repo

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -389,3 +390,31 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def assert_error(response, status: int, code: str) -> None:
+    """A JSON error of the service's shape: `status`, `code` and a message."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert body["code"] == code
+    assert isinstance(body["message"], str) and body["message"]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed(call):
+    """`call()`'s result and how many seconds it took."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def image_form(filename: str = "a.png") -> dict:
+    """A multipart form with a small PNG in field `image`, for the test client."""
+    return {"image": (io.BytesIO(make_image()), filename)}

@@ -3,7 +3,6 @@ keys CLI, and the first admin key made once however many processes start at once
 
 from __future__ import annotations
 
-import io
 import logging
 import subprocess
 import sys
@@ -16,15 +15,14 @@ from image_api.errors import Conflict, NotFound
 from image_api.records import utc_now
 from image_api.repository.sqlite import SqliteRepository
 from image_api.signing import UrlSigner
-from tests.helpers import ROOT, ImagesClient, make_image
-from tests.test_repository import repository  # noqa: F401 (the contract fixture)
+from tests.helpers import ROOT, ImagesClient, image_form, make_image
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 # --- the repository contract ------------------------------------------------------------------
 
 
-def test_keys_are_stored_found_listed_and_revoked(repository):  # noqa: F811
+def test_keys_are_stored_found_listed_and_revoked(repository):
     key, secret = new_key("ci", "alice", [Scope.WRITE], T0)
     repository.insert_api_key(key)
     found = repository.get_api_key(key.id)
@@ -49,7 +47,7 @@ def test_keys_are_stored_found_listed_and_revoked(repository):  # noqa: F811
         repository.revoke_api_key("nobody", T0)
 
 
-def test_a_key_name_is_unique(repository):  # noqa: F811
+def test_a_key_name_is_unique(repository):
     repository.insert_api_key(new_key("ci", "alice", [Scope.READ], T0)[0])
     with pytest.raises(Conflict):
         repository.insert_api_key(new_key("ci", "bob", [Scope.READ], T0)[0])
@@ -68,18 +66,14 @@ def test_only_a_hash_of_the_secret_is_stored(tmp_path):
 # --- every endpoint, every kind of key ----------------------------------------------------------
 
 ENDPOINTS = {
-    "upload": ("write", lambda c, i: c.post("/api/images/upload", data=_png())),
+    "upload": ("write", lambda c, i: c.post("/api/images/upload", data=image_form())),
     "list": ("read", lambda c, i: c.get("/api/images")),
     "get": ("read", lambda c, i: c.get(f"/api/images/{i}")),
     "download": ("read", lambda c, i: c.get(f"/api/images/{i}/download")),
     "head": ("read", lambda c, i: c.head(f"/api/images/{i}/download")),
-    "replace": ("write", lambda c, i: c.put(f"/api/images/{i}", data=_png())),
+    "replace": ("write", lambda c, i: c.put(f"/api/images/{i}", data=image_form())),
     "delete": ("write", lambda c, i: c.delete(f"/api/images/{i}")),
 }
-
-
-def _png():
-    return {"image": (io.BytesIO(make_image()), "a.png")}
 
 
 @pytest.fixture
@@ -196,7 +190,7 @@ def test_keys_create_list_and_revoke(app, runner):
     secret = created.output.strip().splitlines()[-1]
     assert secret.startswith("iak_")
     client = app.test_client(key=secret)
-    assert client.post("/api/images/upload", data=_png()).status_code == 201
+    assert client.post("/api/images/upload", data=image_form()).status_code == 201
 
     listed = runner.invoke(args=["keys", "list"])
     assert listed.exit_code == 0
@@ -407,7 +401,7 @@ def test_other_origins_get_no_cors_headers(cors_app):
 
 def test_an_allowed_origin_may_read_the_headers_it_needs(cors_app):
     client = cors_app.test_client()
-    created = client.post("/api/images/upload", data=_png(), headers={"Origin": APP_ORIGIN})
+    created = client.post("/api/images/upload", data=image_form(), headers={"Origin": APP_ORIGIN})
     assert created.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     exposed = {h.strip() for h in created.headers["Access-Control-Expose-Headers"].split(",")}
     assert {"ETag", "Location", "Link", "Content-Disposition", "Retry-After"} <= exposed
@@ -480,7 +474,7 @@ def test_an_owner_sees_only_their_images_and_others_are_not_found(owners):
         lambda: bob.get(url),
         lambda: bob.get(url + "/download"),
         lambda: bob.head(url + "/download"),
-        lambda: bob.put(url, data=_png()),
+        lambda: bob.put(url, data=image_form()),
         lambda: bob.delete(url),
     ):
         response = request()
@@ -489,7 +483,7 @@ def test_an_owner_sees_only_their_images_and_others_are_not_found(owners):
     listed = alice.get("/api/images").get_json()
     assert [i["_id"] for i in listed["images"]] == [image["_id"]] and listed["total"] == 1
     # Another key of the same owner (a rotation) sees and changes the same images.
-    assert owners["alice2"].put(url, data=_png()).status_code == 200
+    assert owners["alice2"].put(url, data=image_form()).status_code == 200
     assert alice.get(url).get_json()["version"] == 2
 
 

@@ -20,6 +20,7 @@ from tests.helpers import (
     MEDIA_TYPES,
     TRICKY_REFUSED_OUTCOMES,
     ImagesClient,
+    assert_error,
     assert_replaced,
     decoded_frames,
     exif_of,
@@ -31,14 +32,6 @@ from tests.helpers import (
 
 HEX24 = re.compile(r"^[0-9a-f]{24}$")
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    body = response.get_json()
-    assert body["code"] == code
-    assert isinstance(body["message"], str) and body["message"]
 
 
 def stored_state(service):

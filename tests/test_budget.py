@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import sqlite3
-import time
 from datetime import timedelta
 
 import pytest
@@ -17,17 +16,11 @@ from image_api.records import new_id
 from image_api.repair import repair
 from image_api.repository import scan_all
 from tests import faultproxy
-from tests.helpers import FAKE_AWS, TEST_SECRET, make_image
+from tests.helpers import FAKE_AWS, TEST_SECRET, exact_match, make_image, timed
 
 BUDGET = {"REQUEST_TIMEOUT": "2"}
 #: Generous slack over the 2 s budget: what is checked is "bounded by the budget", not speed.
 WITHIN = 5.0
-
-
-def timed(call):
-    started = time.monotonic()
-    response = call()
-    return response, time.monotonic() - started
 
 
 def assert_unavailable_in_time(call):
@@ -137,12 +130,6 @@ def s3_app(make_app, tmp_path, proxy):
     )
     app.extensions["image_api"].storage.create()
     return app
-
-
-def exact_match(service) -> bool:
-    records = list(scan_all(service.repository))
-    blobs = sorted(blob.key for blob in service.storage.list())
-    return all(r.status == "active" for r in records) and sorted(r.key for r in records) == blobs
 
 
 @pytest.mark.parametrize("operation", ["upload", "replace", "download", "delete"])

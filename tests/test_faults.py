@@ -5,11 +5,9 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,8 +20,10 @@ from tests.helpers import (
     Faulty,
     ImagesClient,
     assert_replaced,
+    closed_port,
     exact_match,
     make_image,
+    timed,
 )
 
 
@@ -268,12 +268,6 @@ def test_concurrent_conditional_replaces_one_wins_and_the_other_is_412(client, i
 # --- unreachable and stalled backends, with the real drivers -------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 #: Short timeouts: every call to these backends fails, so nothing waits on a timeout that
 #: could have succeeded, and each failure costs a fraction of a second.
 FAST = {"BACKEND_CONNECT_TIMEOUT": "0.1", "BACKEND_READ_TIMEOUT": "0.1", "PROBE_TIMEOUT": "0.1"}
@@ -281,12 +275,6 @@ AWS = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_K
 #: Far above what these requests take (well under a second), far below gunicorn's worker
 #: timeout: only a request that waits on nothing in particular would exceed it.
 BOUNDED = 10
-
-
-def timed(call):
-    started = time.monotonic()
-    response = call()
-    return response, time.monotonic() - started
 
 
 @pytest.mark.parametrize("kind", ["refused", "stalled"])

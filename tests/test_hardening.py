@@ -13,7 +13,7 @@ import pytest
 from werkzeug.http import http_date, parse_date, parse_options_header
 
 from image_api.repository import scan_all
-from tests.helpers import ImagesClient, make_image, unsigned
+from tests.helpers import ImagesClient, assert_error, make_image, unsigned
 
 
 def upload(client, data=None, filename="a.png"):
@@ -22,11 +22,6 @@ def upload(client, data=None, filename="a.png"):
     )
     assert response.status_code == 201, response.get_json()
     return response.get_json()["image"]
-
-
-def assert_error(response, status, code):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json and response.get_json()["code"] == code
 
 
 # --- list queries ----------------------------------------------------------------------------

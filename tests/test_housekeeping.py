@@ -17,7 +17,6 @@ from image_api.repository.mongodb import MongoRepository
 from image_api.repository.sqlite import SqliteRepository
 from image_api.storage.filesystem import FilesystemStorage
 from tests.helpers import FAKE_AWS, make_image
-from tests.test_repository import repository  # noqa: F401 - the contract suite's fixture
 
 
 def test_repair_removes_temporary_files_a_killed_write_left(make_app, tmp_path, clock):
@@ -91,7 +90,7 @@ def test_repair_aborts_unfinished_multipart_uploads(make_app, tmp_path, moto_ser
     service.storage.delete_partial(f"{key}/{upload['UploadId']}")  # gone already: fine
 
 
-def test_expired_idempotency_keys_are_purged(repository):  # noqa: F811
+def test_expired_idempotency_keys_are_purged(repository):
     # Expiry times ahead of the wall clock, so MongoDB's TTL monitor leaves them alone.
     now = utc_now() + timedelta(days=3)
     for i in range(5):

@@ -4,7 +4,6 @@ can do (nothing, unless PROXY_HOPS trusts a proxy)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import socket
@@ -15,13 +14,9 @@ import pytest
 
 from bench.processes import free_port
 from image_api.config import ConfigError
-from tests.helpers import ImagesClient, make_image
+from tests.helpers import ImagesClient, image_form, make_image
 
 LIMITS = {"RATE_LIMIT_READ": "3/minute", "RATE_LIMIT_WRITE": "2/minute"}
-
-
-def _png():
-    return {"image": (io.BytesIO(make_image()), "a.png")}
 
 
 @pytest.fixture
@@ -45,8 +40,8 @@ def test_over_the_limit_is_a_json_429_with_retry_after_and_ratelimit_headers(lim
 
 def test_reads_and_writes_have_their_own_budgets_across_endpoints(limited):
     client = limited.test_client()
-    image_id = client.post("/api/images/upload", data=_png()).get_json()["image"]["_id"]
-    assert client.put(f"/api/images/{image_id}", data=_png()).status_code == 200
+    image_id = client.post("/api/images/upload", data=image_form()).get_json()["image"]["_id"]
+    assert client.put(f"/api/images/{image_id}", data=image_form()).status_code == 200
     assert client.delete(f"/api/images/{image_id}").status_code == 429  # third write
     # Reads still have their budget, spent across routes.
     assert client.get("/api/images").status_code == 200

@@ -18,7 +18,7 @@ from image_api import errors
 from image_api.api.openapi import EXAMPLE_HOST, build_document, operation_id, path_template
 from image_api.records import Claim
 from tests.conftest import build_app
-from tests.helpers import ROOT, Faulty, ImagesClient, make_image
+from tests.helpers import ROOT, Faulty, ImagesClient, image_form, make_image
 
 AUTOMATIC = {"HEAD", "OPTIONS"}  # Flask answers these for every route
 
@@ -171,10 +171,6 @@ def test_upload_links_lead_to_the_image_operations(document):
 # --- every documented status can be produced ------------------------------------------------
 
 
-def _png(name="a.png"):
-    return {"image": (io.BytesIO(make_image()), name)}
-
-
 def _probes(client, service, image_id, redirect_client, redirect_id):
     """Requests that together produce each documented status of each operation.
 
@@ -225,9 +221,9 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
 
     return {
         ("post", "/api/images/upload"): [
-            lambda: client.post("/api/images/upload", data=_png()),
-            lambda: nobody.post("/api/images/upload", data=_png()),
-            lambda: reader.post("/api/images/upload", data=_png()),
+            lambda: client.post("/api/images/upload", data=image_form()),
+            lambda: nobody.post("/api/images/upload", data=image_form()),
+            lambda: reader.post("/api/images/upload", data=image_form()),
             lambda: client.post("/api/images/upload", data={}),
             lambda: client.post("/api/images/upload", data=big()),
             lambda: client.post(
@@ -237,7 +233,7 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
                 "/api/images/upload", data={"image": (io.BytesIO(make_image()[:60]), "a.png")}
             ),
             ("in_progress", "/api/images/upload"),
-            ("broken", "insert", lambda: client.post("/api/images/upload", data=_png())),
+            ("broken", "insert", lambda: client.post("/api/images/upload", data=image_form())),
         ],
         ("get", "/api/images"): [
             lambda: client.get("/api/images"),
@@ -256,17 +252,17 @@ def _probes(client, service, image_id, redirect_client, redirect_id):
             ("broken", "get", lambda: client.get(url)),
         ],
         ("put", "/api/images/{image_id}"): [
-            lambda: client.put(url, data=_png()),
-            lambda: nobody.put(url, data=_png()),
-            lambda: reader.put(url, data=_png()),
+            lambda: client.put(url, data=image_form()),
+            lambda: nobody.put(url, data=image_form()),
+            lambda: reader.put(url, data=image_form()),
             lambda: client.put(url, data={}),
-            lambda: client.put(f"/api/images/{missing}", data=_png()),
+            lambda: client.put(f"/api/images/{missing}", data=image_form()),
             ("in_progress", url),
-            lambda: client.put(url, data=_png(), headers={"If-Match": '"stale"'}),
+            lambda: client.put(url, data=image_form(), headers={"If-Match": '"stale"'}),
             lambda: client.put(url, data=big()),
             lambda: client.put(url, data={"image": (io.BytesIO(b"GIF89a"), "a.gif")}),
             lambda: client.put(url, data={"image": (io.BytesIO(b"<svg/>"), "a.svg")}),
-            ("broken", "get", lambda: client.put(url, data=_png())),
+            ("broken", "get", lambda: client.put(url, data=image_form())),
         ],
         ("get", "/api/images/{image_id}/download"): downloads("get"),
         ("head", "/api/images/{image_id}/download"): downloads("head"),
@@ -399,7 +395,7 @@ def _run(probe, client, service):
         service.idempotency.wait = 0  # give up at once rather than poll for 10 s
         method = client.post if url.endswith("upload") else client.put
         try:
-            return method(url, data=_png(), headers={"Idempotency-Key": "held"})
+            return method(url, data=image_form(), headers={"Idempotency-Key": "held"})
         finally:
             service.repository = inner
     raise ValueError(kind)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import socket
 from datetime import UTC, datetime, timedelta
 
 import mongomock
@@ -26,6 +24,7 @@ from image_api.records import (
 from image_api.repository import scan_all
 from image_api.repository.mongodb import MongoRepository
 from image_api.repository.sqlite import SqliteRepository
+from tests.helpers import closed_port
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -46,27 +45,6 @@ def make_record(uploaded_at: datetime = T0, **changes) -> ImageRecord:
     )
     values.update(changes)
     return ImageRecord(**values)
-
-
-@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
-def repository(request, tmp_path):
-    if request.param == "sqlite":
-        repo = SqliteRepository(tmp_path / "images.sqlite3")
-    elif request.param == "mongomock":
-        repo = MongoRepository(mongomock.MongoClient(tz_aware=True)["test"])
-    else:
-        url = os.environ.get("TEST_MONGODB_URL")
-        if not url:
-            pytest.skip("TEST_MONGODB_URL is not set")
-        from pymongo import MongoClient
-
-        client = MongoClient(url, serverSelectionTimeoutMS=3000, tz_aware=True)
-        database = client[f"image_api_test_{new_id()}"]
-        repo = MongoRepository(database)
-        request.addfinalizer(lambda: client.drop_database(database.name))
-    repo.create()
-    repo.create()  # idempotent
-    return repo
 
 
 def test_insert_then_get_returns_the_same_record(repository):
@@ -146,12 +124,6 @@ def test_all_yields_every_record(repository):
 
 def test_ping_answers_when_the_database_does(repository):
     assert repository.ping() is None
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ping_raises_backend_unavailable_when_the_database_cannot_answer(repository, tmp_path):

@@ -14,7 +14,6 @@ from image_api.errors import NotFound
 from image_api.records import new_id, new_key, utc_now
 from image_api.repair import ORPHAN_BLOB, RETIRED_BLOB, repair
 from tests.helpers import FAKE_AWS, make_image
-from tests.test_repository import repository  # noqa: F401 - the contract suite's fixture
 
 
 def upload(client, data):
@@ -162,7 +161,7 @@ def test_a_presigned_url_outlives_a_replace(make_app, tmp_path, moto_server, clo
 # --- the contract, on every repository backend ----------------------------------------------
 
 
-def test_retired_notes_are_kept_listed_when_due_and_forgotten(repository):  # noqa: F811
+def test_retired_notes_are_kept_listed_when_due_and_forgotten(repository):
     from tests.test_repository import T0
 
     keys = [new_key() for _ in range(3)]
