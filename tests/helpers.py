@@ -155,6 +155,12 @@ class ImagesClient:
         file = _file(data, filename, None)
         return self.client.put(f"/api/images/{image_id}", data={"image": file}, headers=headers)
 
+    def replaced(self, image_id: str, data: bytes | None = None, **options) -> dict:
+        """Replace, assert 200, and return the image's JSON."""
+        response = self.replace(image_id, data, **options)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.get_json()["image"]
+
 
 def _file(data: bytes | None, filename: str, content_type: str | None) -> FileStorage:
     data = make_image() if data is None else data

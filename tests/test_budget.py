@@ -16,7 +16,7 @@ from image_api.records import new_id
 from image_api.repair import repair
 from image_api.repository import scan_all
 from tests import faultproxy
-from tests.helpers import FAKE_AWS, TEST_SECRET, exact_match, make_image, timed
+from tests.helpers import FAKE_AWS, TEST_SECRET, ImagesClient, exact_match, make_image, timed
 
 BUDGET = {"REQUEST_TIMEOUT": "2"}
 #: Generous slack over the 2 s budget: what is checked is "bounded by the budget", not speed.
@@ -30,19 +30,6 @@ def assert_unavailable_in_time(call):
     assert int(response.headers["Retry-After"]) > 0
     assert seconds < WITHIN, f"took {seconds:.1f} s"
     return response
-
-
-def upload(client, color="teal"):
-    return client.post(
-        "/api/images/upload", data={"image": (io.BytesIO(make_image(color=color)), "a.png")}
-    )
-
-
-def replace(client, image_id, color="navy"):
-    return client.put(
-        f"/api/images/{image_id}",
-        data={"image": (io.BytesIO(make_image(color=color)), "b.png")},
-    )
 
 
 # --- the budget itself ---------------------------------------------------------------------
@@ -141,9 +128,9 @@ def test_stalled_s3_gives_503_within_the_budget_and_loses_nothing(s3_app, proxy,
 
     proxy.mode = faultproxy.STALL
     if operation == "upload":
-        assert_unavailable_in_time(lambda: upload(client))
+        assert_unavailable_in_time(lambda: ImagesClient(client).upload())
     elif operation == "replace":
-        assert_unavailable_in_time(lambda: replace(client, image_id))
+        assert_unavailable_in_time(lambda: ImagesClient(client).replace(image_id))
     elif operation == "download":
         assert_unavailable_in_time(lambda: client.get(f"/api/images/{image_id}/download"))
     else:
@@ -174,10 +161,10 @@ def stalled_mongodb(stalled_server):
 
 ID = "0123456789abcdef01234567"
 ENDPOINTS = {
-    "upload": lambda client: upload(client),
+    "upload": lambda client: ImagesClient(client).upload(),
     "list": lambda client: client.get("/api/images"),
     "get": lambda client: client.get(f"/api/images/{ID}"),
-    "replace": lambda client: replace(client, ID),
+    "replace": lambda client: ImagesClient(client).replace(ID),
     "delete": lambda client: client.delete(f"/api/images/{ID}"),
     "download": lambda client: client.get(f"/api/images/{ID}/download"),
     "readyz": lambda client: client.get("/readyz"),
@@ -207,8 +194,8 @@ def test_stalled_mongodb_gives_503_within_the_budget(make_app, tmp_path, stalled
 SOME_KEY = "iak_000000000000_someone"
 
 WRITES = {
-    "upload": lambda client, image_id: upload(client),
-    "replace": lambda client, image_id: replace(client, image_id),
+    "upload": lambda client, image_id: ImagesClient(client).upload(),
+    "replace": lambda client, image_id: ImagesClient(client).replace(image_id),
     "delete": lambda client, image_id: client.delete(f"/api/images/{image_id}"),
 }
 

@@ -13,19 +13,7 @@ import requests
 from image_api.errors import NotFound
 from image_api.records import new_id, new_key, utc_now
 from image_api.repair import ORPHAN_BLOB, RETIRED_BLOB, repair
-from tests.helpers import FAKE_AWS, make_image
-
-
-def upload(client, data):
-    response = client.post("/api/images/upload", data={"image": (io.BytesIO(data), "a.png")})
-    assert response.status_code == 201
-    return response.get_json()["image"]
-
-
-def replace(client, image_id, data):
-    response = client.put(f"/api/images/{image_id}", data={"image": (io.BytesIO(data), "b.png")})
-    assert response.status_code == 200, response.get_json()
-    return response.get_json()["image"]
+from tests.helpers import FAKE_AWS, ImagesClient, make_image
 
 
 class ReplacedBeforeOpen:
@@ -52,12 +40,12 @@ class ReplacedBeforeOpen:
 )
 def test_a_download_racing_a_replace_gets_the_old_bytes(client, service, headers, status, part):
     old, new = make_image(color="red"), make_image(color="blue", size=(90, 90))
-    image = upload(client, old)
+    image = ImagesClient(client).create(old)
     real = service.storage
 
     def replace_now():
         service.storage = real
-        replace(client, image["_id"], new)
+        ImagesClient(client).replaced(image["_id"], new)
         service.storage = racing
 
     racing = ReplacedBeforeOpen(real, replace_now)
@@ -75,23 +63,23 @@ def test_a_retired_blob_is_deleted_once_its_time_has_come(client, service, clock
     # On the wall clock, as the blobs' times are, so that repair's grace of 0 covers them.
     clock.now = utc_now()
     old_data = make_image(color="red")
-    image = upload(client, old_data)
+    image = ImagesClient(client).create(old_data)
     old_key = service.repository.get(image["_id"]).key
-    replace(client, image["_id"], make_image(color="blue"))
+    ImagesClient(client).replaced(image["_id"], make_image(color="blue"))
     assert old_key in {blob.key for blob in service.storage.list()}
     assert service.repository.retired_until(old_key) == pytest.approx(
         clock.now + service.retention, abs=timedelta(seconds=1)
     )
     # Not yet due: neither a later write nor repair touches it, and it is no orphan.
     clock.advance(service.retention / 2)
-    other = upload(client, make_image(color="green"))
-    replace(client, other["_id"], make_image(color="gray"))
+    other = ImagesClient(client).create(make_image(color="green"))
+    ImagesClient(client).replaced(other["_id"], make_image(color="gray"))
     findings = repair(service, timedelta(0), apply=True).findings
     assert old_key not in {finding.key for finding in findings}
     assert old_key in {blob.key for blob in service.storage.list()}
     # Due: the next replace sweeps it.
     clock.advance(service.retention)
-    replace(client, other["_id"], make_image(color="white"))
+    ImagesClient(client).replaced(other["_id"], make_image(color="white"))
     keys = {blob.key for blob in service.storage.list()}
     assert old_key not in keys
     assert service.repository.retired_until(old_key) is None
@@ -101,9 +89,9 @@ def test_a_retired_blob_is_deleted_once_its_time_has_come(client, service, clock
 
 
 def test_repair_keeps_retired_blobs_until_due_then_deletes_them(client, service, clock):
-    image = upload(client, make_image(color="red"))
+    image = ImagesClient(client).create(make_image(color="red"))
     old_key = service.repository.get(image["_id"]).key
-    replace(client, image["_id"], make_image(color="blue"))
+    ImagesClient(client).replaced(image["_id"], make_image(color="blue"))
     clock.advance(timedelta(seconds=1))
     report = repair(service, timedelta(0), apply=True)
     assert report.findings == []
@@ -120,7 +108,7 @@ def test_repair_keeps_retired_blobs_until_due_then_deletes_them(client, service,
 
 
 def test_an_unnoted_blob_is_still_an_orphan(client, service, clock):
-    upload(client, make_image())
+    ImagesClient(client).create(make_image())
     orphan = new_key()
     service.storage.put(orphan, io.BytesIO(b"x"), "image/png")
     clock.advance(timedelta(days=1))
@@ -143,9 +131,9 @@ def test_a_presigned_url_outlives_a_replace(make_app, tmp_path, moto_server, clo
     service.storage.create()
     client = app.test_client()
     old = make_image(color="red")
-    image = upload(client, old)
+    image = ImagesClient(client).create(old)
     handed_out = client.get(f"/api/images/{image['_id']}/download").headers["Location"]
-    replace(client, image["_id"], make_image(color="blue"))
+    ImagesClient(client).replaced(image["_id"], make_image(color="blue"))
     assert service.retention >= timedelta(seconds=120)
     assert requests.get(handed_out, timeout=10).content == old
     clock.advance(service.retention)
