@@ -218,8 +218,16 @@ class ImageService:
             raise NotFound()
         return record
 
-    def list(self, limit: int, cursor: str | None = None, filters: Filters = NO_FILTERS) -> Page:
-        """A page of images, newest first, after the position `cursor` names."""
+    def list(
+        self,
+        limit: int,
+        cursor: str | None = None,
+        filters: Filters = NO_FILTERS,
+        caller: Caller = EVERYONE,
+    ) -> Page:
+        """A page of the images the caller may see, newest first, after the position
+        `cursor` names. Only an admin may ask for another owner's (`Forbidden`)."""
+        filters = dataclasses.replace(filters, owner=caller.owner_filter(filters.owner))
         after = decode_cursor(cursor) if cursor else None
         # One extra row tells whether another page follows without a second query.
         rows = self.repository.list_page(limit + 1, after, filters)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from urllib.parse import urlencode
 
 from flask import Blueprint, request, url_for
@@ -30,7 +29,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..media import Upload
-from ..service import current_service
+from ..service import Page, current_service
 from .auth import caller
 from .conditions import etags, preconditions, read_preconditions
 from .openapi import Reply, describe
@@ -148,17 +147,16 @@ def create_image():
 def list_images():
     """List images, newest first, a page at a time."""
     query = list_query_schema.load(request.args)
-    filters = dataclasses.replace(
-        query["filters"], owner=caller().owner_filter(query["filters"].owner)
-    )
-    page = current_service().list(query["limit"], query["cursor"], filters)
-    body = page_schema.dump(page)
-    headers = {}
-    if page.next_cursor:
-        query_string = urlencode(next_page_query(query, page.next_cursor))
-        next_url = f"{url_for('.list_images', _external=True)}?{query_string}"
-        headers["Link"] = f'<{next_url}>; rel="next"'
-    return body, 200, headers
+    page = current_service().list(query["limit"], query["cursor"], query["filters"], caller())
+    return page_schema.dump(page), 200, _link_to_next(query, page)
+
+
+def _link_to_next(query: dict, page: Page) -> dict[str, str]:
+    """The `Link` header to the page after this one, when there is one."""
+    if not page.next_cursor:
+        return {}
+    query_string = urlencode(next_page_query(query, page.next_cursor))
+    return {"Link": f'<{url_for(".list_images", _external=True)}?{query_string}>; rel="next"'}
 
 
 @bp.get("/<id:image_id>")
