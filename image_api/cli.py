@@ -3,7 +3,6 @@ migrate | nginx-config`."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -17,7 +16,7 @@ from flask.cli import with_appcontext
 
 from . import access, nginx
 from . import migrate as migration
-from .config import ConfigError, Settings
+from .config import ConfigError
 from .errors import (
     ApiError,
     BackendUnavailable,
@@ -28,9 +27,8 @@ from .errors import (
 )
 from .records import Status
 from .repair import repair
-from .repository import repository_from_settings, scan_all
+from .repository import scan_all
 from .service import current_service
-from .storage import storage_from_settings
 
 
 def _in_one_line(run):
@@ -314,31 +312,11 @@ def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, a
             "set READ_ONLY=true for the service and this command first: a write during the "
             "copy would be lost"
         )
-    from pymongo.errors import ConfigurationError
-
     try:
-        # The same checks as the service's own settings: a URL of the right kind, a region.
-        checked = Settings.from_mapping(
-            {
-                "S3_BUCKET_NAME": bucket,
-                "S3_ENDPOINT_URL": s3_endpoint_url or settings.s3_endpoint_url or "",
-                "AWS_REGION": aws_region or settings.aws_region or "",
-                "MONGODB_URL": mongodb_url,
-                "SECRET_KEY": "x" * 48,  # not used to copy; required with MongoDB
-            }
+        target = migration.target_backends(
+            settings, bucket, mongodb_url, s3_endpoint_url, aws_region
         )
-        target_settings = dataclasses.replace(
-            settings,
-            s3_bucket_name=checked.s3_bucket_name,
-            s3_endpoint_url=checked.s3_endpoint_url,
-            aws_region=checked.aws_region,
-            mongodb_url=checked.mongodb_url,
-        )
-        target = migration.Backends(
-            storage_from_settings(target_settings), repository_from_settings(target_settings)
-        )
-    except (ValueError, ConfigError, ConfigurationError) as error:
-        # pymongo's InvalidURI is a ConfigurationError: a URL without a host, say.
+    except ConfigError as error:
         raise click.ClickException(f"cannot use the target: {error}") from None
     source = migration.Backends(service.storage, service.repository)
 

@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .config import ConfigError, Settings
 from .errors import Conflict, NotFound
 from .records import Clock, ImageRecord, Status, Variant
-from .repository import Repository, scan_all, scan_all_variants
-from .storage import BlobStorage
+from .repository import Repository, repository_from_settings, scan_all, scan_all_variants
+from .storage import BlobStorage, storage_from_settings
 
 _CHUNK = 1024 * 1024
 
@@ -52,6 +53,40 @@ class Report:
 class Backends:
     storage: BlobStorage
     repository: Repository
+
+
+def target_backends(
+    settings: Settings,
+    bucket: str,
+    mongodb_url: str,
+    s3_endpoint_url: str | None = None,
+    aws_region: str | None = None,
+) -> Backends:
+    """S3 + MongoDB as the service would use them with these values in `settings`'s
+    place, checked as its own settings are: `ConfigError` for a value it would refuse."""
+    from pymongo.errors import ConfigurationError
+
+    try:
+        checked = Settings.from_mapping(
+            {
+                "S3_BUCKET_NAME": bucket,
+                "S3_ENDPOINT_URL": s3_endpoint_url or settings.s3_endpoint_url or "",
+                "AWS_REGION": aws_region or settings.aws_region or "",
+                "MONGODB_URL": mongodb_url,
+                "SECRET_KEY": "x" * 48,  # required with MongoDB; copying signs nothing
+            }
+        )
+        target = dataclasses.replace(
+            settings,
+            s3_bucket_name=checked.s3_bucket_name,
+            s3_endpoint_url=checked.s3_endpoint_url,
+            aws_region=checked.aws_region,
+            mongodb_url=checked.mongodb_url,
+        )
+        return Backends(storage_from_settings(target), repository_from_settings(target))
+    except (ValueError, ConfigurationError) as error:
+        # pymongo's InvalidURI is a ConfigurationError: a URL without a host, say.
+        raise ConfigError(str(error)) from error
 
 
 def items(source: Backends) -> Iterator[ImageRecord | Variant]:
