@@ -16,6 +16,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -307,6 +308,31 @@ def test_accel_serves_variants_too(http, pair):
     assert auto.headers["Content-Type"] == "image/webp" and "Accept" in auto.headers["Vary"]
 
 
+#: The longest filename the service keeps (200 characters), each 4 bytes in UTF-8: its
+#: Content-Disposition, and the presigned URL that repeats it, are over 7 KB of headers.
+LONGEST_NAME = "\N{GRINNING CAT FACE WITH SMILING EYES}" * 196 + ".png"
+
+
+def assert_served_under_its_name(http, front, image: dict, data: bytes) -> None:
+    for url in (f"{front.url}/api/images/{image['_id']}/download", image["imageUrl"]):
+        response = http.get(url)
+        assert response.status_code == 200, response.text
+        assert response.content == data
+        assert quote(LONGEST_NAME) in response.headers["Content-Disposition"]
+    variant = http.get(f"{front.url}/api/images/{image['_id']}/download?w=20")
+    assert variant.status_code == 200 and Image.open(io.BytesIO(variant.content)).width == 20
+
+
+def test_the_longest_filename_is_served_through_nginx(http, pair):
+    """nginx answered headers over its one-page buffer with 502 (sent as a 503 "retry
+    shortly"): every download of such an image failed, for good."""
+    _, front = pair
+    data = make_image("PNG", (40, 30), color="olive")
+    created = http.post(f"{front.url}/api/images/upload", files={"image": (LONGEST_NAME, data)})
+    assert created.json()["image"]["filename"] == LONGEST_NAME
+    assert_served_under_its_name(http, front, created.json()["image"], data)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="nginx's workers change user only as root")
 def test_blob_files_nginx_may_not_read_fail_loudly(http, pair):
     """The workers run as nobody in the service's group: BLOB_FILE_MODE=0640 lets them read;
@@ -575,6 +601,41 @@ def test_accel_downloads_from_s3_behave_as_proxy_mode(s3_pair):
     assert allowed.content == data
     assert allowed.raw.headers.getlist("Access-Control-Allow-Origin") == [APP_ORIGIN]
     assert len(allowed.raw.headers.getlist("Vary")) == 1
+
+
+def test_the_longest_filename_is_served_from_s3_through_nginx(home, s3_pair, moto_server):
+    """In accel mode the presigned URL in X-Accel-Redirect, in redirect mode the one in
+    Location, repeat the filename: with Content-Disposition, over nginx's default buffer."""
+    from image_api.records import new_id
+
+    service, front = s3_pair
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {service.key}"
+    data = make_image("PNG", (40, 30), color="teal")
+    created = http.post(f"{front.url}/api/images/upload", files={"image": (LONGEST_NAME, data)})
+    assert_served_under_its_name(http, front, created.json()["image"], data)
+    redirecting, redirect_front = start_pair(
+        home,
+        "s3-redirect",
+        DOWNLOAD_MODE="redirect",
+        S3_BUCKET_NAME=f"redirect-{new_id()}",
+        S3_ENDPOINT_URL=moto_server,
+        **FAKE_AWS,
+    )
+    try:
+        http.headers["Authorization"] = f"Bearer {redirecting.key}"
+        created = http.post(
+            f"{redirect_front.url}/api/images/upload", files={"image": (LONGEST_NAME, data)}
+        )
+        image_id = created.json()["image"]["_id"]
+        redirect = http.get(
+            f"{redirect_front.url}/api/images/{image_id}/download", allow_redirects=False
+        )
+        assert redirect.status_code == 302, redirect.text
+        assert_served_under_its_name(http, redirect_front, created.json()["image"], data)
+    finally:
+        redirect_front.stop()
+        redirecting.stop()
 
 
 def test_accel_on_s3_answers_a_missing_object_as_proxy_mode_does(s3_pair):
