@@ -263,6 +263,17 @@ def test_redirect_mode_streams_what_the_bucket_would_judge_otherwise(s3_app):
     ):
         assert client.get(url, headers=headers).status_code == 302, headers
         assert followed(headers) == expected, headers
+    # HEAD is answered here: the presigned URL is signed for GET, which S3 (not moto)
+    # checks, so `curl -I -L` got a 403 from the bucket.
+    head = client.head(url)
+    assert head.status_code == 200 and head.data == b""
+    assert head.headers["Content-Length"] == str(len(data))
+    assert head.headers["ETag"] == etag and head.headers["Content-Type"] == "image/png"
+    ranged = client.head(url, headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 206 and ranged.headers["Content-Length"] == "10"
+    # The 302 itself has no body, and no image type.
+    redirect = client.get(url)
+    assert redirect.status_code == 302 and "Content-Type" not in redirect.headers
     beyond = client.get(url, headers={"Range": f"bytes={len(data)}-"})
     assert beyond.status_code == 416 and beyond.get_json()["code"] == "range_not_satisfiable"
     assert beyond.headers["Content-Range"] == f"bytes */{len(data)}"

@@ -163,6 +163,7 @@ def _sent(
     if download.redirect is not None:
         response.status_code = 302
         response.location = download.redirect
+        del response.headers["Content-Type"]  # of the image the bucket sends, not of this
         return response
     if service.settings.download_mode == "accel" and _nginx_agrees(byte_range):
         # nginx sends the bytes (all of them or the range decided here, or for HEAD none)
@@ -201,7 +202,10 @@ def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:
     or the whole object for a request the service accepted or ranged), and takes Range
     headers the service ignores (several ranges, say). Such requests, rare, are streamed
     by the service instead. (If-None-Match never matches the bucket's ETag either: the
-    service answered a match with 304 already.)"""
+    service answered a match with 304 already.) So is HEAD: a presigned URL is signed for
+    GET, and S3 refuses another method on it (SigV4 signs the method)."""
+    if request.method == "HEAD":
+        return False
     headers = request.headers
     if "If-Match" in headers or "If-Range" in headers:
         return False
