@@ -66,8 +66,9 @@ _HEADERS = {
             "The requested byte range", binary=True, headers=(*DOWNLOAD_HEADERS, "Content-Range")
         ),
         302: Reply(
-            "In redirect mode (S3): a presigned URL to the bytes",
+            "In redirect mode (S3): a presigned URL to the bytes (a HEAD is answered here)",
             headers=(*DOWNLOAD_HEADERS, "Location"),
+            to_head=False,
         ),
         304: Reply("The client's copy is current", headers=DOWNLOAD_HEADERS),
     },

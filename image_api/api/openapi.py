@@ -55,6 +55,7 @@ class Reply:
     text: str | None = None  # a text body of this media type (the metrics)
     headers: tuple[str, ...] = ()  # names in RESPONSE_HEADERS
     image_id: str | None = None  # JSON pointer to an image id in the body: links follow it
+    to_head: bool = True  # also a HEAD's answer (for operations that document HEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +380,9 @@ def _operation(view, rule, method: str) -> dict:
         "tags": [view.__module__.rpartition(".")[2]],
         "parameters": parameters,
         "responses": {
-            str(status): _reply(reply, method) for status, reply in sorted(spec.replies.items())
+            str(status): _reply(reply, method)
+            for status, reply in sorted(spec.replies.items())
+            if method != "HEAD" or reply.to_head
         }
         | _error_responses(spec),
     }
