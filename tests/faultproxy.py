@@ -27,6 +27,7 @@ class FaultProxy:
         self.upstream = upstream
         self.mode = PASS
         self.answered = 0  # bytes the upstream sent back, all connections together
+        self.answers_left: int | None = None  # see `cut_answers_after`
         self._counting = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
@@ -78,14 +79,30 @@ class FaultProxy:
                 if mode == RESET_AFTER_REQUEST:
                     _reset(target)
                     return
+                cut = False
                 if mode is not None:  # the upstream's answer
                     with self._counting:
                         self.answered += len(data)
+                        if self.answers_left is not None:
+                            cut = len(data) > self.answers_left
+                            data = data[: self.answers_left]
+                            self.answers_left -= len(data)
                 target.sendall(data)
+                if cut:  # an orderly close: what was sent arrives, then the end
+                    for sock in (target, source):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                    return
         except OSError:
             pass
         with contextlib.suppress(OSError):
             target.shutdown(socket.SHUT_WR)
+
+    def cut_answers_after(self, size: int) -> None:
+        """From now on, on every connection, forward `size` more bytes of answers in all,
+        then close both sides: a backend that goes away in the middle of a response."""
+        with self._counting:
+            self.answers_left = size
 
     def close(self):
         self._stop.set()

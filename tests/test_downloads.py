@@ -317,4 +317,4 @@ def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app, p
     first = next(iter(response.response))
     assert data.startswith(first)
     response.close()
-    assert opened[-1][1]._raw_stream.closed
+    assert opened[-1][1].closed and opened[-1][1]._body._raw_stream.closed  # S3 connection too

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from urllib3 import encode_multipart_formdata
 
 from bench.processes import worker_pids
@@ -196,6 +199,55 @@ def backend_service(request, tmp_path):
     yield running
     running.stop()
     print(running.log.read_text())  # pytest shows it when the test failed
+
+
+def test_s3_failing_mid_download_closes_the_connection_and_logs_why(tmp_path, proxy):
+    """Once the headers are out, a failure of S3 can only end the response early: the
+    client gets fewer bytes than Content-Length and the connection is closed (never left
+    open for the rest to be read as the next response). It was a traceback in gunicorn's
+    log and nothing in the service's."""
+    service = Service(
+        tmp_path / "data",
+        {
+            **FAKE_AWS,
+            "S3_BUCKET_NAME": f"cut-{uuid.uuid4().hex[:12]}",
+            "S3_ENDPOINT_URL": proxy.url,
+            "WEB_CONCURRENCY": "1",
+        },
+    )
+    service.init()
+    service.start()
+    auth = {"Authorization": f"Bearer {service.key}"}
+    try:
+        noise = io.BytesIO()
+        Image.frombytes("RGB", (600, 600), random.randbytes(600 * 600 * 3)).save(noise, "PNG")
+        data = noise.getvalue()
+        created = requests.post(
+            f"{service.url}/api/images/upload",
+            files={"image": ("noise.png", data)},
+            headers=auth,
+            timeout=10,
+        )
+        path = f"/api/images/{created.json()['image']['_id']}/download"
+        proxy.cut_answers_after(300_000)  # S3 goes away a third of the way through
+        conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+        conn.request("GET", path, headers=auth)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Length") == str(len(data))
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            response.read()  # the connection closed: not a wait for the rest
+        assert 0 < len(cut.value.partial) < len(data)
+        assert data.startswith(cut.value.partial)
+        conn.close()
+        proxy.answers_left = None  # S3 is back
+        again = requests.get(f"{service.url}{path}", headers=auth, timeout=10)
+        assert again.status_code == 200 and again.content == data
+    finally:
+        service.stop()
+    log = service.log.read_text()
+    assert "Traceback" not in log, log
+    assert "cut short after" in log
 
 
 def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_service):

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import re
+from typing import BinaryIO
 from urllib.parse import quote
 
 from flask import Blueprint, Response, request
@@ -14,6 +17,7 @@ from werkzeug.wsgi import wrap_file
 from .. import variants
 from ..access import Scope
 from ..errors import (
+    BackendUnavailable,
     DecoderBusy,
     InvalidImage,
     NotFound,
@@ -29,6 +33,7 @@ from .conditions import etags, http_date, is_imf_fixdate, parse_http_date
 from .openapi import DOWNLOAD_HEADERS, Reply, describe
 from .schemas import download_query_schema
 
+log = logging.getLogger(__name__)
 bp = Blueprint("downloads", __name__, url_prefix="/api/images")
 
 #: A download's query with none of its own parameters (a signed URL's are checked before
@@ -190,9 +195,40 @@ def _sent(
         return response
     # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams go in chunks,
     # and the server closes the stream (and its S3 connection) however the response ends.
-    response.response = wrap_file(request.environ, stream, buffer_size=_CHUNK)
+    response.response = wrap_file(request.environ, _CutShort(stream, blob), buffer_size=_CHUNK)
     response.direct_passthrough = True
     return response
+
+
+class _CutShort:
+    """A download's stream as the server reads it. Storage that fails once the headers
+    are out cannot be answered with an error: it is logged here, and the connection is
+    dropped (ECONNRESET, which gunicorn takes without a traceback), so the client sees
+    fewer bytes than Content-Length, never the next response in their place. The rest,
+    `fileno` (for sendfile) and `close`, is the stream's own."""
+
+    def __init__(self, stream: BinaryIO, blob: ImageRecord | Variant):
+        self._stream = stream
+        self._blob = blob
+        self._sent = 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self._stream.read(size)
+        except BackendUnavailable as error:
+            log.error(
+                "download of %s cut short after %d of %d bytes: %s",
+                self._blob.key,
+                self._sent,
+                self._blob.size,
+                error.__cause__ or error,
+            )
+            raise ConnectionResetError(errno.ECONNRESET, "the blob storage failed") from error
+        self._sent += len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from collections import OrderedDict
@@ -198,7 +199,7 @@ class S3Storage:
                     raise NotFound("The image's file is missing") from None
                 raise
 
-        return self._attempts(get)["Body"]
+        return _Body(self._attempts(get)["Body"])
 
     def accel_path(self, key, byte_range, ttl, content_type, disposition) -> str:
         # nginx's internal location asks the endpoint the URL was signed for, for that range.
@@ -342,6 +343,34 @@ def _s3_errors():
     except OSError as error:
         # urllib3/socket errors that escape botocore's wrappers.
         raise BackendUnavailable(UNAVAILABLE) from error
+
+
+class _Body(io.RawIOBase):
+    """An object's bytes as S3 sends them. A connection that fails or stalls past the read
+    timeout mid-way raises `BackendUnavailable`, as every other S3 failure does: not
+    botocore's own errors, which nothing above this module knows."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._body.read(None if size is None or size < 0 else size)
+        except (BotoCoreError, OSError) as error:
+            raise BackendUnavailable("The blob storage (S3) stopped sending the file") from error
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
 
 
 def make_s3_client(settings: Settings, session, connect_timeout: float, read_timeout: float):
