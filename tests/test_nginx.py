@@ -507,6 +507,26 @@ def test_nginx_errors_are_json_and_its_log_holds_no_signature(http, pair):
     assert "_accel" not in log and "signature" not in log and "expires" not in log
 
 
+def test_nginx_logs_no_warnings_that_quote_a_request_line(home):
+    """nginx's warnings quote the request line, query and signature included: a body
+    buffered to a temporary file, or a download buffered to one for a slow client (a signed
+    URL that anyone reading the log could use). The log keeps errors only."""
+    service, front = start_pair(home, "quiet-log", MAX_UPLOAD_BYTES="1000000")
+    try:
+        body = b"x" * 400_000  # over client_body_buffer_size: nginx spools it to a file
+        refused = requests.post(
+            f"{front.url}/api/images/upload?signature=SECRET-MARK",
+            data=body,
+            headers={"Authorization": f"Bearer {service.key}", "Content-Type": "image/png"},
+            timeout=10,
+        )
+        assert refused.status_code == 400  # not multipart: gunicorn had the whole body
+    finally:
+        front.stop()
+        service.stop()
+    assert "SECRET-MARK" not in (front.prefix / "logs" / "error.log").read_text()
+
+
 def test_with_gunicorn_stopped_nginx_answers_json_503(home):
     service, front = start_pair(home, "stopped")
     try:
