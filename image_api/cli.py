@@ -26,7 +26,7 @@ from .errors import (
     Unauthorized,
 )
 from .records import Status
-from .repair import repair
+from .repair import Implausible, repair
 from .repository import scan_all
 from .service import current_service
 
@@ -243,10 +243,15 @@ def _why_not_stripped(service, record, error: ApiError) -> str:
     help="Leave blobs and pending uploads younger than this many seconds alone.",
 )
 @click.option("--apply", is_flag=True, help="Fix what is found (default: report only).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --apply: fix even when most records or blobs would go (stores mixed up?).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
 @with_appcontext
 @_in_one_line
-def repair_command(grace: float, apply: bool, as_json: bool):
+def repair_command(grace: float, apply: bool, force: bool, as_json: bool):
     """Find orphan blobs, stale pending uploads and records whose blob is missing."""
     if apply:
         _refuse_when_read_only("repair --apply")
@@ -254,7 +259,15 @@ def repair_command(grace: float, apply: bool, as_json: bool):
     def track(pairs):
         return _progress(pairs, "checking", show=not as_json)
 
-    report = repair(current_service(), timedelta(seconds=grace), apply=apply, track=track)
+    try:
+        report = repair(
+            current_service(), timedelta(seconds=grace), apply=apply, track=track, force=force
+        )
+    except Implausible as error:
+        raise click.ClickException(
+            f"{error}: are S3_BUCKET_NAME, DATA_DIR and MONGODB_URL the ones these images "
+            "were stored with? Nothing was changed; --force applies it anyway"
+        ) from None
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
         return

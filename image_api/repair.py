@@ -16,7 +16,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .errors import Conflict, NotFound
 from .records import ImageRecord, Status, Variant
@@ -54,6 +54,18 @@ class Report:
         return asdict(self)
 
 
+#: `apply` stops, changing nothing, when more than this share of the records would go for
+#: their blobs, or of the blobs for their records (at least `_IMPLAUSIBLE_COUNT` of them):
+#: such a store is far likelier to be the wrong one (another bucket, DATA_DIR or database
+#: in the settings) than to have drifted that far.
+_IMPLAUSIBLE_SHARE = 0.5
+_IMPLAUSIBLE_COUNT = 10
+
+
+class Implausible(Exception):
+    """What `apply` would delete looks like a mix-up of stores, not drift."""
+
+
 #: One key, and what uses it: an image's record, a variant's record, a stored blob.
 Entry = tuple[str, ImageRecord | None, Variant | None, StoredBlob | None]
 
@@ -64,9 +76,26 @@ def repair(
     apply: bool = False,
     track: Callable[[Iterable[Entry]], Iterable[Entry]] = iter,
     batch: int = 1000,
+    force: bool = False,
 ) -> Report:
-    """Compare records and blobs; with `apply`, delete what is orphaned or stale."""
+    """Compare records and blobs; with `apply`, delete what is orphaned or stale, after a
+    dry run that finds nothing implausible (`Implausible`; `force` skips the check)."""
     now = service.clock()
+    if apply and not force:
+        reason = implausible(_compare(service, now, grace, False, track, batch))
+        if reason is not None:
+            raise Implausible(reason)
+    return _compare(service, now, grace, apply, track, batch)
+
+
+def _compare(
+    service: ImageService,
+    now: datetime,
+    grace: timedelta,
+    apply: bool,
+    track: Callable[[Iterable[Entry]], Iterable[Entry]],
+    batch: int,
+) -> Report:
     cutoff = now - grace
     report = Report(applied=apply, grace_seconds=grace.total_seconds())
     entries = _merge(
@@ -131,6 +160,17 @@ def repair(
         while service.idempotency.purge(limit=batch):
             pass
     return report
+
+
+def implausible(report: Report) -> str | None:
+    """Why the deletions `report` names look like stores mixed up, if they do."""
+    missing = sum(finding.kind == MISSING_BLOB for finding in report.findings)
+    orphans = sum(finding.kind == ORPHAN_BLOB for finding in report.findings)
+    if missing >= _IMPLAUSIBLE_COUNT and missing > report.records * _IMPLAUSIBLE_SHARE:
+        return f"{missing} of {report.records} records have no blob"
+    if orphans >= _IMPLAUSIBLE_COUNT and orphans > report.blobs * _IMPLAUSIBLE_SHARE:
+        return f"{orphans} of {report.blobs} blobs belong to no record"
+    return None
 
 
 def _merge(
