@@ -126,6 +126,16 @@ def test_ping_answers_when_the_database_does(repository):
     assert repository.ping() is None
 
 
+def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_path):
+    """It holds every filename, owner and API key hash: not for other local users."""
+    repository = SqliteRepository(tmp_path / "images.sqlite3")
+    repository.create()
+    repository.insert(make_record())
+    for name in ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    repository.close()
+
+
 def test_ping_raises_backend_unavailable_when_the_database_cannot_answer(repository, tmp_path):
     if isinstance(repository, SqliteRepository):
         broken = SqliteRepository(tmp_path)  # a directory, not a database file

@@ -277,8 +277,13 @@ class SqliteRepository:
         if getattr(self._local, "pid", None) != pid:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Owner only: it holds every filename, owner and key hash. SQLite gives its
+                # -wal and -shm files the database's own mode.
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
             except OSError as error:
-                raise sqlite3.OperationalError(f"cannot create {self.path.parent}") from error
+                raise sqlite3.OperationalError(f"cannot create {self.path}") from error
             connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             connection.row_factory = sqlite3.Row
             # FULL: a commit survives power loss, not only a process crash.
