@@ -287,6 +287,23 @@ def test_redirect_mode_needs_s3(make_app, tmp_path):
         make_app({"DATA_DIR": str(tmp_path), "DOWNLOAD_MODE": "redirect"})
 
 
+def test_s3_failing_before_the_first_byte_is_a_json_503(s3_app, proxy):
+    """S3 answered the request, then its body broke off: nothing has been sent yet, so
+    the client gets the 503 of any other S3 failure, not a connection closed on it (the
+    tests in test_gunicorn cut a download later on)."""
+    app = s3_app(S3_ENDPOINT_URL=proxy.url)
+    client = app.test_client()
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (200, 200), random.randbytes(200 * 200 * 3)).save(noise, "PNG")
+    image = ImagesClient(client).create(noise.getvalue())
+    proxy.cut_answers_after(2000)  # S3's headers, then a little of the body
+    response = client.get(f"/api/images/{image['_id']}/download")
+    assert response.status_code == 503 and response.get_json()["code"] == "backend_unavailable"
+    assert response.headers["Retry-After"]
+    proxy.answers_left = None
+    assert client.get(f"/api/images/{image['_id']}/download").data == noise.getvalue()
+
+
 def test_s3_ranges_fetch_only_the_range_and_the_stream_is_closed_early(s3_app, proxy):
     app = s3_app(S3_ENDPOINT_URL=proxy.url)  # counts what S3 sends
     service = app.extensions["image_api"]

@@ -195,7 +195,8 @@ def _sent(
         return response
     # wsgi.file_wrapper lets gunicorn sendfile() a real file; other streams go in chunks,
     # and the server closes the stream (and its S3 connection) however the response ends.
-    response.response = wrap_file(request.environ, _CutShort(stream, blob), buffer_size=_CHUNK)
+    body = _CutShort(stream, blob)
+    response.response = wrap_file(request.environ, body, buffer_size=_CHUNK)
     response.direct_passthrough = True
     return response
 
@@ -205,14 +206,32 @@ class _CutShort:
     are out cannot be answered with an error: it is logged here, and the connection is
     dropped (ECONNRESET, which gunicorn takes without a traceback), so the client sees
     fewer bytes than Content-Length, never the next response in their place. The rest,
-    `fileno` (for sendfile) and `close`, is the stream's own."""
+    `fileno` (for sendfile) and `close`, is the stream's own.
+
+    A stream that is not a file (S3's) has its first chunk read at once, in the view:
+    storage that fails before any byte is sent is still a JSON 503."""
 
     def __init__(self, stream: BinaryIO, blob: ImageRecord | Variant):
         self._stream = stream
         self._blob = blob
         self._sent = 0
+        self._first = b""
+        if not _is_file(stream):
+            try:
+                first = bytearray()
+                while len(first) < _CHUNK and (data := stream.read(_CHUNK - len(first))):
+                    first += data
+            except BaseException:
+                stream.close()
+                raise
+            self._first = bytes(first)
 
     def read(self, size: int = -1) -> bytes:
+        if self._first:
+            cut = len(self._first) if size is None or size < 0 else size
+            data, self._first = self._first[:cut], self._first[cut:]
+            self._sent += len(data)
+            return data
         try:
             data = self._stream.read(size)
         except BackendUnavailable as error:
@@ -229,6 +248,15 @@ class _CutShort:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def _is_file(stream: BinaryIO) -> bool:
+    """Whether `stream` is a file (gunicorn sends those with sendfile)."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
 
 
 def _bucket_agrees(byte_range: tuple[int, int] | None) -> bool:
