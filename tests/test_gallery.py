@@ -24,6 +24,20 @@ def test_the_page_and_its_files_are_public_and_locked_down(make_app, tmp_path):
     assert anonymous.get("/api/images").status_code == 401  # the API still needs a key
 
 
+def test_the_page_says_whether_the_api_asks_for_keys(make_app, tmp_path):
+    """So that a first visit asks for a key without a refused request (gallery.js)."""
+    pages = {}
+    for auth in ("on", "off"):
+        app = make_app({"DATA_DIR": str(tmp_path / auth), "AUTH": auth})
+        pages[auth] = app.test_client(key=None).get("/")
+        assert f'<body data-auth="{auth}">'.encode() in pages[auth].data
+    assert pages["on"].headers["ETag"] != pages["off"].headers["ETag"]
+    client = make_app({"DATA_DIR": str(tmp_path / "on")}).test_client(key=None)
+    again = client.get("/", headers={"If-None-Match": pages["on"].headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""
+    assert client.get("/", headers={"If-Match": '"other"'}).status_code == 412
+
+
 def test_in_redirect_mode_images_may_come_from_the_bucket(tmp_path, clock, cloud_env):
     with mock_aws(), mongomock.patch(servers=(("mongo.test", 27017),)):
         app = build_app({**cloud_env, "DOWNLOAD_MODE": "redirect"}, clock)

@@ -4,6 +4,7 @@ The page is public; everything it shows comes from the API with the key it asks 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,7 +12,7 @@ from flask import Blueprint
 
 from ..errors import NotFound
 from ..service import current_service
-from .files import serve_file
+from .files import serve_file, serve_page
 from .openapi import undocumented
 
 bp = Blueprint("gallery", __name__)
@@ -40,8 +41,15 @@ def page_policy() -> str:
 @bp.get("/")
 @undocumented
 def gallery_page():
-    """The gallery."""
-    return serve_file(_STATIC, "gallery.html", page_policy())
+    """The gallery. It says whether the API asks for keys (`data-auth`), so that a first
+    visit asks for one without a refused request to find out (a console error)."""
+    return serve_page(_page(current_service().settings.auth), page_policy())
+
+
+@functools.cache
+def _page(auth: bool) -> bytes:
+    html = (_STATIC / "gallery.html").read_bytes()
+    return html.replace(b"<body>", f'<body data-auth="{"on" if auth else "off"}">'.encode(), 1)
 
 
 @bp.get("/gallery/<name>")

@@ -386,13 +386,17 @@ document.addEventListener("DOMContentLoaded", () => {
   new IntersectionObserver((entries) => {
     if (entries.some((entry) => entry.isIntersecting)) loadMore(false);
   }).observe($("more"));
-  // The service tells whether keys are needed: a list without one answers 401 or 200 (or
-  // 429 when the address has spent its budget: a key has a budget of its own).
+  // The page says whether keys are needed (without one, a first request would be refused:
+  // a console error, and the address's budget spent). A stored key is tried: it may have
+  // been revoked since.
   if (key() && !KEY_SHAPE.test(key())) sessionStorage.removeItem(KEY);
+  if (document.body.dataset.auth === "on" && !key()) {
+    askForKey("");
+    return;
+  }
   fetch("/api/images?limit=1", { headers: headers() })
     .then((response) => {
       if (response.status === 401) askForKey(key() ? "That key was refused; enter another." : "");
-      else if (response.status === 429 && !key()) askForKey("");
       else start();
     })
     .catch((error) => askForKey(`The service cannot be reached: ${error.message}`));
