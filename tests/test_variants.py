@@ -799,16 +799,14 @@ def test_renders_waiting_for_a_slot_leave_a_thread_for_other_requests():
     assert slots.busy == 0
 
 
-def test_requests_waiting_for_the_same_render_count_among_those_waiting(make_app, tmp_path):
-    """Requests for a variant another request is rendering wait for that render, holding
-    their threads: they were not counted, so one read key asking for one new variant at
-    once on every thread left none for other requests. They take the same places as
-    renders waiting for a slot; with none left, a 503 at once."""
+def one_render_slot(make_app, tmp_path, threads: int):
+    """An app with one render slot, `threads` gunicorn threads and a minute's patience for
+    a slot; its client, its service and a new variant's URL."""
     app = make_app(
         {
             "DATA_DIR": str(tmp_path),
-            "GUNICORN_THREADS": "3",
-            "RENDER_CONCURRENCY": "1",  # renders may occupy 2 threads: one may wait
+            "GUNICORN_THREADS": str(threads),
+            "RENDER_CONCURRENCY": "1",
             "DECODE_WAIT": "60",
             "REQUEST_TIMEOUT": "100",
             "GUNICORN_TIMEOUT": "120",
@@ -816,6 +814,15 @@ def test_requests_waiting_for_the_same_render_count_among_those_waiting(make_app
     )
     client, service = app.test_client(), app.extensions["image_api"]
     url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download?w=50"
+    return client, service, url
+
+
+def test_requests_waiting_for_the_same_render_count_among_those_waiting(make_app, tmp_path):
+    """Requests for a variant another request is rendering wait for that render, holding
+    their threads: they were not counted, so one read key asking for one new variant at
+    once on every thread left none for other requests. They take the same places as
+    renders waiting for a slot; with none left, a 503 at once."""
+    client, service, url = one_render_slot(make_app, tmp_path, threads=3)  # one may wait
     answers = []
     with service._render_slots.taken():  # another image's render
         first = threading.Thread(target=lambda: answers.append(client.get(url)))
@@ -841,18 +848,7 @@ def test_with_no_thread_to_spare_a_render_is_refused_without_waiting(make_app, t
     """GUNICORN_THREADS=2 and RENDER_CONCURRENCY=1: a render waiting would leave no thread
     for other requests, so with the slot taken the next is a 503 at once (not after
     DECODE_WAIT's 60 s)."""
-    app = make_app(
-        {
-            "DATA_DIR": str(tmp_path),
-            "GUNICORN_THREADS": "2",
-            "RENDER_CONCURRENCY": "1",
-            "DECODE_WAIT": "60",
-            "REQUEST_TIMEOUT": "100",
-            "GUNICORN_TIMEOUT": "120",
-        }
-    )
-    client, service = app.test_client(), app.extensions["image_api"]
-    url = f"/api/images/{ImagesClient(client).create(halves())['_id']}/download?w=50"
+    client, service, url = one_render_slot(make_app, tmp_path, threads=2)
     answers = []
     with service._render_slots.taken():  # another request is rendering
         asking = threading.Thread(target=lambda: answers.append(client.get(url)))
