@@ -43,7 +43,7 @@ def etags(header: str) -> ETags | None:
 def preconditions() -> Preconditions:
     """A write's If-Match and If-None-Match, when it has them, as the versions they name: a
     download's ETag (the sha256) or a metadata ETag (`<sha256>.<version>`, whose signed
-    URLs' expiry is no part of the version: `schemas.image_etag`); and its
+    URLs' expiry is no part of the version: `links.image_etag`); and its
     If-Unmodified-Since."""
     return Preconditions(
         _versions(etags("If-Match")),

@@ -32,10 +32,10 @@ from ..media import Upload
 from ..service import Page, current_service
 from .auth import caller
 from .conditions import etags, preconditions, read_preconditions
+from .links import image_etag
 from .openapi import Reply, describe
 from .schemas import (
     deleted_schema,
-    image_etag,
     image_response,
     image_schema,
     list_query_schema,

@@ -1,12 +1,12 @@
-"""Marshmallow schemas: the JSON clients send and see."""
+"""Marshmallow schemas: the JSON clients send and see, and the memo of image JSON (a
+record never changes, so the JSON of one a client keeps fetching is made once)."""
 
 from __future__ import annotations
 
 import functools
 from datetime import UTC
-from urllib.parse import urlsplit
 
-from flask import Response, current_app, g, request, url_for
+from flask import Response, current_app, request
 from marshmallow import (
     EXCLUDE,
     Schema,
@@ -22,54 +22,8 @@ from marshmallow import (
 from ..media import CONTENT_TYPES
 from ..records import ID_PATTERN, Filters
 from ..service import current_service
-from ..signing import query_string
 from ..variants import FITS, OUTPUT_FORMATS, Requested
-
-
-def _download_url(record, parameters: tuple[tuple[str, str], ...] = ()) -> str:
-    # Absolute, and right behind a proxy once ProxyFix trusts its X-Forwarded-* headers;
-    # signed when downloads take signed URLs (the parameters too: they cannot be changed).
-    url = url_for("downloads.download_image", image_id=record.id, _external=True)
-    expires = url_expiry()
-    if expires is None:
-        return f"{url}?{query_string(list(parameters))}" if parameters else url
-    # The path the download will see (without SCRIPT_NAME), taken from the URL just built.
-    path = urlsplit(url).path[len(request.script_root) :]
-    return f"{url}?{current_service().signer.sign(path, expires, parameters)}"
-
-
-#: The variant `thumbnailUrl` names: a square of 256 pixels, in the best format the
-#: browser asking for it takes (AVIF, WebP or the original's).
-THUMBNAIL = (("w", "256"), ("h", "256"), ("fit", "cover"), ("format", "auto"))
-
-
-def _image_url(record) -> str:
-    # With the version (which the download ignores), so that a browser that holds the
-    # picture of one version does not show it for the next: a page that showed an image
-    # kept showing it after a replace, however its cache was told to revalidate.
-    return _download_url(record, (("v", str(record.version)),))
-
-
-def _thumbnail_url(record) -> str:
-    return _download_url(record, (*THUMBNAIL, ("v", str(record.version))))
-
-
-def url_expiry() -> int | None:
-    """When the signed URLs this request hands out expire (None: they are not signed).
-    One moment per request, so that a page's URLs, its memo and its ETag agree."""
-    signer = current_service().signer
-    if signer is None:
-        return None
-    if "url_expiry" not in g:
-        g.url_expiry = signer.expiry()
-    return g.url_expiry
-
-
-def image_etag(record) -> str:
-    """The ETag of an image's metadata: its `version_tag`, and `.<expires>` of the signed
-    imageUrl it holds (which changes the JSON); writes' If-Match ignores the expiry."""
-    expires = url_expiry()
-    return record.version_tag if expires is None else f"{record.version_tag}.{expires}"
+from . import links
 
 
 class ImageSchema(Schema):
@@ -77,7 +31,7 @@ class ImageSchema(Schema):
 
     id = fields.String(data_key="_id", required=True, metadata={"pattern": f"^{ID_PATTERN}$"})
     image_url = fields.Function(
-        _image_url,
+        links.image_url,
         data_key="imageUrl",
         required=True,
         metadata={
@@ -90,7 +44,7 @@ class ImageSchema(Schema):
         },
     )
     thumbnail_url = fields.Function(
-        _thumbnail_url,
+        links.thumbnail_url,
         data_key="thumbnailUrl",
         required=True,
         metadata={
@@ -432,13 +386,13 @@ def dump_image(record) -> dict:
     """`image_schema.dump(record)`, memoised: a record never changes (a replace makes a new
     one), so the JSON of one a client keeps fetching is made once per public URL root and
     signed URLs' expiry."""
-    return dict(_dump(record, _url_root(), url_expiry()))
+    return dict(_dump(record, _url_root(), links.url_expiry()))
 
 
 def image_response(record, headers: dict) -> Response:
     """One image's metadata as a JSON response: the same bytes `jsonify(dump_image(record))`
     makes, serialized once per memo entry (a client polling an image re-sends them)."""
-    body = _dump_json(record, _url_root(), url_expiry())
+    body = _dump_json(record, _url_root(), links.url_expiry())
     return current_app.response_class(body, mimetype="application/json", headers=headers)
 
 
