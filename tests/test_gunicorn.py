@@ -231,7 +231,7 @@ def test_s3_failing_mid_download_closes_the_connection_and_logs_why(tmp_path, pr
         path = f"/api/images/{created.json()['image']['_id']}/download"
         proxy.cut_answers_after(300_000)  # S3 goes away a third of the way through
         conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
-        conn.request("GET", path, headers=auth)
+        conn.request("GET", path, headers={**auth, "X-Request-ID": "cut-short-1"})
         response = conn.getresponse()
         assert response.status == 200
         assert response.getheader("Content-Length") == str(len(data))
@@ -247,7 +247,8 @@ def test_s3_failing_mid_download_closes_the_connection_and_logs_why(tmp_path, pr
         service.stop()
     log = service.log.read_text()
     assert "Traceback" not in log, log
-    assert "cut short after" in log
+    (line,) = [json.loads(line) for line in log.splitlines() if "cut short after" in line]
+    assert line["level"] == "error" and line["request_id"] == "cut-short-1"
 
 
 def test_one_keep_alive_connection_serves_full_ranged_head_and_304(backend_service):

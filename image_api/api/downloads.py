@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import re
@@ -216,6 +217,9 @@ class _CutShort:
         self._blob = blob
         self._sent = 0
         self._first = b""
+        # The server reads after the request's own code has returned: its log line is
+        # made in the request's context, to carry its id.
+        self._context = contextvars.copy_context()
         if not _is_file(stream):
             try:
                 first = bytearray()
@@ -235,7 +239,8 @@ class _CutShort:
         try:
             data = self._stream.read(size)
         except BackendUnavailable as error:
-            log.error(
+            self._context.run(
+                log.error,
                 "download of %s cut short after %d of %d bytes: %s",
                 self._blob.key,
                 self._sent,
