@@ -55,11 +55,11 @@ class Report:
 
 
 #: `apply` stops, changing nothing, when more than this share of the records would go for
-#: their blobs, or of the blobs for their records (at least `_IMPLAUSIBLE_COUNT` of them):
-#: such a store is far likelier to be the wrong one (another bucket, DATA_DIR or database
-#: in the settings) than to have drifted that far.
+#: their blobs, or of the blobs for their records (two or more of them): such a store is
+#: far likelier to be the wrong one (another bucket, DATA_DIR or database in the settings)
+#: than to have drifted that far.
 _IMPLAUSIBLE_SHARE = 0.5
-_IMPLAUSIBLE_COUNT = 10
+_IMPLAUSIBLE_COUNT = 2
 
 
 class Implausible(Exception):
