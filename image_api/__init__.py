@@ -59,6 +59,14 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     # The embedded default needs no operator step: a local directory and CREATE ... IF NOT
     # EXISTS on a local file are safe and cheap at every start. S3 and MongoDB are set up
     # by `flask init`.
+    embedded = settings.metadata_backend == "sqlite"
+    if settings.read_only and embedded and not settings.sqlite_path.exists():
+        # Read-only writes nothing, a new store included (and a new admin key with it): a
+        # mistyped DATA_DIR would otherwise get one, quietly.
+        raise ConfigError(
+            f"READ_ONLY=true, and DATA_DIR {settings.data_dir} holds no database "
+            f"({settings.sqlite_path.name}): none is made while read-only"
+        )
     try:
         if settings.blob_backend == "filesystem":
             storage.create()

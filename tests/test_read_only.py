@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from image_api.config import ConfigError
 from tests.helpers import ImagesClient, make_image
 
 
@@ -26,6 +29,7 @@ def test_writes_wait_and_reads_go_on(make_app, tmp_path):
 
 
 def test_writes_that_could_never_succeed_get_their_own_answer(make_app, tmp_path):
+    make_app({"DATA_DIR": str(tmp_path)})  # the store
     client = make_app({"DATA_DIR": str(tmp_path), "READ_ONLY": "true"}).test_client()
     assert client.patch(f"/api/images/{'0' * 24}").status_code == 405
     assert client.put("/api/images/upload").status_code == 405
@@ -58,3 +62,12 @@ def test_commands_that_write_refuse_and_their_dry_runs_go_on(make_app, tmp_path)
         assert paused.invoke(args=args).exit_code == 0, args
     listed = paused.invoke(args=["keys", "list"]).output
     assert "k\towner=o" in listed and "other" not in listed and "revoked" not in listed
+
+
+def test_read_only_makes_no_store_where_there_is_none(make_app, tmp_path):
+    """A mistyped DATA_DIR under READ_ONLY=true (a dry-run repair during a migration) made
+    a new store there, with a new admin key and secret, quietly."""
+    missing = tmp_path / "mistyped"
+    with pytest.raises(ConfigError, match=r"READ_ONLY=true, and DATA_DIR .* holds no database"):
+        make_app({"DATA_DIR": str(missing), "READ_ONLY": "true"})
+    assert not missing.exists()
