@@ -226,3 +226,11 @@ def test_filesystem_put_leaves_no_temporary_file_when_the_stream_fails(tmp_path)
     with pytest.raises(RuntimeError):
         store.put(new_key(), Broken(), "image/png")
     assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []
+
+
+def test_a_bucket_name_s3_refuses_is_a_setting_to_fix(moto_server):
+    """It was "S3 is unavailable; retry later"."""
+    from image_api.config import ConfigError
+
+    with pytest.raises(ConfigError, match="S3_BUCKET_NAME 'b1' is not a name"):
+        S3Storage(s3_client(moto_server), "b1").create()

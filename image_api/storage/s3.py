@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .. import deadline
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..errors import BackendUnavailable, NotFound
 from ..records import valid_key
 from . import ACCEL_S3, Partial, StoredBlob, checked_key, range_value
@@ -165,6 +165,12 @@ class S3Storage:
             try:
                 client.create_bucket(Bucket=self.bucket, **options)
             except ClientError as error:
+                if _code(error) == "InvalidBucketName":
+                    # A setting to fix, not an outage to wait out.
+                    raise ConfigError(
+                        f"S3_BUCKET_NAME {self.bucket!r} is not a name the S3 server takes: "
+                        "3-63 lowercase letters, digits, dots and hyphens"
+                    ) from None
                 if _code(error) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
