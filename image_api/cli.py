@@ -34,16 +34,23 @@ from .service import current_service
 def _in_one_line(run):
     """A backend that is down or refuses stops the command with one line, its error and
     the cause, not a traceback: what it wrote is whole (each write is atomic), and it can
-    run again."""
+    run again. With `--json`, that line is JSON on stdout too (`{"error": ...}`), where a
+    script reads the report."""
 
     @functools.wraps(run)
     def guarded(*args, **kwargs):
         try:
-            return run(*args, **kwargs)
-        except ApiError as error:
-            cause = f": {error.__cause__}" if error.__cause__ else ""
-            message = f"{_command_name()} stopped: {error.message}{cause}"
-            raise click.ClickException(message) from None
+            try:
+                return run(*args, **kwargs)
+            except ApiError as error:
+                cause = f": {error.__cause__}" if error.__cause__ else ""
+                message = f"{_command_name()} stopped: {error.message}{cause}"
+                raise click.ClickException(message) from None
+        except click.ClickException as error:
+            if not kwargs.get("as_json"):
+                raise
+            click.echo(json.dumps({"error": error.format_message()}))
+            sys.exit(error.exit_code)
 
     return guarded
 

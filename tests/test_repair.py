@@ -205,6 +205,10 @@ def test_apply_stops_when_the_stores_look_mixed_up(images, runner, service, cloc
         service.repository.delete(image_id)
     refused = runner.invoke(args=["repair", "--grace", "0", "--apply"])
     assert refused.exit_code == 1 and "5 of 5 blobs belong to no record" in refused.output
+    # With --json, the refusal is JSON as the report would have been.
+    as_json = runner.invoke(args=["repair", "--grace", "0", "--apply", "--json"])
+    assert as_json.exit_code == 1
+    assert "5 of 5 blobs belong to no record" in json.loads(as_json.stdout)["error"]
     assert len(list(service.storage.list())) == 5
 
     forced = runner.invoke(args=["repair", "--grace", "0", "--apply", "--force"])
