@@ -59,8 +59,8 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     # The embedded default needs no operator step: a local directory and CREATE ... IF NOT
     # EXISTS on a local file are safe and cheap at every start. S3 and MongoDB are set up
     # by `flask init`.
-    embedded = settings.metadata_backend == "sqlite"
-    if settings.read_only and embedded and not settings.sqlite_path.exists():
+    on_sqlite = settings.metadata_backend == "sqlite"
+    if settings.read_only and on_sqlite and not settings.sqlite_path.exists():
         # Read-only writes nothing, a new store included (and a new admin key with it): a
         # mistyped DATA_DIR would otherwise get one, quietly.
         raise ConfigError(
@@ -70,7 +70,7 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     try:
         if settings.blob_backend == "filesystem":
             storage.create()
-        if settings.metadata_backend == "sqlite":
+        if on_sqlite:
             repository.create()
             if settings.auth:
                 access.ensure_admin_key(repository, settings.admin_key_path, clock)

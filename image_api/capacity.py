@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from . import deadline, metrics
 from .errors import DecoderBusy
 
+_BUSY = "The server is busy rendering variants; retry shortly"
+
 
 class KeyedLocks:
     """One lock per key, alive while anyone holds or waits for it: threads that work on
@@ -79,7 +81,7 @@ class Slots:
                 metrics.DECODE_WAITS.inc()
                 if not self._free.acquire(timeout=self._wait()):
                     metrics.DECODE_REFUSALS.inc()
-                    raise DecoderBusy("The server is busy rendering variants; retry shortly")
+                    raise DecoderBusy(_BUSY)
             try:
                 yield
             finally:
@@ -97,7 +99,7 @@ class Slots:
         with self._lock:
             if self.busy >= self.threads:
                 metrics.DECODE_REFUSALS.inc()
-                raise DecoderBusy("The server is busy rendering variants; retry shortly")
+                raise DecoderBusy(_BUSY)
             self.busy += 1
         try:
             yield

@@ -363,10 +363,8 @@ class _Body(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        try:
+        with _s3_errors():
             return self._body.read(None if size is None or size < 0 else size)
-        except (BotoCoreError, OSError) as error:
-            raise BackendUnavailable("The blob storage (S3) stopped sending the file") from error
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
