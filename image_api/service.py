@@ -497,10 +497,11 @@ class ImageService:
         self.storage.close()
 
     def ping(self) -> dict[str, str]:
-        """Check both backends; raise `BackendUnavailable` naming the first that fails."""
+        """Check both backends, and that they take writes unless READ_ONLY=true; raise
+        `BackendUnavailable` naming the first that fails."""
         for backend in (self.repository, self.storage):
             try:
-                backend.ping()
+                backend.ping(writes=not self.settings.read_only)
             except BackendUnavailable as error:
                 raise BackendUnavailable(f"The {backend.name} backend is unavailable") from error
         return {"repository": self.repository.name, "storage": self.storage.name}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timedelta
@@ -424,3 +426,36 @@ def timed(call):
 def image_form(filename: str = "a.png") -> dict:
     """A multipart form with a small PNG in field `image`, for the test client."""
     return {"image": (io.BytesIO(make_image()), filename)}
+
+
+#: The user and group `unprivileged` reads and writes files as (Debian's `nobody`).
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """This process touches files as user `nobody` inside (its effective ids; root's pass
+    over file modes is off), so a file's mode decides as it does for a service user. As
+    is for a test that does not run as root: its own files' modes decide already."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@contextlib.contextmanager
+def shared_directory():
+    """A new directory anyone may enter and read (test directories are the owner's only),
+    removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="image-api-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from image_api.config import ConfigError
-from tests.helpers import ImagesClient, make_image
+from tests.helpers import ImagesClient, assert_error, make_image, shared_directory, unprivileged
 
 
 def test_writes_wait_and_reads_go_on(make_app, tmp_path):
@@ -71,3 +71,31 @@ def test_read_only_makes_no_store_where_there_is_none(make_app, tmp_path):
     with pytest.raises(ConfigError, match=r"READ_ONLY=true, and DATA_DIR .* holds no database"):
         make_app({"DATA_DIR": str(missing), "READ_ONLY": "true"})
     assert not missing.exists()
+
+
+def test_readiness_says_whether_writes_can_succeed(make_app):
+    """A store the service's user may read but not write (restored as another user, a
+    read-only mount): /readyz is a 503 naming the metadata store, as every upload is.
+    Under READ_ONLY=true, writes are refused anyway: ready while reads are served."""
+    with shared_directory() as data:
+        env = {"DATA_DIR": str(data)}
+        writer = make_app(env)
+        image = ImagesClient(writer.test_client()).create(make_image(), filename="a.png")
+        serving = make_app(env)
+        paused = make_app({**env, "READ_ONLY": "true"})
+        for app in (serving, paused):
+            app.extensions["image_api"].close()  # connections opened as root stay writable
+        for path in data.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o444)
+        with unprivileged():
+            client = serving.test_client()
+            ready = client.get("/readyz")
+            assert_error(ready, 503, "backend_unavailable")
+            assert "sqlite" in ready.get_json()["message"]
+            assert_error(ImagesClient(client).upload(), 503, "backend_unavailable")
+
+            client = paused.test_client()
+            assert client.get("/readyz").status_code == 200
+            url = f"/api/images/{image['_id']}"
+            assert client.get(url).get_json()["sha256"] == image["sha256"]
+            assert client.get(f"{url}/download").status_code == 200

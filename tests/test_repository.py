@@ -24,7 +24,7 @@ from image_api.records import (
 from image_api.repository import scan_all
 from image_api.repository.mongodb import MongoRepository
 from image_api.repository.sqlite import SqliteRepository
-from tests.helpers import closed_port
+from tests.helpers import closed_port, shared_directory, unprivileged
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -153,6 +153,34 @@ def test_ping_raises_backend_unavailable_when_the_database_cannot_answer(reposit
     finally:
         broken.close()
     assert repository.ping() is None  # the working database next to it is unaffected
+
+
+def test_ping_says_a_database_this_process_may_only_read_takes_no_writes():
+    """A database file the service's user may not write (its mode or owner after a restore,
+    a read-only mount) answers reads and refuses every write: not ready, unless the
+    service is READ_ONLY (`writes=False`). SELECT 1 said ready."""
+    with shared_directory() as directory:
+        path = directory / "images.sqlite3"
+        owner = SqliteRepository(path)
+        owner.create()
+        owner.insert(make_record())  # its WAL files stay, as while the service runs
+        for name in ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm"):
+            (directory / name).chmod(0o444)
+        try:
+            with unprivileged():
+                reader = SqliteRepository(path)
+                try:
+                    reader.ping(writes=False)
+                    assert reader.count() == 1
+                    with pytest.raises(BackendUnavailable):
+                        reader.ping()
+                    with pytest.raises(BackendUnavailable):
+                        reader.insert(make_record())
+                    assert reader.count() == 1  # the probe left the connection usable
+                finally:
+                    reader.close()
+        finally:
+            owner.close()
 
 
 # --- pending records ---------------------------------------------------------------------

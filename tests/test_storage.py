@@ -16,7 +16,7 @@ from image_api.errors import BackendUnavailable, NotFound
 from image_api.records import new_key
 from image_api.storage.filesystem import FilesystemStorage
 from image_api.storage.s3 import S3Storage
-from tests.helpers import FAKE_AWS
+from tests.helpers import FAKE_AWS, shared_directory, unprivileged
 
 
 def s3_client(endpoint_url=None):
@@ -214,6 +214,23 @@ def test_ping_raises_backend_unavailable_when_the_store_cannot_answer(storage, t
     with pytest.raises(BackendUnavailable):
         broken.ping()
     assert storage.ping() is None  # the working store next to it is unaffected
+
+
+def test_filesystem_ping_asks_for_writes_unless_told_not_to():
+    """A blob directory the service's user may read but not write: not ready, unless the
+    service is READ_ONLY (`writes=False`); one it cannot read is never ready."""
+    with shared_directory() as directory:
+        blobs = directory / "blobs"
+        store = FilesystemStorage(blobs)
+        store.put(new_key(), io.BytesIO(b"x"), "image/png")
+        blobs.chmod(0o755)
+        with unprivileged():
+            store.ping(writes=False)
+            with pytest.raises(BackendUnavailable, match="write to"):
+                store.ping()
+        blobs.chmod(0o700)
+        with unprivileged(), pytest.raises(BackendUnavailable, match="read"):
+            store.ping(writes=False)
 
 
 def test_filesystem_put_leaves_no_temporary_file_when_the_stream_fails(tmp_path):

@@ -28,7 +28,8 @@ def liveness():
 @bp.get("/readyz")
 @describe(scope=None, limited=False, replies={200: Reply("Both backends answer", ready_schema)})
 def readiness():
-    """Both backends answer; 503 naming the one that does not."""
+    """Both backends answer and take writes (under READ_ONLY=true: answer); 503 naming the
+    one that does not."""
     return ready_schema.dump({"backends": current_service().ping()})
 
 

@@ -148,7 +148,9 @@ class Repository(Protocol):
 
     def touch_api_key(self, key_id: str, moment: datetime) -> None: ...
 
-    def ping(self) -> None: ...
+    def ping(self, writes: bool = True) -> None:
+        """Raise `BackendUnavailable` unless the store answers (and, with `writes`, takes
+        writes)."""
 
     def close(self) -> None: ...
 

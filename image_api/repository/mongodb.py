@@ -455,8 +455,9 @@ class MongoRepository:
         with self._errors():
             self.api_keys.update_one({"_id": key_id}, {"$set": {"last_used_at": moment}})
 
-    def ping(self) -> None:
-        # pymongo.timeout bounds the whole call, server selection included.
+    def ping(self, writes: bool = True) -> None:
+        # pymongo.timeout bounds the whole call, server selection included. The command
+        # goes to the primary (the default read preference), the one that takes writes.
         with _mongo_errors(self.probe_timeout):
             self.database.command("ping")
 

@@ -589,8 +589,22 @@ class SqliteRepository:
             "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (_to_text(moment), key_id)
         )
 
-    def ping(self) -> None:
-        self._execute("SELECT 1").fetchone()
+    def ping(self, writes: bool = True) -> None:
+        # `SELECT 1` answers without opening the file; the schema version is read from it.
+        version = self._execute("PRAGMA user_version").fetchone()[0]
+        if not writes:
+            return
+        # A database this process may only read (its mode, its owner, a read-only mount)
+        # still grants a write lock when its WAL files exist: the first page written is
+        # what is refused. The schema version, set to itself and rolled back, is one.
+        with _sqlite_errors():
+            db = self._connection()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(f"PRAGMA user_version = {int(version)}")
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:

@@ -86,7 +86,9 @@ class BlobStorage(Protocol):
 
     def delete_partial(self, ref: str) -> None: ...
 
-    def ping(self) -> None: ...
+    def ping(self, writes: bool = True) -> None:
+        """Raise `BackendUnavailable` unless the store answers (and, with `writes`, takes
+        writes)."""
 
     def close(self) -> None: ...
 

@@ -145,13 +145,18 @@ class FilesystemStorage:
         except OSError as error:
             raise BackendUnavailable("Cannot delete from the blob directory") from error
 
-    def ping(self) -> None:
+    def ping(self, writes: bool = True) -> None:
         try:
+            if not writes:
+                with os.scandir(self.root) as entries:
+                    next(entries, None)
+                return
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.root) as probe:
                 probe.write(b"ok")
         except OSError as error:
-            raise BackendUnavailable(f"Cannot write to the blob directory {self.root}") from error
+            doing = "write to" if writes else "read"
+            raise BackendUnavailable(f"Cannot {doing} the blob directory {self.root}") from error
 
     def close(self) -> None:
         pass

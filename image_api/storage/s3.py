@@ -280,7 +280,8 @@ class S3Storage:
 
         self._attempts(abort)
 
-    def ping(self) -> None:
+    def ping(self, writes: bool = True) -> None:
+        # Whether the keys may write is not asked: S3 has no call that says so unwritten.
         with _s3_errors():
             self.clients.probe().head_bucket(Bucket=self.bucket)
 
