@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import mongomock
@@ -134,6 +135,29 @@ def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_
     for name in ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
     repository.close()
+
+
+def test_a_database_made_readable_by_others_is_made_owner_only_at_start(tmp_path, caplog):
+    """Releases before the one above left the umask's 0644 on the database and its WAL."""
+    path = tmp_path / "images.sqlite3"
+    path.touch()
+    path.chmod(0o644)
+    older = sqlite3.connect(path, isolation_level=None)  # open: its WAL files stay
+    older.execute("PRAGMA journal_mode=WAL")
+    older.execute("CREATE TABLE t (x)")
+    names = ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm")
+    assert [(tmp_path / name).stat().st_mode & 0o777 for name in names] == [0o644] * 3
+    repository = SqliteRepository(path)
+    with caplog.at_level("WARNING", logger="image_api"):
+        repository.create()
+    assert [(tmp_path / name).stat().st_mode & 0o777 for name in names] == [0o600] * 3
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / name} was readable by other users; now by its owner only" for name in names
+    ]
+    repository.insert(make_record())
+    assert repository.count() == 1
+    repository.close()
+    older.close()
 
 
 def test_ping_raises_backend_unavailable_when_the_database_cannot_answer(repository, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -27,6 +28,8 @@ from ..records import (
     Variant,
     valid_id,
 )
+
+log = logging.getLogger(__name__)
 
 # Each entry brings the schema from version i to i + 1 (`PRAGMA user_version`), in one
 # transaction. Statements are idempotent, because databases made before the schema was
@@ -313,6 +316,7 @@ class SqliteRepository:
         with _sqlite_errors():
             db = self._connection()
             self._use_wal(db)
+            self._owner_only()
             if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
                 return
             db.execute("BEGIN IMMEDIATE")  # waits for the busy timeout, unlike the above
@@ -326,6 +330,20 @@ class SqliteRepository:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def _owner_only(self) -> None:
+        """The database and its WAL files as new ones are made (0600): a file made by a
+        release before that kept the umask's mode (0644, readable by every local user)."""
+        for path in (self.path, *(Path(f"{self.path}{end}") for end in ("-wal", "-shm"))):
+            try:
+                status = path.stat()
+                if status.st_mode & 0o077 and status.st_uid == os.geteuid():
+                    path.chmod(status.st_mode & 0o700)
+                    log.warning("%s was readable by other users; now by its owner only", path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("could not make %s readable by its owner only: %s", path, error)
 
     def _use_wal(self, db: sqlite3.Connection) -> None:
         # Changing the journal mode does not wait on the busy timeout: when several
