@@ -56,7 +56,9 @@ class Settings:
     # Where nginx listens in front (`flask nginx-config`, `make run-nginx`).
     nginx_port: int = 8080
     web_concurrency: int = 2
-    gunicorn_threads: int = 4
+    # Threads per worker: a browser asks for six thumbnails at once, and a worker may take
+    # them all; renders running or waiting may occupy all threads but one (RENDER_CONCURRENCY).
+    gunicorn_threads: int = 8
     gunicorn_timeout: int = 60
     # Every request's backend calls together, compensations included, up to its first
     # response byte; below gunicorn's timeout and nginx's 60 s.

@@ -408,7 +408,7 @@ def test_concurrent_first_requests_render_a_variant_once(make_app, tmp_path, mon
     app = make_app({"DATA_DIR": str(tmp_path)})
     service = app.extensions["image_api"]
     wide = f"/api/images/{ImagesClient(app.test_client()).create(halves())['_id']}/download"
-    threads_count = 3  # as many as may render or wait: GUNICORN_THREADS (4) - 1
+    threads_count = 3
     render = variants.render
     deadline = time.monotonic() + 10
 
@@ -842,6 +842,35 @@ def test_requests_waiting_for_the_same_render_count_among_those_waiting(make_app
     assert answers[1].status_code == 200 and service.variant_counts == {"rendered": 1}
     assert client.get(url).status_code == 200
     assert service._render_slots.busy == 0
+
+
+def test_a_browsers_six_connections_asking_for_new_thumbnails_all_get_them(make_app, tmp_path):
+    """A page of new thumbnails: a browser asks on its six connections at once, and one
+    gunicorn worker may take them all. With the default GUNICORN_THREADS (8), a render
+    running and five waiting fit its seven places; with 4 threads (three places), two of
+    them were a 503 `decoder_busy` that an <img> shows as a broken picture."""
+    app = make_app({"DATA_DIR": str(tmp_path), "RENDER_CONCURRENCY": "1"})
+    client, service = app.test_client(), app.extensions["image_api"]
+    urls = [
+        f"/api/images/{ImagesClient(client).create(halves())['_id']}/download?w=50"
+        for _ in range(5)
+    ]
+    answers = []
+    with service._render_slots.taken():  # the first connection's render
+        asking = [
+            threading.Thread(target=lambda url=url: answers.append(client.get(url)))
+            for url in urls
+        ]
+        for thread in asking:
+            thread.start()
+        for _ in range(1000):
+            if service._render_slots.busy == 6 or len(answers) == len(urls):
+                break
+            asking[0].join(0.01)
+        assert service._render_slots.busy == 6  # none refused: all wait their turn
+    for thread in asking:
+        thread.join(10)
+    assert [answer.status_code for answer in answers] == [200] * 5
 
 
 def test_with_no_thread_to_spare_a_render_is_refused_without_waiting(make_app, tmp_path):
