@@ -66,6 +66,11 @@ def target_backends(
     place, checked as its own settings are: `ConfigError` for a value it would refuse."""
     from pymongo.errors import ConfigurationError
 
+    # An empty value (an unset shell variable) reads as unset: the target would be the
+    # embedded default, the source itself, and the copy a success that copied nothing.
+    for option, value in (("--to-s3", bucket), ("--to-mongodb", mongodb_url)):
+        if not value.strip():
+            raise ConfigError(f"{option} is empty: name the bucket and the MongoDB URL")
     try:
         checked = Settings.from_mapping(
             {

@@ -150,6 +150,10 @@ def test_an_interrupted_migration_finishes_on_a_rerun_and_the_new_backends_serve
         ("--to-mongodb", "mongodb://user:pw@", "cannot use the target"),
         ("--to-mongodb", "notaurl", "MONGODB_URL"),
         ("--s3-endpoint-url", "ftp://x", "S3_ENDPOINT_URL"),
+        # An unset shell variable: it read as unset, so the target was the source, and the
+        # copy of nothing exited 0 ("5201 were there already").
+        ("--to-mongodb", "", "--to-mongodb is empty"),
+        ("--to-s3", " ", "--to-s3 is empty"),
     ],
 )
 def test_a_bad_target_is_one_line_naming_it(embedded, clock, option, value, problem):
@@ -159,5 +163,5 @@ def test_a_bad_target_is_one_line_naming_it(embedded, clock, option, value, prob
     result = app.test_cli_runner().invoke(
         args=["migrate", *[part for pair in arguments.items() for part in pair], "--dry-run"]
     )
-    assert result.exit_code != 0
+    assert result.exit_code == 1
     assert problem in result.output and "Traceback" not in result.output
