@@ -5,13 +5,16 @@ mode nginx sends the bytes with the service's headers and validators."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 import zlib
@@ -22,6 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
+from bench.processes import free_port
 from image_api.cli import NGINX_SOURCE as SOURCE
 from image_api.config import Settings
 from image_api.nginx import MULTIPART_OVERHEAD, Frontend, max_body_size, render
@@ -741,3 +745,68 @@ def test_accel_on_s3_answers_a_bucket_that_refuses_or_stalls_with_the_services_5
         front.stop()
         service.stop()
     assert "Traceback" not in service.log.read_text()
+
+
+# --- make run-nginx -----------------------------------------------------------------------
+
+
+def wait_until_served(url: str, runner: subprocess.Popen, log: Path) -> None:
+    for _ in range(600):
+        assert runner.poll() is None, log.read_text()
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered:\n{log.read_text()}")
+
+
+def test_make_run_nginx_honours_env_and_stops_both_on_sigterm(home):
+    """`make run-nginx` as a user runs it, in a checkout with its own .env. The .env's
+    PROXY_HOPS=0 is kept (the script exported 1 over it, so anyone reaching gunicorn's port
+    forged links with X-Forwarded-Host), nginx's logs are the user's alone (its error log
+    can quote a signed URL), and SIGTERM stops gunicorn and nginx."""
+    checkout = home / "checkout"
+    checkout.mkdir()
+    for name in ("image_api", "tools", "gunicorn.conf.py", "wsgi.py", ".venv"):
+        (checkout / name).symlink_to(ROOT / name)
+    port, nginx_port = free_port(), free_port()
+    (checkout / ".env").write_text(
+        f"PORT={port}\nNGINX_PORT={nginx_port}\nDATA_DIR={checkout / 'data'}\n"
+        "WEB_CONCURRENCY=1\nPROXY_HOPS=0\n"
+    )
+    settings = set(Settings.__dataclass_fields__)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in settings}
+    log = checkout / "run-nginx.log"
+    with log.open("wb") as out:
+        runner = subprocess.Popen(
+            ["bash", "tools/run-nginx.sh"], cwd=checkout, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until_served(f"http://127.0.0.1:{nginx_port}/healthz", runner, log)
+        key = (checkout / "data" / "admin-key").read_text().strip()
+        forged = requests.post(
+            f"http://127.0.0.1:{port}/api/images/upload",
+            files={"image": ("a.png", make_image(), "image/png")},
+            headers={
+                "Authorization": f"Bearer {key}",
+                "X-Forwarded-Host": "evil.example",
+                "X-Forwarded-Proto": "https",
+            },
+            timeout=10,
+        )
+        assert forged.status_code == 201
+        assert forged.headers["Location"].startswith(f"http://127.0.0.1:{port}/api/images/")
+        for name in ("access.log", "error.log"):
+            assert (checkout / ".nginx" / "logs" / name).stat().st_mode & 0o077 == 0, name
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(60) is not None
+        for serving in (port, nginx_port):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://127.0.0.1:{serving}/healthz", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait(10)

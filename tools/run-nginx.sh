@@ -7,10 +7,20 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 command -v nginx >/dev/null 2>&1 || { echo "nginx is missing: apt-get install nginx-light" >&2; exit 1; }
 
-# The service trusts the one proxy in front for X-Forwarded-*, unless .env says otherwise.
-export PROXY_HOPS="${PROXY_HOPS:-1}"
+# What this makes is for this user only: nginx's error log can quote a signed URL.
+umask 077
+
+# The service trusts the one proxy in front for X-Forwarded-*, unless the environment or
+# .env says otherwise (an exported value would win over .env's: set only when neither does).
+if [ -z "${PROXY_HOPS+set}" ] && ! "$BIN/python" -c \
+  'import sys; from dotenv import dotenv_values; sys.exit("PROXY_HOPS" not in dotenv_values(".env"))'
+then
+  export PROXY_HOPS=1
+fi
 PREFIX="${NGINX_PREFIX:-.nginx}"
 mkdir -p "$PREFIX/logs" "$PREFIX/tmp"
+# Logs made before the umask above were readable by every local user.
+chmod -f go= "$PREFIX"/logs/* 2>/dev/null || true
 
 "$BIN/flask" --app image_api init
 # nginx's workers run as this user (as root they would otherwise drop to nobody, who may
