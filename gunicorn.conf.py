@@ -13,15 +13,43 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-api-metrics-")
 
 from gunicorn import glogging, util
+from gunicorn.arbiter import Arbiter
 
-from image_api.config import ConfigError, Settings
+from image_api.config import ENV_FILE, ConfigError, Settings, environment
 from image_api.errors import server_refusal
 
+checked = environment()
 try:
-    settings = Settings.from_environment()
+    settings = Settings.from_mapping(checked)
 except ConfigError as error:
     # One line naming the variable, not gunicorn's traceback of its config file.
     sys.exit(f"image-api: {error.message}")
+# Workers take the values checked here, .env's included, and do not read .env themselves:
+# gunicorn starts workers again later (one that died), and one reading an .env broken since
+# would fail to boot, which stops gunicorn. A reload (SIGHUP) reads .env afresh.
+raw_env = [f"{name}={value}" for name, value in checked.items() if name not in os.environ]
+raw_env.append(f"{ENV_FILE}=")
+
+
+def _checked_reload(arbiter):
+    """SIGHUP reloads the settings only when they are valid: gunicorn ran this file again
+    and exited on a mistake in .env, stopping a service that was serving."""
+    # The environment gunicorn started with: without what the last load took from .env.
+    taken, original = arbiter.cfg.env, arbiter.cfg.env_orig
+    started = {name: value for name, value in os.environ.items() if name not in taken}
+    started.update({name: original[name] for name in taken if name in original})
+    try:
+        Settings.from_mapping(environment(under=started))
+    except ConfigError as error:
+        arbiter.log.error("image-api: reload refused, serving on as before: %s", error.message)
+        return
+    _checked_reload.reload(arbiter)
+
+
+# This file runs again on every reload: wrap gunicorn's own reload once.
+if not hasattr(Arbiter.reload, "reload"):
+    _checked_reload.reload = Arbiter.reload
+    Arbiter.reload = _checked_reload
 
 bind = settings.bind
 workers = settings.web_concurrency

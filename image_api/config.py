@@ -280,12 +280,28 @@ class Settings:
         return settings
 
     @classmethod
-    def from_environment(cls, env_file: str | os.PathLike | None = ".env") -> Settings:
+    def from_environment(cls, env_file: str | os.PathLike | None = None) -> Settings:
         """Read `.env` (if present) under the real environment, which wins."""
-        values = dotenv_values(env_file) if env_file and Path(env_file).is_file() else {}
-        merged = {k: v for k, v in values.items() if v is not None}
-        merged.update(os.environ)
-        return cls.from_mapping(merged)
+        return cls.from_mapping(environment(env_file))
+
+
+#: Names the file of settings when it is not `.env`; empty: none (gunicorn's workers, which
+#: take what the master read from it: gunicorn.conf.py).
+ENV_FILE = "IMAGE_API_ENV_FILE"
+
+
+def environment(
+    env_file: str | os.PathLike | None = None, under: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The settings file's values (`env_file`, else IMAGE_API_ENV_FILE's, else `.env`; none
+    when it is not there) under `under` (the real environment), which wins: what
+    `Settings.from_environment` reads."""
+    under = os.environ if under is None else under
+    path = env_file if env_file is not None else under.get(ENV_FILE, ".env")
+    values = dotenv_values(path) if path and Path(path).is_file() else {}
+    merged = {k: v for k, v in values.items() if v is not None}
+    merged.update(under)
+    return merged
 
 
 _FLAGS = {"true": True, "1": True, "yes": True, "on": True} | {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -23,7 +24,7 @@ import requests
 from PIL import Image
 from urllib3 import encode_multipart_formdata
 
-from bench.processes import worker_pids
+from bench.processes import free_port, worker_pids
 from tests.helpers import FAKE_AWS, ROOT, Service, make_image
 
 
@@ -622,3 +623,79 @@ def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path)
     short = _exits([gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"], one_worker)
     assert short.returncode == 3, short.stderr  # gunicorn's "worker failed to boot"
     assert f"{data / 'secret-key'} must hold at least 32 characters" in short.stderr
+
+
+def wait_for(condition, what: str, log: Path, seconds: float = 60) -> None:
+    """Poll `condition` until it holds; fail with gunicorn's log if it never does."""
+    for _ in range(int(seconds * 20)):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} never happened:\n{log.read_text()}")
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def test_a_reload_with_a_broken_env_file_is_refused_and_serving_goes_on(tmp_path):
+    """SIGHUP runs gunicorn.conf.py again: a mistake in .env made it exit, and the running
+    service with it. Now the reload is refused in one line, the workers serve on, and a
+    worker gunicorn starts again meanwhile (one died) takes the settings that were checked,
+    not the broken file. A valid .env reloads as before."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("image_api", "gunicorn.conf.py", "wsgi.py"):
+        (checkout / name).symlink_to(ROOT / name)
+    port = free_port()
+    env_file = checkout / ".env"
+    env_file.write_text(f"PORT={port}\nDATA_DIR={tmp_path / 'data'}\nWEB_CONCURRENCY=1\n")
+    environment = {k: v for k, v in os.environ.items() if k not in ("PORT", "DATA_DIR")}
+    log = tmp_path / "gunicorn.log"
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        master = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"],
+            cwd=checkout, env=environment, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: answers(f"{url}/healthz"), "gunicorn serving", log)
+        key = (tmp_path / "data" / "admin-key").read_text().strip()
+
+        def upload() -> requests.Response:
+            return requests.post(
+                f"{url}/api/images/upload",
+                files={"image": ("a.png", make_image(), "image/png")},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=10,
+            )
+
+        env_file.write_text(env_file.read_text() + "READ_ONLY=maybe\n")
+        master.send_signal(signal.SIGHUP)
+        refused = "reload refused, serving on as before: READ_ONLY must be true or false"
+        wait_for(lambda: refused in log.read_text(), "the refusal", log)
+        assert master.poll() is None and upload().status_code == 201
+        (worker,) = worker_pids(master.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(
+            lambda: worker_pids(master.pid) not in ([], [worker]) and answers(f"{url}/healthz"),
+            "a new worker serving",
+            log,
+        )
+        assert upload().status_code == 201  # the checked settings, not READ_ONLY=maybe
+
+        env_file.write_text(env_file.read_text().replace("maybe", "true"))
+        master.send_signal(signal.SIGHUP)
+        wait_for(lambda: upload().status_code == 503, "READ_ONLY=true taking effect", log)
+        assert upload().json()["code"] == "read_only"
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(60) == 0
+        assert "Traceback" not in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+        master.wait(10)

@@ -858,8 +858,7 @@ def test_a_browsers_six_connections_asking_for_new_thumbnails_all_get_them(make_
     answers = []
     with service._render_slots.taken():  # the first connection's render
         asking = [
-            threading.Thread(target=lambda url=url: answers.append(client.get(url)))
-            for url in urls
+            threading.Thread(target=lambda url=url: answers.append(client.get(url))) for url in urls
         ]
         for thread in asking:
             thread.start()
