@@ -14,7 +14,7 @@ import click
 from flask import Flask
 from flask.cli import with_appcontext
 
-from . import access, nginx
+from . import access, backup, nginx
 from . import migrate as migration
 from .config import ConfigError
 from .errors import (
@@ -262,6 +262,12 @@ def repair_command(grace: float, apply: bool, force: bool, as_json: bool):
     """Find orphan blobs, stale pending uploads and records whose blob is missing."""
     if apply:
         _refuse_when_read_only("repair --apply")
+        held = getattr(current_service().storage, "held", None)
+        if held is not None and held():
+            raise click.ClickException(
+                "a backup is copying the blobs (flask backup), and deletions wait for it: "
+                "run repair --apply when it is done"
+            )
 
     def track(pairs):
         return _progress(pairs, "checking", show=not as_json)
@@ -374,6 +380,31 @@ def migrate_command(bucket, mongodb_url, s3_endpoint_url, aws_region, dry_run, a
         sys.exit(1)
 
 
+@click.command("backup")
+@click.argument("destination", type=click.Path(file_okay=False, path_type=Path))
+@with_appcontext
+@_in_one_line
+def backup_command(destination: Path):
+    """Copy the embedded default (database, blobs, secret and admin key) into DESTINATION,
+    a new directory, while the service runs; serve the copy with DATA_DIR=DESTINATION.
+    No blob is deleted meanwhile (those due are left for repair)."""
+    service = current_service()
+    settings = service.settings
+    if settings.blob_backend != "filesystem" or settings.metadata_backend != "sqlite":
+        raise click.ClickException(
+            "backup copies the embedded default; on S3 + MongoDB back up the bucket "
+            "(versioning) and the database (mongodump)"
+        )
+    try:
+        report = backup.backup(settings, service.storage, service.repository, destination)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise click.ClickException(f"{error}: name a new directory") from None
+    click.echo(
+        f"Copied {report.images} images ({report.blobs} blobs, {report.bytes} bytes) to "
+        f"{destination}; serve it with DATA_DIR={destination}"
+    )
+
+
 NGINX_SOURCE = "flask --app image_api nginx-config"
 
 
@@ -394,11 +425,17 @@ def nginx_config_command(listen, upstream, user, output):
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    text = nginx.render(settings, service.storage, frontend, NGINX_SOURCE)
-    if output:
-        Path(output).write_text(text)
-    else:
+    try:
+        text = nginx.render(settings, service.storage, frontend, NGINX_SOURCE)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    if not output:
         click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text)
+    except OSError as error:
+        raise click.ClickException(f"cannot write {output}: {error.strerror}") from None
 
 
 def init_app(app: Flask) -> None:
@@ -408,3 +445,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(strip_metadata_command)
     app.cli.add_command(nginx_config_command)
     app.cli.add_command(migrate_command)
+    app.cli.add_command(backup_command)

@@ -222,6 +222,7 @@ def test_filesystem_ping_asks_for_writes_unless_told_not_to():
     with shared_directory() as directory:
         blobs = directory / "blobs"
         store = FilesystemStorage(blobs)
+        store.create()
         store.put(new_key(), io.BytesIO(b"x"), "image/png")
         blobs.chmod(0o755)
         with unprivileged():
@@ -233,8 +234,24 @@ def test_filesystem_ping_asks_for_writes_unless_told_not_to():
             store.ping(writes=False)
 
 
+def test_a_blob_directory_moved_away_is_unavailable_not_made_again(tmp_path):
+    """DATA_DIR moved while the service ran: /readyz said ready and uploads went on, the
+    blobs into a new, empty directory at the old path (mode 0755) and the records into the
+    moved database. A write or a probe now fails there; `init` alone makes the directory."""
+    store = FilesystemStorage(tmp_path / "data" / "blobs")
+    store.create()
+    store.put(new_key(), io.BytesIO(b"x"), "image/png")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    with pytest.raises(BackendUnavailable):
+        store.put(new_key(), io.BytesIO(b"y"), "image/png")
+    with pytest.raises(BackendUnavailable):
+        store.ping()
+    assert not (tmp_path / "data").exists()
+
+
 def test_filesystem_put_leaves_no_temporary_file_when_the_stream_fails(tmp_path):
     store = FilesystemStorage(tmp_path / "blobs")
+    store.create()
 
     class Broken(io.BytesIO):
         def read(self, *args):

@@ -607,6 +607,17 @@ class SqliteRepository:
             "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (_to_text(moment), key_id)
         )
 
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of the database at `path`, a new file (SQLite's online backup:
+        writers go on meanwhile, and the copy is the database at one moment)."""
+        with _sqlite_errors():
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            copy = sqlite3.connect(path)
+            try:
+                self._connection().backup(copy)
+            finally:
+                copy.close()
+
     def ping(self, writes: bool = True) -> None:
         # `SELECT 1` answers without opening the file; the schema version is read from it.
         version = self._execute("PRAGMA user_version").fetchone()[0]

@@ -7,7 +7,8 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
@@ -20,6 +21,12 @@ from . import ACCEL_FILES, Partial, StoredBlob, checked_key
 _WRITE_CHUNK = 1024 * 1024
 _TMP_PREFIX = ".tmp-"
 _PARTIAL = re.compile(r"[0-9a-f]{2}/\.tmp-[A-Za-z0-9_]+")
+#: While `flask backup` copies the blobs, this file in the root holds their deletion: every
+#: blob the copied database names must still be there when the copy reaches it. The backup
+#: touches it as it goes; one untouched for HOLD_STALE seconds (a backup that died) holds
+#: nothing.
+HOLD = ".backup-hold"
+HOLD_STALE = 60.0
 
 
 class FilesystemStorage:
@@ -60,7 +67,9 @@ class FilesystemStorage:
             except FileNotFoundError:
                 # The shard's first blob (a mkdir on every put costs a metadata operation).
                 # The new directory's own entry must survive a power cut too.
-                target.parent.mkdir(parents=True, exist_ok=True)
+                # Not the root: one that vanished (DATA_DIR moved away) is an error, not a
+                # new, empty store beside the database.
+                target.parent.mkdir(exist_ok=True)
                 os.chmod(target.parent, self.dir_mode)
                 _fsync_dir(self.root)
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
@@ -103,10 +112,36 @@ class FilesystemStorage:
         return f"{ACCEL_FILES[byte_range is not None]}{key[:2]}/{key}"
 
     def delete(self, key: str) -> None:
+        if self.held():
+            return  # kept for a backup: an orphan, which `repair` collects afterwards
         try:
             self.path(key).unlink(missing_ok=True)
         except OSError as error:
             raise BackendUnavailable("Cannot delete from the blob directory") from error
+
+    def held(self) -> bool:
+        """Whether a backup holds deletions now (`deletions_held`, in any process)."""
+        try:
+            return time.time() - os.stat(self.root / HOLD).st_mtime < HOLD_STALE
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def deletions_held(self) -> Iterator[Callable[[], None]]:
+        """No blob is deleted, by any process, until this ends; yields the call that keeps
+        the hold from going stale (at least every HOLD_STALE seconds)."""
+        hold = self.root / HOLD
+        try:
+            with open(hold, "x"):
+                pass
+        except FileExistsError:
+            if self.held():
+                raise BackendUnavailable("Another backup is copying the blobs") from None
+            os.utime(hold)  # a backup that died left it
+        try:
+            yield lambda: os.utime(hold)
+        finally:
+            hold.unlink(missing_ok=True)
 
     def list(self) -> Iterator[StoredBlob]:
         for _, name, stat in self._entries():
@@ -151,7 +186,6 @@ class FilesystemStorage:
                 with os.scandir(self.root) as entries:
                     next(entries, None)
                 return
-            self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.root) as probe:
                 probe.write(b"ok")
         except OSError as error:

@@ -1,0 +1,92 @@
+"""`flask backup`: a copy of the embedded default (database, blobs, secret and admin key)
+taken while the service serves, that a service started on it serves as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Settings
+from .repository.sqlite import SqliteRepository
+from .storage.filesystem import FilesystemStorage
+
+#: How often the copy tells other processes it is alive (see FilesystemStorage.HOLD).
+_REFRESH_EVERY = 5.0
+
+
+@dataclasses.dataclass
+class Report:
+    images: int = 0
+    blobs: int = 0
+    bytes: int = 0
+
+
+def backup(
+    settings: Settings,
+    storage: FilesystemStorage,
+    repository: SqliteRepository,
+    destination: Path,
+    copied: Callable[[str], None] = lambda key: None,
+) -> Report:
+    """Copy the store into `destination`, a new (or empty) directory, as a DATA_DIR.
+
+    The database first, at one moment; then every blob, with deletions held meanwhile: a
+    replace or delete since that moment would otherwise remove a blob the copied database
+    names (the old README's `.backup` then `cp -r blobs` lost such images). Blobs written
+    since are copied too, as orphans for `repair`. `copied` is called with each blob's key.
+    """
+    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(destination.iterdir()):
+        raise FileExistsError(f"{destination} is not empty")
+    report = Report()
+    blobs = FilesystemStorage(destination / "blobs", storage.file_mode)
+    blobs.create()
+    with storage.deletions_held() as refresh:
+        database = destination / settings.sqlite_path.name
+        repository.backup_to(database)
+        refreshed, shards = time.monotonic(), set()
+        for blob in storage.list():
+            target = blobs.path(blob.key)
+            if target.parent not in shards:
+                target.parent.mkdir(mode=blobs.dir_mode, exist_ok=True)
+                shards.add(target.parent)
+            _copy(storage.path(blob.key), target, storage.file_mode)
+            report.blobs += 1
+            report.bytes += blob.size
+            copied(blob.key)
+            if time.monotonic() - refreshed > _REFRESH_EVERY:
+                refresh()
+                refreshed = time.monotonic()
+    for name in (settings.secret_key_path, settings.admin_key_path):
+        if name.exists():
+            _copy(name, destination / name.name, 0o600)
+    for directory in (*shards, blobs.root, destination):
+        _fsync_dir(directory)
+    copy = SqliteRepository(database)
+    try:
+        report.images = copy.count()
+    finally:
+        copy.close()
+    return report
+
+
+def _copy(source: Path, target: Path, mode: int) -> None:
+    """`source`'s bytes into a new file `target` with `mode`, on disk when this returns."""
+    with open(source, "rb") as reading:
+        descriptor = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+        with os.fdopen(descriptor, "wb") as writing:
+            shutil.copyfileobj(reading, writing, 1024 * 1024)
+            writing.flush()
+            os.fsync(writing.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
