@@ -24,6 +24,11 @@ HOST_PATTERN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f
 PORT_PATTERN = r"[1-9][0-9]{0,4}"
 #: A browser origin: scheme, host and port, nothing else.
 _ORIGIN = re.compile(rf"https?://{HOST_PATTERN}(?::(?P<port>{PORT_PATTERN}))?")
+#: What botocore sends as a bucket name (legacy names included); the rest it refuses itself.
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+_DAY = 24 * 3600
+#: nginx's client_max_body_size takes this and the multipart allowance.
+_MAX_UPLOAD = 1 << 40
 
 
 def fits(pattern: re.Pattern, value: str) -> bool:
@@ -181,11 +186,12 @@ class Settings:
             port=reader.integer("PORT", cls.port, maximum=65535),
             nginx_port=reader.integer("NGINX_PORT", cls.nginx_port, maximum=65535),
             web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency),
-            gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads),
-            gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout),
+            # One thread would leave a render none to spare: every variant a 503.
+            gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads, minimum=2),
+            gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout, maximum=_DAY),
             request_timeout=reader.seconds("REQUEST_TIMEOUT", cls.request_timeout),
             data_dir=Path(reader.text("DATA_DIR") or cls.data_dir),
-            s3_bucket_name=reader.text("S3_BUCKET_NAME"),
+            s3_bucket_name=reader.bucket("S3_BUCKET_NAME"),
             s3_endpoint_url=reader.url("S3_ENDPOINT_URL", schemes=("http", "https")),
             aws_region=reader.text("AWS_REGION"),
             aws_access_key_id=reader.text("AWS_ACCESS_KEY_ID"),
@@ -197,7 +203,9 @@ class Settings:
             ),
             blob_file_mode=reader.file_mode("BLOB_FILE_MODE", cls.blob_file_mode),
             presign_ttl=reader.integer("PRESIGN_TTL", cls.presign_ttl, maximum=7 * 24 * 3600),
-            max_upload_bytes=reader.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_upload_bytes=reader.integer(
+                "MAX_UPLOAD_BYTES", cls.max_upload_bytes, maximum=_MAX_UPLOAD
+            ),
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             max_animation_pixels=reader.integer("MAX_ANIMATION_PIXELS", cls.max_animation_pixels),
             decode_memory=reader.integer("DECODE_MEMORY", cls.decode_memory),
@@ -217,7 +225,9 @@ class Settings:
             ),
             backend_read_timeout=reader.seconds("BACKEND_READ_TIMEOUT", cls.backend_read_timeout),
             probe_timeout=reader.seconds("PROBE_TIMEOUT", cls.probe_timeout),
-            idempotency_ttl=reader.integer("IDEMPOTENCY_TTL", cls.idempotency_ttl),
+            idempotency_ttl=reader.integer(
+                "IDEMPOTENCY_TTL", cls.idempotency_ttl, maximum=365 * _DAY
+            ),
             proxy_hops=reader.integer("PROXY_HOPS", cls.proxy_hops, minimum=0),
             public_url=reader.url("PUBLIC_URL", schemes=("http", "https")),
             allowed_hosts=reader.hosts("ALLOWED_HOSTS"),
@@ -394,9 +404,23 @@ class _Reader:
         if raw is None:
             return default
         try:
-            parse_many(raw)
+            rates = parse_many(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a rate like 60/minute, got {raw!r}") from None
+        if any(rate.amount < 1 for rate in rates):
+            # Every request a 429, for ever.
+            raise ConfigError(f"{name} must allow at least one request, got {raw!r}")
+        return raw
+
+    def bucket(self, name: str) -> str | None:
+        """A bucket name botocore sends (others it refuses before any request: which read as
+        S3 being down); the server may refuse more, which `init` reports as a setting."""
+        raw = self.text(name)
+        if raw is not None and not fits(_BUCKET, raw):
+            raise ConfigError(
+                f"{name} must be a bucket name (3-63 lowercase letters, digits, dots and "
+                f"hyphens), got {raw!r}"
+            )
         return raw
 
     def origins(self, name: str) -> tuple[str, ...]:

@@ -142,7 +142,7 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
         "REQUEST_TIMEOUT": f"{settings.request_timeout:g}",
         # Above the service's budget, up to gunicorn's own timeout.
         "PROXY_TIMEOUT": str(max(settings.gunicorn_timeout, int(settings.request_timeout) + 5)),
-        "BLOB_ROOT": str(settings.blob_dir.resolve()),
+        "BLOB_ROOT": _blob_root(settings),
         "ACCEL_HEADERS": _accel_headers(),
         "JSON_HEADERS": _json_headers(settings),
         "CORS_MAPS": _cors_maps(settings),
@@ -159,6 +159,21 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
             f"unfilled placeholder in the nginx template: {text[text.index('{{') :][:40]}"
         )
     return text
+
+
+def _blob_root(settings: Settings) -> str:
+    """The blob directory for `alias`, as nginx reads it: written as it is, a space would
+    end the value and a `;` or `{` add directives; `$` would name a variable."""
+    root = str(settings.blob_dir.resolve())
+    if not fits(_PATH, root):
+        raise ValueError(
+            f"DATA_DIR {root!r} cannot be written into nginx's config: use a path without "
+            "spaces, quotes, ;, {, }, # or $"
+        )
+    return root
+
+
+_PATH = re.compile(r"/[^\s;{}#$'\"\\]*")
 
 
 def _json_headers(settings: Settings, indent: str = " " * 12) -> str:

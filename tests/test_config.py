@@ -59,6 +59,18 @@ def test_empty_values_count_as_unset():
         ({"CORS_ORIGINS": 'https://a.example";'}, "CORS_ORIGINS"),
         ({"CORS_ORIGINS": "https://a.example:8080 x"}, "CORS_ORIGINS"),
         ({"CORS_ORIGINS": "https://a.example:99999"}, "CORS_ORIGINS"),
+        # Accepted, then broken at use (found by the outside attack on operations): every
+        # variant a 503, every request a 429, a traceback at every start or a 500 on every
+        # keyed upload, a config nginx refuses, "S3 is down; retry later".
+        ({"GUNICORN_THREADS": "1"}, "GUNICORN_THREADS"),
+        ({"RATE_LIMIT_WRITE": "0/minute"}, "RATE_LIMIT_WRITE"),
+        ({"RATE_LIMIT_READ": "10/second;0/day"}, "RATE_LIMIT_READ"),
+        ({"IDEMPOTENCY_TTL": "99999999999999999999"}, "IDEMPOTENCY_TTL"),
+        ({"IDEMPOTENCY_TTL": "999999999999"}, "IDEMPOTENCY_TTL"),
+        ({"MAX_UPLOAD_BYTES": "9223372036854775807"}, "MAX_UPLOAD_BYTES"),
+        ({"GUNICORN_TIMEOUT": "99999999999999999999"}, "GUNICORN_TIMEOUT"),
+        ({"S3_BUCKET_NAME": "a b", "AWS_REGION": "r"}, "S3_BUCKET_NAME"),
+        ({"S3_BUCKET_NAME": "../x", "AWS_REGION": "r"}, "S3_BUCKET_NAME"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(env, variable):

@@ -138,6 +138,29 @@ def test_nginx_config_refuses_what_would_add_directives(tmp_path, option, value)
     assert "Traceback" not in result.stderr and not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("data_dir", "output", "problem"),
+    [
+        # The blob directory goes into `alias` as it is: a space broke nginx's start, and a
+        # `;` added directives of its own.
+        ("data dir", "nginx.conf", "cannot be written into nginx's config"),
+        ("x;location /x {", "nginx.conf", "cannot be written into nginx's config"),
+        ("data", "missing/nginx.conf", "cannot write"),
+    ],
+)
+def test_nginx_config_refuses_a_data_dir_it_cannot_write_in_one_line(
+    tmp_path, data_dir, output, problem
+):
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "image_api", "nginx-config",
+         "--output", str(tmp_path / output)],
+        cwd=ROOT, env={**os.environ, "DATA_DIR": str(tmp_path / data_dir)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1 and problem in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / output).exists()
+
+
 def test_nginx_config_takes_addresses_unix_sockets_and_a_user_with_a_group():
     for listen, upstream, user in [
         ("8080", "127.0.0.1:5000", None),
