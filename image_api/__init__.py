@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
+from stat import S_ISVTX, S_IWOTH
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -16,6 +18,7 @@ from .repository import repository_from_settings
 from .service import EXTENSION, ImageService
 from .signing import UrlSigner
 from .storage import storage_from_settings
+from .storage.filesystem import directory_mode
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
             f"({settings.sqlite_path.name}): none is made while read-only"
         )
     try:
+        if settings.blob_backend == "filesystem" or on_sqlite:
+            _own_data_dir(settings.data_dir, directory_mode(settings.blob_file_mode))
         if settings.blob_backend == "filesystem":
             storage.create()
         if on_sqlite:
@@ -91,3 +96,21 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
     api.init_app(app, limits.init_app(app, settings))
     cli.init_app(app)
     return app
+
+
+def _own_data_dir(path: Path, mode: int) -> None:
+    """DATA_DIR, made with `mode` when it is new (the blob directories' own: this user's, and
+    the group's to pass through when BLOB_FILE_MODE lets it read; not as the umask says:
+    under umask 000 every local user could replace its keys). One that every user may write
+    is refused."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        path.chmod(mode)  # the umask takes bits from mkdir's mode, never from chmod's
+    except FileExistsError:
+        pass
+    mode = path.stat().st_mode
+    if mode & S_IWOTH and not mode & S_ISVTX:  # sticky, as /tmp: others cannot replace
+        raise ConfigError(
+            f"DATA_DIR {path} may be written by every user, who could replace its keys and "
+            f"database: chmod o-w {path}"
+        )

@@ -18,6 +18,7 @@ import secrets
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from stat import S_ISREG
 
 from . import deadline
 from .config import MIN_SECRET_LENGTH, ConfigError
@@ -253,4 +254,24 @@ def read_or_create(path: Path, make) -> str:
                 os.link(private, path)
         finally:
             private.unlink(missing_ok=True)
-    return path.read_text().strip()
+    _check_trusted(path)
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read: {error}") from None
+
+
+def _check_trusted(path: Path) -> None:
+    """A secret file anyone but its rightful owners could have written is refused: whoever
+    replaces the URL-signing secret forges signed URLs (a DATA_DIR made under umask 000
+    let every local user do it). Its owner must be this process's user, root, or DATA_DIR's
+    owner, and no one else may write it."""
+    status = os.stat(path)
+    owners = {os.geteuid(), 0, os.stat(path.parent).st_uid}
+    if not S_ISREG(status.st_mode):
+        raise ConfigError(f"{path} must be a file")
+    if status.st_uid not in owners or status.st_mode & 0o022:
+        raise ConfigError(
+            f"{path} could have been written by another user (owner uid {status.st_uid}, "
+            f"mode {status.st_mode & 0o777:04o}): make it yours with mode 0600, or remove it"
+        )

@@ -4,7 +4,9 @@ ETag) stays right as it changes with time."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
@@ -233,3 +235,62 @@ def test_query_strings_are_what_urlencode_makes():
     assert query_string([("w", "256"), ("v", "3"), ("signature", "a-b_c")]) == (
         "w=256&v=3&signature=a-b_c"
     )
+
+
+# --- the files of DATA_DIR (found by the outside attack on operations) --------------------
+
+
+def test_a_new_data_dir_is_its_users_alone_whatever_the_umask(make_app, tmp_path):
+    """Under umask 000 DATA_DIR was made 0777: every local user could replace secret-key
+    with one of their own and sign URLs the service took."""
+    previous = os.umask(0)
+    try:
+        make_app({"DATA_DIR": str(tmp_path / "new")})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777])
+def test_a_data_dir_every_user_may_write_is_refused_unless_sticky(make_app, tmp_path, mode):
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(mode)
+    if mode & 0o1000:  # as /tmp: no one may remove or replace another's files
+        make_app({"DATA_DIR": str(data)})
+        return
+    with pytest.raises(ConfigError, match="may be written by every user"):
+        make_app({"DATA_DIR": str(data)})
+
+
+def replaced_by_another_user(path: Path) -> None:
+    path.unlink()
+    path.write_text("attacker-chosen-secret-0123456789abcdef-0123456789abcdef\n")
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    else:
+        path.chmod(0o666)  # one this user could not own: writable by all
+
+
+def test_a_secret_file_another_user_could_have_written_is_refused(make_app, tmp_path):
+    data = tmp_path / "data"
+    make_app({"DATA_DIR": str(data)})
+    replaced_by_another_user(data / "secret-key")
+    with pytest.raises(ConfigError, match="could have been written by another user"):
+        make_app({"DATA_DIR": str(data)})
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [("secret-key", b"\xff\xfe" * 40, "cannot be read"), ("admin-key", None, "must be a file")],
+)
+def test_a_secret_file_that_cannot_be_read_is_one_line(make_app, tmp_path, name, content, problem):
+    data = tmp_path / "data"
+    data.mkdir()
+    if content is None:
+        (data / name).mkdir()
+    else:
+        (data / name).write_bytes(content)
+        (data / name).chmod(0o600)
+    with pytest.raises(ConfigError, match=problem):
+        make_app({"DATA_DIR": str(data)})

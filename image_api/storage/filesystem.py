@@ -29,6 +29,12 @@ HOLD = ".backup-hold"
 HOLD_STALE = 60.0
 
 
+def directory_mode(file_mode: int) -> int:
+    """The mode of the directories above blob files of `file_mode`: r on a file needs x on
+    every directory on its way to be reached (nginx's group, in accel mode)."""
+    return file_mode | ((file_mode & 0o444) >> 2) | 0o700
+
+
 class FilesystemStorage:
     """Blobs as files under `root`, sharded by the first two characters of the key.
 
@@ -42,8 +48,7 @@ class FilesystemStorage:
     def __init__(self, root: Path, file_mode: int = 0o600):
         self.root = Path(root)
         self.file_mode = file_mode
-        # r on a file needs x on its directories to be reached.
-        self.dir_mode = file_mode | ((file_mode & 0o444) >> 2) | 0o700
+        self.dir_mode = directory_mode(file_mode)
 
     def create(self) -> None:
         """Create the root directory (idempotent)."""
