@@ -114,7 +114,7 @@ def _compare(
                 if apply:
                     finding.action = _remove_pending(service, record)
         elif record is not None:
-            if blob is None and _blob_missing(service, key):
+            if blob is None and _blob_missing(service, key) and _still_names(service, record):
                 finding = Finding(MISSING_BLOB, key, record.id)
                 if apply:
                     finding.action = _remove_record(service, record)
@@ -202,6 +202,16 @@ def _in_use(service: ImageService, key: str) -> bool:
         service.repository.find_key(key) is not None
         or service.repository.get_variant(key) is not None
     )
+
+
+def _still_names(service: ImageService, record: ImageRecord) -> bool:
+    """Whether the image still has `record`'s blob: one deleted or replaced since the
+    records were listed had its blob removed as it should (a dry run reported it as a
+    record whose blob is missing, the alarm for lost data)."""
+    try:
+        return service.repository.get(record.id).key == record.key
+    except NotFound:
+        return False
 
 
 def _blob_missing(service: ImageService, key: str) -> bool:
