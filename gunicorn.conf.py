@@ -1,5 +1,6 @@
 """gunicorn settings, from the service's own Settings (the environment and `.env`)."""
 
+import atexit
 import os
 import shutil
 import sys
@@ -10,7 +11,11 @@ import tempfile
 # image_api does), which chooses how to count once, at its import.
 # A directory of our own (mkdtemp: an unpredictable name, mode 0700), unless one is given.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-api-metrics-")
+    made, master = tempfile.mkdtemp(prefix="image-api-metrics-"), os.getpid()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    # Removed when the master exits, however: `on_exit` runs only after a start, not when a
+    # setting below is refused or the port is taken. Workers inherit this and do nothing.
+    atexit.register(lambda: os.getpid() == master and shutil.rmtree(made, ignore_errors=True))
 
 from gunicorn import glogging, util
 from gunicorn.arbiter import Arbiter

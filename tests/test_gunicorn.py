@@ -595,7 +595,11 @@ def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path)
     (which reads the settings), for `flask` commands (which build the app), and for
     gunicorn's workers when only building the app finds it (then gunicorn stops, as for
     any worker that cannot boot, instead of starting it again and again)."""
-    malformed = Service(tmp_path / "data", {"MAX_UPLOAD_BYTES": "lots"})
+    # Where gunicorn.conf.py makes the workers' metrics directory: none may be left behind
+    # by a start that stopped (one was, at every refused start).
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    malformed = Service(tmp_path / "data", {"MAX_UPLOAD_BYTES": "lots", "TMPDIR": str(temporary)})
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     for command in (
         [gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"],
@@ -608,7 +612,7 @@ def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path)
         assert "Traceback" not in result.stderr + result.stdout, result.stderr
     not_a_directory = tmp_path / "a-file"
     not_a_directory.write_text("")
-    unusable = Service(not_a_directory, {"WEB_CONCURRENCY": "1"})
+    unusable = Service(not_a_directory, {"WEB_CONCURRENCY": "1", "TMPDIR": str(temporary)})
     listed = _exits([sys.executable, "-m", "flask", "--app", "image_api", "keys", "list"], unusable)
     assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
     assert f"DATA_DIR {not_a_directory} cannot be used" in listed.stderr
@@ -619,10 +623,11 @@ def test_a_bad_setting_stops_gunicorn_and_flask_commands_with_one_line(tmp_path)
     (data / "secret-key").write_text("too short")
     # One worker: with two, gunicorn's master can itself fail on the second one's exit
     # while it stops (its own traceback, status 1).
-    one_worker = Service(data, {"WEB_CONCURRENCY": "1"})
+    one_worker = Service(data, {"WEB_CONCURRENCY": "1", "TMPDIR": str(temporary)})
     short = _exits([gunicorn, "--config", "gunicorn.conf.py", "wsgi:app"], one_worker)
     assert short.returncode == 3, short.stderr  # gunicorn's "worker failed to boot"
     assert f"{data / 'secret-key'} must hold at least 32 characters" in short.stderr
+    assert list(temporary.iterdir()) == []
 
 
 def wait_for(condition, what: str, log: Path, seconds: float = 60) -> None:
