@@ -241,10 +241,21 @@ def _why_not_stripped(service, record, error: ApiError) -> str:
     return f"{error.code}: {error.message}"
 
 
+def _seconds(context, parameter, value: float) -> float:
+    """A number of seconds `timedelta` takes (nan, inf and 1e308 were tracebacks)."""
+    if not 0 <= value <= _MOST_SECONDS:
+        raise click.BadParameter(f"must be 0 to {_MOST_SECONDS} seconds (ten years)")
+    return value
+
+
+_MOST_SECONDS = 10 * 365 * 24 * 3600
+
+
 @click.command("repair")
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=float,
+    callback=_seconds,
     default=3600,
     show_default=True,
     help="Leave blobs and pending uploads younger than this many seconds alone.",

@@ -188,6 +188,14 @@ def test_an_image_deleted_while_repair_lists_is_no_missing_blob(client, images, 
     assert client.get(f"/api/images/{kept}").status_code == 200
 
 
+@pytest.mark.parametrize("grace", ["nan", "inf", "1e308", "99999999999999999999", "-1"])
+def test_a_grace_no_duration_can_hold_is_a_usage_error(runner, grace):
+    """They were a ValueError or OverflowError traceback (and with --json, no JSON)."""
+    result = runner.invoke(args=["repair", "--grace", grace, "--json"])
+    assert result.exit_code == 2 and "Invalid value for '--grace'" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_cli_reports_in_text_and_json(images, runner, service, clock):
     clock.advance(LATER)  # what repair sees is older than any grace of 0
     images.create()
