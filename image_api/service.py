@@ -501,7 +501,9 @@ class ImageService:
         `BackendUnavailable` naming the first that fails."""
         for backend in (self.repository, self.storage):
             try:
-                backend.ping(writes=not self.settings.read_only)
+                # A lock held by a writer waits PROBE_TIMEOUT, not the request's budget.
+                with deadline.at_most(self.settings.probe_timeout):
+                    backend.ping(writes=not self.settings.read_only)
             except BackendUnavailable as error:
                 raise BackendUnavailable(f"The {backend.name} backend is unavailable") from error
         return {"repository": self.repository.name, "storage": self.storage.name}

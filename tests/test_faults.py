@@ -393,6 +393,30 @@ def test_locked_sqlite_is_503(make_app, tmp_path):
     assert list(app.extensions["image_api"].storage.list()) == []
 
 
+def test_readiness_with_sqlite_locked_by_a_writer_is_503_within_the_probe_timeout(
+    make_app, tmp_path
+):
+    """A writer holding SQLite's lock (a long transaction in another process): writes wait
+    and fail, and /readyz said ready (SELECT 1 takes no lock). It is a 503 now, after
+    PROBE_TIMEOUT (0.1 s), not the database's 5 s busy timeout."""
+    import sqlite3
+
+    app = make_app({"DATA_DIR": str(tmp_path), "PROBE_TIMEOUT": "0.1"})
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    locker = sqlite3.connect(tmp_path / "images.sqlite3", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        ready, seconds = timed(lambda: client.get("/readyz"))
+        assert ready.status_code == 503 and "sqlite" in ready.get_json()["message"]
+        assert seconds < 3
+        assert client.get("/api/images").status_code == 200  # reads go on meanwhile
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert client.get("/readyz").status_code == 200
+
+
 def test_a_full_disk_under_sqlite_is_503_never_500_and_loses_nothing(tmp_path):
     """SQLite runs UPDATE/DELETE ... RETURNING a step at a time: a full disk failed the
     fetch after `execute`, outside the translation of its errors, and uploads and deletes
