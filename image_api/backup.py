@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .repository.sqlite import SqliteRepository
-from .storage.filesystem import FilesystemStorage
+from .storage.filesystem import FilesystemStorage, fsync_dir
 
 #: How often the copy tells other processes it is alive (see FilesystemStorage.HOLD).
 _REFRESH_EVERY = 5.0
@@ -65,7 +65,7 @@ def backup(
         if name.exists():
             _copy(name, destination / name.name, 0o600)
     for directory in (*shards, blobs.root, destination):
-        _fsync_dir(directory)
+        fsync_dir(directory)
     copy = SqliteRepository(database)
     try:
         report.images = copy.count()
@@ -82,11 +82,3 @@ def _copy(source: Path, target: Path, mode: int) -> None:
             shutil.copyfileobj(reading, writing, 1024 * 1024)
             writing.flush()
             os.fsync(writing.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -76,7 +76,7 @@ class FilesystemStorage:
                 # new, empty store beside the database.
                 target.parent.mkdir(exist_ok=True)
                 os.chmod(target.parent, self.dir_mode)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
             try:
                 if self.file_mode != 0o600:  # what mkstemp makes
@@ -91,7 +91,7 @@ class FilesystemStorage:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as error:
             raise BackendUnavailable("Cannot write to the blob directory") from error
 
@@ -240,7 +240,8 @@ class FileRange(io.RawIOBase):
         super().close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (a file renamed into it, say) survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
