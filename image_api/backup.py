@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .repository.sqlite import SqliteRepository
-from .storage.filesystem import FilesystemStorage, fsync_dir
+from .storage.filesystem import FilesystemStorage, directory_mode, fsync_dir
 
 #: How often the copy tells other processes it is alive (see FilesystemStorage.HOLD).
 _REFRESH_EVERY = 5.0
@@ -39,9 +39,13 @@ def backup(
     names (the old README's `.backup` then `cp -r blobs` lost such images). Blobs written
     since are copied too, as orphans for `repair`. `copied` is called with each blob's key.
     """
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if any(destination.iterdir()):
-        raise FileExistsError(f"{destination} is not empty")
+    try:
+        destination.mkdir(mode=0o700, parents=True)
+        # As DATA_DIR is made: the group passes through when BLOB_FILE_MODE lets it read.
+        destination.chmod(directory_mode(storage.file_mode))
+    except FileExistsError:
+        if not destination.is_dir() or any(destination.iterdir()):
+            raise FileExistsError(f"{destination} is not an empty directory") from None
     report = Report()
     blobs = FilesystemStorage(destination / "blobs", storage.file_mode)
     blobs.create()

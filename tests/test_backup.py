@@ -67,7 +67,7 @@ def test_the_backup_command_names_a_new_directory_and_repair_waits_for_it(make_a
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Copied 1 images (1 blobs, ")
     again = runner.invoke(args=["backup", str(tmp_path / "copy")])
-    assert again.exit_code == 1 and "is not empty: name a new directory" in again.output
+    assert again.exit_code == 1 and "is not an empty directory" in again.output
     service = live.extensions["image_api"]
     with service.storage.deletions_held():
         held = runner.invoke(args=["repair", "--apply"])
