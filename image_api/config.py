@@ -185,9 +185,12 @@ class Settings:
             host=reader.text("HOST") or cls.host,
             port=reader.integer("PORT", cls.port, maximum=65535),
             nginx_port=reader.integer("NGINX_PORT", cls.nginx_port, maximum=65535),
-            web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency),
+            # gunicorn forks them all at once: a typo's worth of workers fills the machine.
+            web_concurrency=reader.integer("WEB_CONCURRENCY", cls.web_concurrency, maximum=256),
             # One thread would leave a render none to spare: every variant a 503.
-            gunicorn_threads=reader.integer("GUNICORN_THREADS", cls.gunicorn_threads, minimum=2),
+            gunicorn_threads=reader.integer(
+                "GUNICORN_THREADS", cls.gunicorn_threads, minimum=2, maximum=1024
+            ),
             gunicorn_timeout=reader.integer("GUNICORN_TIMEOUT", cls.gunicorn_timeout, maximum=_DAY),
             request_timeout=reader.seconds("REQUEST_TIMEOUT", cls.request_timeout),
             data_dir=Path(reader.text("DATA_DIR") or cls.data_dir),
@@ -374,8 +377,9 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not 0 < value <= 300:
-            raise ConfigError(f"{name} must be between 0 and 300 seconds, got {raw}")
+        # Below a hundredth of a second, every backend call (or probe) would time out.
+        if not 0.01 <= value <= 300:
+            raise ConfigError(f"{name} must be between 0.01 and 300 seconds, got {raw}")
         return value
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str | None:
@@ -384,7 +388,8 @@ class _Reader:
             return None
         parts = urlsplit(raw)
         if parts.scheme not in schemes or not parts.netloc:
-            raise ConfigError(f"{name} must be a {' or '.join(schemes)} URL, got {raw!r}")
+            # Not the value itself: a URL's password would end up in logs.
+            raise ConfigError(f"{name} must be a {' or '.join(schemes)} URL")
         return raw
 
     def hosts(self, name: str) -> tuple[str, ...]:

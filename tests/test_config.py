@@ -71,6 +71,11 @@ def test_empty_values_count_as_unset():
         ({"GUNICORN_TIMEOUT": "99999999999999999999"}, "GUNICORN_TIMEOUT"),
         ({"S3_BUCKET_NAME": "a b", "AWS_REGION": "r"}, "S3_BUCKET_NAME"),
         ({"S3_BUCKET_NAME": "../x", "AWS_REGION": "r"}, "S3_BUCKET_NAME"),
+        # Found by the second attack: a fork bomb, every request or probe a 503.
+        ({"WEB_CONCURRENCY": "99999999999999999999"}, "WEB_CONCURRENCY"),
+        ({"GUNICORN_THREADS": "100000"}, "GUNICORN_THREADS"),
+        ({"REQUEST_TIMEOUT": "1e-300"}, "REQUEST_TIMEOUT"),
+        ({"PROBE_TIMEOUT": "0.000001"}, "PROBE_TIMEOUT"),
     ],
 )
 def test_bad_values_stop_start_up_naming_the_variable(env, variable):
@@ -85,3 +90,9 @@ def test_dotenv_is_read_under_the_real_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("NAME", raising=False)
     settings = Settings.from_environment(env_file)
     assert (settings.name, settings.max_image_pixels) == ("from-dotenv", 456)
+
+
+def test_a_malformed_url_setting_is_named_without_its_password():
+    with pytest.raises(ConfigError) as refused:
+        create_app({"MONGODB_URL": "mongo://admin:hunter2@db.example/images"})
+    assert "MONGODB_URL" in refused.value.message and "hunter2" not in refused.value.message
