@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -37,24 +38,43 @@ raw_env.append(f"{ENV_FILE}=")
 
 
 def _checked_reload(arbiter):
-    """SIGHUP reloads the settings only when they are valid: gunicorn ran this file again
-    and exited on a mistake in .env, stopping a service that was serving."""
+    """SIGHUP reloads the settings only when the service would start with them: gunicorn
+    ran this file again and exited on a mistake in .env (new workers that cannot boot, a
+    port in use, the same), stopping a service that was serving."""
     # The environment gunicorn started with: without what the last load took from .env.
     taken, original = arbiter.cfg.env, arbiter.cfg.env_orig
     started = {name: value for name, value in os.environ.items() if name not in taken}
     started.update({name: original[name] for name in taken if name in original})
     try:
-        Settings.from_mapping(environment(under=started))
-    except ConfigError as error:
-        arbiter.log.error("image-api: reload refused, serving on as before: %s", error.message)
+        problem = _reload_problem(started, arbiter.cfg.bind)
+    except Exception as error:  # noqa: BLE001 - whatever the check meets refuses the reload
+        problem = str(getattr(error, "message", error)) or type(error).__name__
+    if problem:
+        arbiter.log.error("image-api: reload refused, serving on as before: %s", problem)
         return
     _checked_reload.reload(arbiter)
+
+
+def _reload_problem(started: dict, bound: list[str]) -> str | None:
+    from image_api import create_app
+
+    path = started.get(ENV_FILE) or ".env"
+    if _checked_reload.had_env_file and not os.path.isfile(path):
+        return f"{path} is gone (moved while being edited?): every setting would be a default"
+    checked = environment(under=started)
+    new = Settings.from_mapping(checked)
+    if [new.bind] != bound:
+        with socket.create_server((new.host, new.port)):
+            pass  # free: gunicorn exited when it could not listen there
+    create_app(checked).extensions["image_api"].close()  # as each new worker will
+    return None
 
 
 # This file runs again on every reload: wrap gunicorn's own reload once.
 if not hasattr(Arbiter.reload, "reload"):
     _checked_reload.reload = Arbiter.reload
     Arbiter.reload = _checked_reload
+Arbiter.reload.had_env_file = os.path.isfile(os.environ.get(ENV_FILE) or ".env")
 
 bind = settings.bind
 workers = settings.web_concurrency

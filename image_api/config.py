@@ -311,7 +311,13 @@ def environment(
     `Settings.from_environment` reads."""
     under = os.environ if under is None else under
     path = env_file if env_file is not None else under.get(ENV_FILE, ".env")
-    values = dotenv_values(path) if path and Path(path).is_file() else {}
+    if path and not Path(path).is_file() and under.get(ENV_FILE):
+        # Named, not the default: every setting would quietly fall back to its default.
+        raise ConfigError(f"{ENV_FILE} names {path}, which is not a file")
+    try:
+        values = dotenv_values(path) if path and Path(path).is_file() else {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read: {error}") from None
     merged = {k: v for k, v in values.items() if v is not None}
     merged.update(under)
     return merged

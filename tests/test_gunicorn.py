@@ -693,6 +693,26 @@ def test_a_reload_with_a_broken_env_file_is_refused_and_serving_goes_on(tmp_path
         )
         assert upload().status_code == 201  # the checked settings, not READ_ONLY=maybe
 
+        # What only starting the service finds (found by the second outside attack): each
+        # stopped gunicorn, or moved it to every default setting.
+        good = env_file.read_text().replace("READ_ONLY=maybe\n", "")
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        for change, problem in (
+            (lambda: env_file.write_bytes(good.encode() + b"NAME=caf\xe9\n"), "cannot be read"),
+            (
+                lambda: env_file.write_text(f"{good}DATA_DIR={shared}\n"),
+                "may be written by every user",
+            ),
+            (lambda: env_file.rename(tmp_path / "moved.env"), "is gone"),
+        ):
+            change()
+            master.send_signal(signal.SIGHUP)
+            wait_for(lambda p=problem: p in log.read_text(), f"the refusal ({problem})", log)
+            assert master.poll() is None and upload().status_code == 201
+        env_file.write_text(good + "READ_ONLY=maybe\n")
+
         env_file.write_text(env_file.read_text().replace("maybe", "true"))
         master.send_signal(signal.SIGHUP)
         wait_for(lambda: upload().status_code == 503, "READ_ONLY=true taking effect", log)
