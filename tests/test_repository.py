@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 
 import mongomock
@@ -134,6 +135,57 @@ def test_a_new_sqlite_database_and_its_wal_are_readable_by_their_owner_only(tmp_
     repository.insert(make_record())
     for name in ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    repository.close()
+
+
+def test_a_database_writable_again_takes_writes_again_on_every_thread():
+    """A thread that first opened the database while it was read-only (a restore, before
+    its chmod) kept a read-only connection: its writes failed until a restart, while
+    /healthz said all was well (found by the second outside attack)."""
+    with shared_directory() as directory:
+        path = directory / "images.sqlite3"
+        owner = SqliteRepository(path)
+        owner.create()
+        owner.insert(make_record())
+        names = ("images.sqlite3", "images.sqlite3-wal", "images.sqlite3-shm")
+        try:
+            with unprivileged():
+                worker = SqliteRepository(path)
+            for name in names:
+                (directory / name).chmod(0o444)
+            with unprivileged(), pytest.raises(BackendUnavailable):
+                worker.insert(make_record())
+            for name in names:
+                (directory / name).chmod(0o666)
+            with unprivileged():
+                worker.insert(make_record())
+                worker.ping()
+                assert worker.count() == 2
+                worker.close()
+        finally:
+            owner.close()
+
+
+def test_a_database_moved_away_while_serving_is_unavailable_not_made_again(tmp_path):
+    """Each new thread made an empty database at the old path, so /readyz said ready on
+    it while uploads failed (found by the second outside attack)."""
+    repository = SqliteRepository(tmp_path / "data" / "images.sqlite3")
+    repository.create()
+    repository.insert(make_record())
+    (tmp_path / "data").rename(tmp_path / "moved")
+    answers = []
+
+    def new_thread():
+        try:
+            repository.ping()
+            answers.append("ready")
+        except BackendUnavailable:
+            answers.append("unavailable")
+
+    thread = threading.Thread(target=new_thread)
+    thread.start()
+    thread.join(10)
+    assert answers == ["unavailable"] and not (tmp_path / "data").exists()
     repository.close()
 
 

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -274,20 +275,21 @@ class SqliteRepository:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._opened_once = False
 
     def _connection(self) -> sqlite3.Connection:
         pid = os.getpid()
         if getattr(self._local, "pid", None) != pid:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # Owner only: it holds every filename, owner and key hash. SQLite gives its
-                # -wal and -shm files the database's own mode.
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            except FileExistsError:
-                pass
-            except OSError as error:
-                raise sqlite3.OperationalError(f"cannot create {self.path}") from error
-            connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            if self._opened_once:
+                # The file this process opened, not a new one: a database moved or deleted
+                # while serving is an error (503, /readyz), not an empty store per thread.
+                target = f"{self.path.resolve().as_uri()}?mode=rw"
+            else:
+                self._make_file()
+                target = str(self.path)
+            connection = sqlite3.connect(
+                target, timeout=self.busy_timeout, isolation_level=None, uri=self._opened_once
+            )
             connection.row_factory = sqlite3.Row
             # FULL: a commit survives power loss, not only a process crash.
             connection.execute("PRAGMA synchronous=FULL")
@@ -295,10 +297,45 @@ class SqliteRepository:
             self._local.busy_ms = int(self.busy_timeout * 1000)
             with self._lock:
                 self._opened.append(connection)
+            self._opened_once = True
         return self._local.connection
 
+    def _make_file(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner only: it holds every filename, owner and key hash. SQLite gives its
+            # -wal and -shm files the database's own mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise sqlite3.OperationalError(f"cannot create {self.path}") from error
+
+    def _forget_connection(self) -> None:
+        """This thread's next call opens the database again: one opened while the file was
+        read-only stays read-only after it is writable again (a restore's chmod)."""
+        connection = getattr(self._local, "connection", None)
+        self._local.pid = None
+        if connection is not None:
+            with self._lock:
+                if connection in self._opened:
+                    self._opened.remove(connection)
+            connection.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """`_sqlite_errors`, and a connection that found the database read-only is not
+        used again (see `_forget_connection`)."""
+        try:
+            with _sqlite_errors():
+                yield
+        except BackendUnavailable as error:
+            if getattr(error.__cause__, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                self._forget_connection()
+            raise
+
     def _execute(self, query: str, params=()) -> _Rows:
-        with _sqlite_errors():
+        with self._errors():
             db = self._connection()
             # A locked database waits at most what is left of the request's budget.
             busy_ms = int(deadline.time_left(self.busy_timeout) * 10) * 100
@@ -626,7 +663,7 @@ class SqliteRepository:
         # A database this process may only read (its mode, its owner, a read-only mount)
         # still grants a write lock when its WAL files exist: the first page written is
         # what is refused. The schema version, set to itself and rolled back, is one.
-        with _sqlite_errors():
+        with self._errors():
             db = self._connection()
             try:
                 db.execute("BEGIN IMMEDIATE")
