@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import Settings
 from .repository.sqlite import SqliteRepository
-from .storage.filesystem import FilesystemStorage, directory_mode, fsync_dir
+from .storage.filesystem import HOLD_STALE, FilesystemStorage, directory_mode, fsync_dir
 
 #: How often the copy tells other processes it is alive (see FilesystemStorage.HOLD).
 _REFRESH_EVERY = 5.0
@@ -31,6 +31,7 @@ def backup(
     repository: SqliteRepository,
     destination: Path,
     copied: Callable[[str], None] = lambda key: None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> Report:
     """Copy the store into `destination`, a new (or empty) directory, as a DATA_DIR.
 
@@ -50,9 +51,10 @@ def backup(
     blobs = FilesystemStorage(destination / "blobs", storage.file_mode)
     blobs.create()
     with storage.deletions_held() as refresh:
+        held = _Hold(refresh, monotonic)
         database = destination / settings.sqlite_path.name
-        repository.backup_to(database)
-        refreshed, shards = time.monotonic(), set()
+        repository.backup_to(database, progress=held.keep)
+        shards: set[Path] = set()
         for blob in storage.list():
             target = blobs.path(blob.key)
             if target.parent not in shards:
@@ -62,9 +64,8 @@ def backup(
             report.blobs += 1
             report.bytes += blob.size
             copied(blob.key)
-            if time.monotonic() - refreshed > _REFRESH_EVERY:
-                refresh()
-                refreshed = time.monotonic()
+            held.keep()
+        held.keep()
     for name in (settings.secret_key_path, settings.admin_key_path):
         if name.exists():
             _copy(name, destination / name.name, 0o600)
@@ -76,6 +77,31 @@ def backup(
     finally:
         copy.close()
     return report
+
+
+class _Hold:
+    """Keeps the hold on deletions fresh, and fails the copy if it ever went stale (the
+    process stopped, a disk stalled): deletions then resumed, and blobs the copied
+    database names may be missing from the copy."""
+
+    def __init__(self, refresh: Callable[[], None], monotonic: Callable[[], float]):
+        self.refresh, self.monotonic = refresh, monotonic
+        self.at = monotonic()
+
+    def keep(self, *progress) -> None:
+        now = self.monotonic()
+        if now - self.at >= HOLD_STALE:
+            raise BackupStalled(
+                f"the copy paused for {now - self.at:.0f} s, longer than deletions are held "
+                f"({HOLD_STALE:.0f} s): some blobs may be missing from it; copy again"
+            )
+        if now - self.at >= _REFRESH_EVERY:
+            self.refresh()
+            self.at = now
+
+
+class BackupStalled(RuntimeError):
+    """The hold on deletions went stale during the copy."""
 
 
 def _copy(source: Path, target: Path, mode: int) -> None:

@@ -412,6 +412,8 @@ def backup_command(destination: Path):
         raise click.ClickException(f"{error}: name a new directory") from None
     except OSError as error:
         raise click.ClickException(f"cannot write the copy: {error}") from None
+    except backup.BackupStalled as error:
+        raise click.ClickException(str(error)) from None
     click.echo(
         f"Copied {report.images} images ({report.blobs} blobs, {report.bytes} bytes) to "
         f"{destination}; serve it with DATA_DIR={destination}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from image_api import backup
 from image_api.repair import repair
 from tests.helpers import ImagesClient, make_image
@@ -73,3 +75,25 @@ def test_the_backup_command_names_a_new_directory_and_repair_waits_for_it(make_a
         held = runner.invoke(args=["repair", "--apply"])
         assert held.exit_code == 1 and "a backup is copying the blobs" in held.output
     assert runner.invoke(args=["repair", "--apply"]).exit_code == 0
+
+
+def test_a_copy_that_paused_longer_than_deletions_are_held_fails(make_app, tmp_path):
+    """The hold on deletions goes stale after a minute without news (a backup that died
+    must not stop deletions for ever). A copy stopped that long (Ctrl-Z, a paused VM)
+    reported success while blobs deleted meanwhile were missing from it."""
+    live = make_app({"DATA_DIR": str(tmp_path / "data")})
+    images = ImagesClient(live.test_client())
+    for _ in range(2):
+        images.create(make_image(), filename="a.png")
+    service = live.extensions["image_api"]
+    now = [1000.0]
+
+    def paused(key: str) -> None:
+        now[0] += 61  # as long as the copy was stopped
+
+    with pytest.raises(backup.BackupStalled, match="paused for 61 s"):
+        backup.backup(
+            service.settings, service.storage, service.repository, tmp_path / "copy",
+            copied=paused, monotonic=lambda: now[0],
+        )  # fmt: skip
+    assert not service.storage.held()

@@ -644,14 +644,15 @@ class SqliteRepository:
             "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (_to_text(moment), key_id)
         )
 
-    def backup_to(self, path: Path) -> None:
+    def backup_to(self, path: Path, progress=None) -> None:
         """A consistent copy of the database at `path`, a new file (SQLite's online backup:
-        writers go on meanwhile, and the copy is the database at one moment)."""
+        writers go on meanwhile, and the copy is the database at one moment). `progress` is
+        called after each step of 1024 pages."""
         with _sqlite_errors():
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             copy = sqlite3.connect(path)
             try:
-                self._connection().backup(copy)
+                self._connection().backup(copy, pages=1024, progress=progress)
             finally:
                 copy.close()
 
