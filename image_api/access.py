@@ -254,24 +254,33 @@ def read_or_create(path: Path, make) -> str:
                 os.link(private, path)
         finally:
             private.unlink(missing_ok=True)
-    _check_trusted(path)
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} cannot be read: {error}") from None
+    return read_secret(path)
 
 
-def _check_trusted(path: Path) -> None:
-    """A secret file anyone but its rightful owners could have written is refused: whoever
-    replaces the URL-signing secret forges signed URLs (a DATA_DIR made under umask 000
-    let every local user do it). Its owner must be this process's user, root, or DATA_DIR's
-    owner, and no one else may write it."""
-    status = os.stat(path)
+def read_secret(path: Path) -> str:
+    """The secret in `path` (the URL-signing secret, the first admin key), checked.
+
+    A file anyone but its rightful owners could have written is refused: whoever replaces
+    the URL-signing secret forges signed URLs (a DATA_DIR made under umask 000 let every
+    local user do it). Its owner must be this process's user, root, or DATA_DIR's owner, no
+    one else may write it, and it is no symlink (to a world-readable file, say). One others
+    may read is made its owner's alone, with a warning."""
+    status = os.lstat(path)
     owners = {os.geteuid(), 0, os.stat(path.parent).st_uid}
     if not S_ISREG(status.st_mode):
-        raise ConfigError(f"{path} must be a file")
+        raise ConfigError(f"{path} must be a file (not a directory or a symlink)")
     if status.st_uid not in owners or status.st_mode & 0o022:
         raise ConfigError(
             f"{path} could have been written by another user (owner uid {status.st_uid}, "
             f"mode {status.st_mode & 0o777:04o}): make it yours with mode 0600, or remove it"
         )
+    if status.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o600)
+        except OSError as error:
+            raise ConfigError(f"{path} is readable by other users: {error}") from None
+        log.warning("%s was readable by other users; now by its owner only", path)
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read: {error}") from None

@@ -87,7 +87,7 @@ def _admin_key_note(repository, path) -> str:
     """For the operator at the terminal (`make run` shows it): the admin key's secret until
     it is first used, so a newcomer can curl at once; then only where it is kept (the
     output of every later start may end up in a log)."""
-    secret = path.read_text().strip()
+    secret = access.read_secret(path)
     try:
         key = repository.get_api_key(access.parse_secret(secret)[0])
     except Unauthorized:

@@ -294,3 +294,40 @@ def test_a_secret_file_that_cannot_be_read_is_one_line(make_app, tmp_path, name,
         (data / name).chmod(0o600)
     with pytest.raises(ConfigError, match=problem):
         make_app({"DATA_DIR": str(data)})
+
+
+def test_secret_files_others_may_read_are_made_the_owners_alone(make_app, tmp_path, caplog):
+    """Both keys stayed 0644 when the database beside them was made 0600 (found by the
+    second outside attack): any local user could read the admin secret or sign URLs."""
+    data = tmp_path / "data"
+    make_app({"DATA_DIR": str(data)})
+    for name in ("secret-key", "admin-key"):
+        (data / name).chmod(0o644)
+    with caplog.at_level("WARNING", logger="image_api"):
+        make_app({"DATA_DIR": str(data)}).test_cli_runner().invoke(args=["init"])
+    for name in ("secret-key", "admin-key"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+        assert f"{data / name} was readable by other users" in caplog.text
+
+
+def test_a_secret_key_that_is_a_symlink_is_refused(make_app, tmp_path):
+    """A symlink to any readable file of 32 characters (/etc/machine-id) was taken as the
+    secret that signs URLs."""
+    data = tmp_path / "data"
+    make_app({"DATA_DIR": str(data)})
+    elsewhere = tmp_path / "machine-id"
+    elsewhere.write_text("0123456789abcdef0123456789abcdef\n")
+    (data / "secret-key").unlink()
+    (data / "secret-key").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="must be a file"):
+        make_app({"DATA_DIR": str(data)})
+
+
+def test_init_says_in_one_line_that_the_admin_key_file_cannot_be_read(make_app, tmp_path):
+    """`flask init` (the first step of make run) showed a UnicodeDecodeError traceback."""
+    data = tmp_path / "data"
+    app = make_app({"DATA_DIR": str(data)})
+    (data / "admin-key").write_bytes(b"\xff\xfe" * 40)
+    result = app.test_cli_runner().invoke(args=["init"])
+    assert result.exit_code == 1 and "admin-key cannot be read" in result.output
+    assert not isinstance(result.exception, UnicodeDecodeError)
