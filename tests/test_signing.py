@@ -331,3 +331,24 @@ def test_init_says_in_one_line_that_the_admin_key_file_cannot_be_read(make_app, 
     result = app.test_cli_runner().invoke(args=["init"])
     assert result.exit_code == 1 and "admin-key cannot be read" in result.output
     assert not isinstance(result.exception, UnicodeDecodeError)
+
+
+@pytest.mark.parametrize("name", ["images.sqlite3", "blobs"])
+def test_a_store_another_user_made_in_a_shared_data_dir_is_refused(make_app, tmp_path, name):
+    """A sticky DATA_DIR (as /tmp) is allowed; another user who made the database (or the
+    blob directory) there first was trusted with it, and could read and change every
+    record, API keys included (found by the second outside attack)."""
+    data = tmp_path / "shared"
+    data.mkdir()
+    data.chmod(0o1777)
+    made = data / name
+    if name == "blobs":
+        made.mkdir()
+    else:
+        made.touch()
+    if os.geteuid() == 0:
+        os.chown(made, 65534, 65534)
+    else:
+        made.chmod(0o777 if made.is_dir() else 0o666)
+    with pytest.raises(ConfigError, match="could have been made or changed by another user"):
+        make_app({"DATA_DIR": str(data)})
