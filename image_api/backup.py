@@ -47,10 +47,14 @@ def backup(
     except FileExistsError:
         if not destination.is_dir() or any(destination.iterdir()):
             raise FileExistsError(f"{destination} is not an empty directory") from None
+        if destination.stat().st_mode & 0o002:
+            # The keys would go where every user may swap them (and no service would
+            # start on it: DATA_DIR refuses the same).
+            raise FileExistsError(f"{destination} may be written by every user") from None
     report = Report()
     blobs = FilesystemStorage(destination / "blobs", storage.file_mode)
-    blobs.create()
     with storage.deletions_held() as refresh:
+        blobs.create()  # not before: a copy refused (another one running) leaves nothing
         held = _Hold(refresh, monotonic)
         database = destination / settings.sqlite_path.name
         repository.backup_to(database, progress=held.keep)

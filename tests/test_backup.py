@@ -97,3 +97,24 @@ def test_a_copy_that_paused_longer_than_deletions_are_held_fails(make_app, tmp_p
             copied=paused, monotonic=lambda: now[0],
         )  # fmt: skip
     assert not service.storage.held()
+
+
+def test_a_refused_copy_leaves_its_destination_as_it_was(make_app, tmp_path):
+    """Refused while another backup ran, it left DEST/blobs, and the retry then found DEST
+    not empty; an empty DEST every user may write took the keys (found by the second
+    outside attack)."""
+    live = make_app({"DATA_DIR": str(tmp_path / "data")})
+    ImagesClient(live.test_client()).create(make_image(), filename="a.png")
+    runner, service = live.test_cli_runner(), live.extensions["image_api"]
+    destination = tmp_path / "copy"
+    with service.storage.deletions_held():
+        busy = runner.invoke(args=["backup", str(destination)])
+        assert busy.exit_code == 1 and "Another backup is copying the blobs" in busy.output
+    assert list(destination.iterdir()) == []
+    assert runner.invoke(args=["backup", str(destination)]).exit_code == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused = runner.invoke(args=["backup", str(shared)])
+    assert refused.exit_code == 1 and "may be written by every user" in refused.output
+    assert list(shared.iterdir()) == []
