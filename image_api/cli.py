@@ -451,6 +451,8 @@ def nginx_config_command(listen, upstream, user, output):
         Path(output).write_text(text)
     except OSError as error:
         raise click.ClickException(f"cannot write {output}: {error.strerror}") from None
+    except UnicodeError:
+        raise click.ClickException("DATA_DIR is not UTF-8: nginx's config cannot name it") from None
 
 
 def init_app(app: Flask) -> None:

@@ -162,18 +162,19 @@ def render(settings: Settings, storage: BlobStorage, frontend: Frontend, source:
 
 
 def _blob_root(settings: Settings) -> str:
-    """The blob directory for `alias`, as nginx reads it: written as it is, a space would
-    end the value and a `;` or `{` add directives; `$` would name a variable."""
+    """The blob directory for `alias`, in double quotes (spaces, `;` and braces are then
+    plain characters): a quote or a backslash would end or escape the string, and `$` names
+    a variable there."""
     root = str(settings.blob_dir.resolve())
     if not fits(_PATH, root):
         raise ValueError(
             f"DATA_DIR {root!r} cannot be written into nginx's config: use a path without "
-            "spaces, quotes, ;, {, }, # or $"
+            "quotes, backslashes, $ or control characters"
         )
     return root
 
 
-_PATH = re.compile(r"/[^\s;{}#$'\"\\]*")
+_PATH = re.compile(r'/[^"\\$\x00-\x1f\x7f]*')
 
 
 def _json_headers(settings: Settings, indent: str = " " * 12) -> str:

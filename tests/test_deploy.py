@@ -141,10 +141,10 @@ def test_nginx_config_refuses_what_would_add_directives(tmp_path, option, value)
 @pytest.mark.parametrize(
     ("data_dir", "output", "problem"),
     [
-        # The blob directory goes into `alias` as it is: a space broke nginx's start, and a
-        # `;` added directives of its own.
-        ("data dir", "nginx.conf", "cannot be written into nginx's config"),
-        ("x;location /x {", "nginx.conf", "cannot be written into nginx's config"),
+        # The blob directory goes into `alias` in double quotes: what would end or escape
+        # the string, or name a variable, is refused (tests/test_nginx.py runs the rest).
+        ('data"dir', "nginx.conf", "cannot be written into nginx's config"),
+        ("data$dir", "nginx.conf", "cannot be written into nginx's config"),
         ("data", "missing/nginx.conf", "cannot write"),
     ],
 )

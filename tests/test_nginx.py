@@ -810,3 +810,21 @@ def test_make_run_nginx_honours_env_and_stops_both_on_sigterm(home):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(runner.pid, signal.SIGKILL)
         runner.wait(10)
+
+
+def test_accel_serves_from_a_data_dir_with_spaces_and_semicolons(home):
+    """The blob directory was written into `alias` unquoted: a space stopped nginx from
+    starting (make run-nginx failed) and a `;` or `{` added directives of its own."""
+    service, front = start_pair(home, "odd; name {x}")
+    try:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {service.key}"
+        data = make_image("PNG", (30, 20), color="olive")
+        made = session.post(f"{front.url}/api/images/upload", files={"image": ("o.png", data)})
+        image_id = made.json()["image"]["_id"]
+        download = session.get(f"{front.url}/api/images/{image_id}/download")
+        assert download.status_code == 200 and download.content == data
+        assert "X-Accel-Redirect" not in download.headers
+    finally:
+        front.stop()
+        service.stop()
