@@ -762,22 +762,25 @@ def wait_until_served(url: str, runner: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"{url} never answered:\n{log.read_text()}")
 
 
-def test_make_run_nginx_honours_env_and_stops_both_on_sigterm(home):
+@pytest.mark.parametrize("env_file", [".env", "site.env"])
+def test_make_run_nginx_honours_env_and_stops_both_on_sigterm(home, env_file):
     """`make run-nginx` as a user runs it, in a checkout with its own .env. The .env's
     PROXY_HOPS=0 is kept (the script exported 1 over it, so anyone reaching gunicorn's port
     forged links with X-Forwarded-Host), nginx's logs are the user's alone (its error log
     can quote a signed URL), and SIGTERM stops gunicorn and nginx."""
-    checkout = home / "checkout"
+    checkout = home / f"checkout{env_file}"
     checkout.mkdir()
     for name in ("image_api", "tools", "gunicorn.conf.py", "wsgi.py", ".venv"):
         (checkout / name).symlink_to(ROOT / name)
     port, nginx_port = free_port(), free_port()
-    (checkout / ".env").write_text(
+    (checkout / env_file).write_text(
         f"PORT={port}\nNGINX_PORT={nginx_port}\nDATA_DIR={checkout / 'data'}\n"
         "WEB_CONCURRENCY=1\nPROXY_HOPS=0\n"
     )
     settings = set(Settings.__dataclass_fields__)
     env = {k: v for k, v in os.environ.items() if k.lower() not in settings}
+    if env_file != ".env":  # named: the file IMAGE_API_ENV_FILE names was not read for it
+        env["IMAGE_API_ENV_FILE"] = env_file
     log = checkout / "run-nginx.log"
     with log.open("wb") as out:
         runner = subprocess.Popen(

@@ -11,9 +11,9 @@ command -v nginx >/dev/null 2>&1 || { echo "nginx is missing: apt-get install ng
 umask 077
 
 # The service trusts the one proxy in front for X-Forwarded-*, unless the environment or
-# .env says otherwise (an exported value would win over .env's: set only when neither does).
+# .env (or the file IMAGE_API_ENV_FILE names) says otherwise (an exported value would win over .env's: set only when neither does).
 if [ -z "${PROXY_HOPS+set}" ] && ! "$BIN/python" -c \
-  'import sys; from dotenv import dotenv_values; sys.exit("PROXY_HOPS" not in dotenv_values(".env"))'
+  'import os, sys; from dotenv import dotenv_values; sys.exit("PROXY_HOPS" not in dotenv_values(os.environ.get("IMAGE_API_ENV_FILE") or ".env"))'
 then
   export PROXY_HOPS=1
 fi
