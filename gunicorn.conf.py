@@ -21,7 +21,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 from gunicorn import glogging, util
 from gunicorn.arbiter import Arbiter
 
-from image_api.config import ENV_FILE, ConfigError, Settings, environment
+from image_api.config import ENV_FILE, ConfigError, Settings, environment, settings_file
 from image_api.errors import server_refusal
 
 checked = environment()
@@ -58,7 +58,7 @@ def _checked_reload(arbiter):
 def _reload_problem(started: dict, bound: list[str]) -> str | None:
     from image_api import create_app
 
-    path = started.get(ENV_FILE) or ".env"
+    path = settings_file(started)
     if _checked_reload.had_env_file and not os.path.isfile(path):
         return f"{path} is gone (moved while being edited?): every setting would be a default"
     checked = environment(under=started)
@@ -74,7 +74,7 @@ def _reload_problem(started: dict, bound: list[str]) -> str | None:
 if not hasattr(Arbiter.reload, "reload"):
     _checked_reload.reload = Arbiter.reload
     Arbiter.reload = _checked_reload
-Arbiter.reload.had_env_file = os.path.isfile(os.environ.get(ENV_FILE) or ".env")
+Arbiter.reload.had_env_file = os.path.isfile(settings_file(os.environ))
 
 bind = settings.bind
 workers = settings.web_concurrency

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from stat import S_ISVTX, S_IWOTH
@@ -72,13 +71,18 @@ def create_app(overrides: Mapping[str, str] | None = None, clock: Clock = utc_no
             f"({settings.sqlite_path.name}): none is made while read-only"
         )
     try:
-        if settings.blob_backend == "filesystem" or on_sqlite:
-            _own_data_dir(settings.data_dir, directory_mode(settings.blob_file_mode))
-            _not_anothers(settings.sqlite_path if on_sqlite else None, settings.data_dir)
-            _not_anothers(
-                settings.blob_dir if settings.blob_backend == "filesystem" else None,
-                settings.data_dir,
+        local = [
+            path
+            for path, used in (
+                (settings.sqlite_path, on_sqlite),
+                (settings.blob_dir, settings.blob_backend == "filesystem"),
             )
+            if used
+        ]
+        if local:
+            _own_data_dir(settings.data_dir, directory_mode(settings.blob_file_mode))
+        for path in local:
+            _not_anothers(path, settings.data_dir)
         if settings.blob_backend == "filesystem":
             storage.create()
         if on_sqlite:
@@ -122,15 +126,15 @@ def _own_data_dir(path: Path, mode: int) -> None:
         )
 
 
-def _not_anothers(path: Path | None, data_dir: Path) -> None:
+def _not_anothers(path: Path, data_dir: Path) -> None:
     """The database or the blob directory, when there, as `access.read_secret` wants the
     keys: owned by this user, root or DATA_DIR's owner, and writable by no one else (in a
     shared, sticky DATA_DIR another user could have made them first, and read or change
     every record)."""
-    if path is None or not path.exists():
+    if not path.exists():
         return
     status = path.lstat()
-    if status.st_uid not in {os.geteuid(), 0, data_dir.stat().st_uid} or status.st_mode & 0o022:
+    if access.another_could_write(status, data_dir):
         raise ConfigError(
             f"{path} could have been made or changed by another user (owner uid "
             f"{status.st_uid}, mode {status.st_mode & 0o777:04o}): it must be yours, and "

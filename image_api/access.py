@@ -257,6 +257,14 @@ def read_or_create(path: Path, make) -> str:
     return read_secret(path)
 
 
+def another_could_write(status: os.stat_result, directory: Path) -> bool:
+    """Whether a file (or directory) in `directory` with `status` could have been written
+    by a user other than its rightful ones: this process's user, root and the directory's
+    owner, who alone may own it and write it."""
+    owners = {os.geteuid(), 0, directory.stat().st_uid}
+    return status.st_uid not in owners or bool(status.st_mode & 0o022)
+
+
 def read_secret(path: Path) -> str:
     """The secret in `path` (the URL-signing secret, the first admin key), checked.
 
@@ -266,10 +274,9 @@ def read_secret(path: Path) -> str:
     one else may write it, and it is no symlink (to a world-readable file, say). One others
     may read is made its owner's alone, with a warning."""
     status = os.lstat(path)
-    owners = {os.geteuid(), 0, os.stat(path.parent).st_uid}
     if not S_ISREG(status.st_mode):
         raise ConfigError(f"{path} must be a file (not a directory or a symlink)")
-    if status.st_uid not in owners or status.st_mode & 0o022:
+    if another_could_write(status, path.parent):
         raise ConfigError(
             f"{path} could have been written by another user (owner uid {status.st_uid}, "
             f"mode {status.st_mode & 0o777:04o}): make it yours with mode 0600, or remove it"

@@ -303,6 +303,12 @@ class Settings:
 ENV_FILE = "IMAGE_API_ENV_FILE"
 
 
+def settings_file(under: Mapping[str, str]) -> str:
+    """The file of settings the environment `under` names: IMAGE_API_ENV_FILE's, else
+    `.env`; empty for none."""
+    return under.get(ENV_FILE, ".env")
+
+
 def environment(
     env_file: str | os.PathLike | None = None, under: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -310,7 +316,7 @@ def environment(
     when it is not there) under `under` (the real environment), which wins: what
     `Settings.from_environment` reads."""
     under = os.environ if under is None else under
-    path = env_file if env_file is not None else under.get(ENV_FILE, ".env")
+    path = env_file if env_file is not None else settings_file(under)
     if path and not Path(path).is_file() and under.get(ENV_FILE):
         # Named, not the default: every setting would quietly fall back to its default.
         raise ConfigError(f"{ENV_FILE} names {path}, which is not a file")
